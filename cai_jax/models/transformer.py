@@ -151,7 +151,8 @@ class Transformer(nn.Module):
   """Decoder trunk plus the heads named in `heads` ("lm", "score").
 
   Call with tokens_BxT and positions_BxT. Without a cache, `mask_BxT` marks real
-  tokens (left padding allowed) and attention is causal over the T tokens.
+  tokens (left padding allowed) and attention is causal over the T tokens;
+  a BxTxT `mask` gives the allowed query/key pairs directly (packed rows).
   With a cache (a list of per-layer {"k","v"} of shape BxSxKxH), the T new
   tokens are written at slot `cache_index` and `mask_BxT` must be the BxS mask
   of valid slots after the write.
@@ -179,7 +180,8 @@ class Transformer(nn.Module):
     mask = mask.astype(bool)
     if cache is None:
       causal = jnp.tril(jnp.ones((T, T), bool))
-      allowed = causal[None] & mask[:, None, :]
+      # A BxTxT mask (packed training rows: same-document pairs) is used as is.
+      allowed = causal[None] & (mask if mask.ndim == 3 else mask[:, None, :])
     else:
       S = mask.shape[1]
       slot = jnp.arange(S)[None, :]
