@@ -9,7 +9,7 @@ from cai_jax.utils import InputError
 
 TRUE = {"helpful": 0.0, "sl_cai": 120.0, "rl_cai": 260.0, "base": -150.0}
 # Stated tolerance: with 24,000 simulated games among 4 players, every fitted
-# rating lies within 20 Elo of the truth (the Fisher stderr is ~6-7 Elo here).
+# rating lies within 20 Elo of the truth (the Fisher stderr is ~5 Elo here, so this is ~4 sigma).
 TOLERANCE_ELO = 20.0
 
 

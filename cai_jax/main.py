@@ -1,0 +1,154 @@
+"""Command line: run the Constitutional AI pipeline from a config file.
+
+  python -m cai_jax.main --config=configs/demo.py --workdir=workdir/demo
+  cai-jax --config=configs/tiny.py --workdir=/tmp/cai --config.stages=revise,sft
+  cai-jax --config=configs/paper.py:llama3_8b --workdir=gs://bucket/run --config.model=/ckpt
+
+`--config.x=y` overrides a field; `--sweep=NAME` runs the config module's
+`sweep_NAME(add)` points, each into WORKDIR/<point>/. Bad configuration and bad
+input print one line and exit with status 2.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file (get_config(arg)); append :arg to pass an argument.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Work directory; each stage writes WORKDIR/<stage>/.")
+_SWEEP = flags.DEFINE_string("sweep", None, "Run the config module's sweep_<NAME>(add) points.")
+
+EXIT_BAD_INPUT = 2
+
+
+def one_line(e: BaseException) -> str:
+  """The most specific single line of an error message."""
+  while not str(e).strip() and (e.__cause__ or e.__context__) is not None:
+    e = e.__cause__ or e.__context__
+  text = _unquote(str(e))
+  lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+  if any(ln.startswith("Traceback") for ln in lines):
+    # A traceback embedded in the message (config file errors): its last line.
+    text = _unquote(lines[-1].split(": ", 1)[-1]) if lines else type(e).__name__
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+  text = " ".join(lines) or type(e).__name__
+  if "Did you mean" in text or "does not exist" in text:
+    text = "unknown config field " + re.sub(r'Other fields present: ".*?" ', "", text)
+  return text
+
+
+def _unquote(text: str) -> str:
+  # KeyError (and AttributeError wrapping one) render their message as a repr.
+  import ast
+  for _ in range(3):
+    t = text.strip()
+    if len(t) > 1 and t[0] == t[-1] and t[0] in "'\"":
+      try:
+        text = ast.literal_eval(t)
+        continue
+      except (ValueError, SyntaxError):
+        pass
+    break
+  return text
+
+
+def _fail(msg: str) -> None:
+  print(f"cai-jax: error: {msg}", file=sys.stderr, flush=True)
+  sys.exit(EXIT_BAD_INPUT)
+
+
+def _parse_flags(argv):
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # absl flag errors, config file errors, misspelt overrides
+    _fail(one_line(e))
+
+
+def _load_config():
+  if not flags.FLAGS["config"].present:
+    _fail("--config is required, e.g. --config=configs/demo.py")
+  try:
+    config = _CONFIG.value
+    config.stages  # pylint: disable=pointless-statement
+    return config
+  except Exception as e:  # config_flags defers errors in the file until first access
+    _fail(one_line(e))
+
+
+def _sweep_points(name: str):
+  import importlib.util
+  path = flags.FLAGS["config"].config_filename
+  spec = importlib.util.spec_from_file_location("_cai_jax_config_module", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  fn = getattr(mod, f"sweep_{name}", None)
+  if fn is None:
+    names = sorted(k[len("sweep_"):] for k in dir(mod) if k.startswith("sweep_"))
+    _fail(f"{path}: no sweep_{name}(add); available sweeps: {', '.join(names) or 'none'}")
+  points = []
+  fn(lambda **kw: points.append(kw))
+  return points
+
+
+def _point_name(point: dict) -> str:
+  return ",".join(f"{k}={v}" for k, v in sorted(point.items())).replace("/", "_") or "base"
+
+
+def _apply(config, point: dict):
+  c = config.copy_and_resolve_references()
+  for key, value in point.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def main(argv):
+  if len(argv) > 1:
+    _fail(f"unexpected arguments {' '.join(argv[1:])}; fields are set with --config.x=y")
+  from cai_jax import pipeline
+  from cai_jax.utils import InputError
+  config = _load_config()
+  if not _WORKDIR.value:
+    _fail("--workdir is required, e.g. --workdir=workdir/demo")
+  runs = [("", config)]
+  try:
+    if _SWEEP.value:
+      runs = [(os.path.join(_WORKDIR.value, _point_name(p)), _apply(config, p))
+              for p in _sweep_points(_SWEEP.value)]
+    else:
+      runs = [(_WORKDIR.value, config)]
+    for workdir, cfg in runs:
+      results = pipeline.run(cfg, workdir)
+      report = results.get("report")
+      if report:
+        print(f"\nReport: {report['path']}")
+        print("\n".join(report["summary"]))
+  except (InputError, KeyError, AttributeError, TypeError) as e:
+    if isinstance(e, InputError) or _is_config_error(e):
+      _fail(one_line(e))
+    raise
+
+
+def _is_config_error(e) -> bool:
+  # ml_collections raises these for fields set in a sweep that the config lacks.
+  return "config is locked" in str(e) or "does not exist" in str(e)
+
+
+def run():
+  """Console script `cai-jax`."""
+  logging.set_verbosity(logging.INFO)
+  app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,115 @@
+"""Pipeline: stage order, DONE skipping, resume after an interruption, timings, reuse."""
+import json
+import os
+
+import pytest
+
+from cai_jax import pipeline, utils
+from cai_jax.utils import InputError
+
+
+class FakeStages:
+  """Stage functions that log their calls; `interrupt` makes one stage fail once
+  after writing partial output, as a killed process would leave it."""
+
+  def __init__(self, interrupt=None):
+    self.calls = []
+    self.interrupt = interrupt
+
+  def make(self, name):
+    def run(config, workdir):
+      d = os.path.join(workdir, name)
+      os.makedirs(d, exist_ok=True)
+      partial = os.path.join(d, "partial.txt")
+      resumed = os.path.exists(partial)
+      self.calls.append((name, resumed))
+      with open(partial, "a") as f:
+        f.write("x")
+      if self.interrupt == name and not resumed:
+        raise KeyboardInterrupt
+      if name != "pm":  # pm relies on the pipeline writing DONE
+        utils.mark_done(d, {"items": 3, "resumed": resumed})
+      return {"items": 3, "resumed": resumed}
+    return run
+
+  def registry(self):
+    return {name: self.make(name) for name in pipeline.STAGES}
+
+
+def _config(**kw):
+  c = pipeline.base_config()
+  for k, v in kw.items():
+    setattr(c, k, v)
+  return c
+
+
+def test_runs_in_canonical_order_and_skips_done(tmp_path):
+  fake = FakeStages()
+  c = _config(stages="evaluate,revise,sft")
+  out = pipeline.run(c, str(tmp_path), registry=fake.registry(), write_report=False)
+  assert [n for n, _ in fake.calls] == ["revise", "sft", "evaluate"]
+  assert out["sft"]["summary"] == {"items": 3, "resumed": False}
+  fake2 = FakeStages()
+  c.stages = ",".join(pipeline.STAGES)
+  out = pipeline.run(c, str(tmp_path), registry=fake2.registry(), write_report=False)
+  assert [n for n, _ in fake2.calls] == ["label", "pm", "ppo"]
+  assert out["revise"] == {"status": "skipped"}
+  # The pipeline writes DONE for a stage that returned without one.
+  assert json.load(open(tmp_path / "pm" / "DONE"))["items"] == 3
+  t = pipeline.read_timings(str(tmp_path))
+  assert set(t["stages"]) == set(pipeline.STAGES)
+  assert t["stages"]["revise"]["attempts"] == 1 and t["stages"]["revise"]["seconds"] >= 0
+
+
+def test_interrupted_stage_resumes_without_redoing_finished(tmp_path):
+  fake = FakeStages(interrupt="label")
+  c = _config()
+  with pytest.raises(KeyboardInterrupt):
+    pipeline.run(c, str(tmp_path), registry=fake.registry(), write_report=False)
+  assert fake.calls == [("revise", False), ("sft", False), ("label", False)]
+  assert not utils.is_done(str(tmp_path / "label"))
+  t = pipeline.read_timings(str(tmp_path))
+  assert t["stages"]["label"]["status"] == "interrupted"
+  again = FakeStages(interrupt="label")
+  pipeline.run(c, str(tmp_path), registry=again.registry(), write_report=False)
+  # Finished stages are not called again; the interrupted one resumes its output.
+  assert again.calls == [("label", True), ("pm", False), ("ppo", False), ("evaluate", False)]
+  t = pipeline.read_timings(str(tmp_path))
+  assert t["stages"]["label"]["attempts"] == 2 and t["stages"]["label"]["status"] == "done"
+
+
+def test_reuse_links_finished_stages(tmp_path):
+  base = tmp_path / "base"
+  pipeline.run(_config(stages="revise,sft"), str(base), registry=FakeStages().registry(),
+               write_report=False)
+  fake = FakeStages()
+  c = _config(stages="revise,sft,label", reuse_from=str(base), reuse_stages="revise,sft")
+  pipeline.run(c, str(tmp_path / "ablation"), registry=fake.registry(), write_report=False)
+  assert [n for n, _ in fake.calls] == ["label"]
+  assert os.path.islink(tmp_path / "ablation" / "revise")
+  with pytest.raises(InputError, match="no DONE marker"):
+    pipeline.run(_config(stages="label", reuse_from=str(base), reuse_stages="label"),
+                 str(tmp_path / "x"), registry=fake.registry(), write_report=False)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("stages", "revise,critique", "unknown stage 'critique'"),
+    ("stages", "", "config.stages is empty"),
+    ("model", "/no/such/model", "config.model: /no/such/model: not found"),
+    ("model", "", "config.model is empty"),
+    ("feedback_model", "/no/such.gguf", "config.feedback_model"),
+    ("prompt_format", "markdown", "prompt_format"),
+    ("reuse_stages", "sft", "reuse_from is empty"),
+])
+def test_validate_rejects_bad_config(field, value, match, tmp_path):
+  c = _config(**{field: value})
+  with pytest.raises(InputError, match=match):
+    pipeline.run(c, str(tmp_path), registry=FakeStages().registry(), write_report=False)
+  assert not os.path.exists(tmp_path / "revise")
+
+
+def test_base_config_is_locked():
+  c = pipeline.base_config()
+  with pytest.raises(AttributeError):
+    c.data.num_red_tem = 3
+  assert pipeline.parse_stages(("ppo", "revise")) == ["revise", "ppo"]
