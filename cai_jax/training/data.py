@@ -1,0 +1,231 @@
+"""Input pipeline: records -> token ids + loss masks -> fixed-shape numpy batches.
+
+SFT examples are (prompt messages, response) pairs rendered with the stage's
+prompt format; the loss mask marks response tokens only. Rows are padded on
+the right to a fixed length, or packed (several examples per row, positions
+restarting and attention kept within each example). Preference examples are
+(prompt, response A, response B, p_A) pairs. `ShuffledIndex` gives a
+deterministic, checkpointable order over examples (its state is a small dict).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+from cai_jax import text
+
+
+@dataclasses.dataclass
+class SFTExample:
+  tokens: np.ndarray     # int32 [n]: prompt then response ids
+  loss_mask: np.ndarray  # bool [n]: True on response tokens (the ones to predict)
+
+
+@dataclasses.dataclass
+class PairExample:
+  tokens_a: np.ndarray   # int32 prompt + response A (truncated on the left)
+  tokens_b: np.ndarray
+  p_a: float             # probability that A is the better response
+
+
+def _ids(tok, s: str) -> list:
+  return list(tok(s, add_special_tokens=False)["input_ids"]) if s else []
+
+
+def render_pair(tok, messages, response: str, fmt: str) -> tuple[str, str]:
+  """(prompt text, response text) such that prompt + response is the full
+  rendered conversation ending with the assistant's `response` (and its
+  end-of-turn marker in chat format)."""
+  prompt = text.render(messages, fmt=fmt, tokenizer=tok, add_generation_prompt=True)
+  if fmt == "raw":
+    return prompt, " " + response.lstrip(" ")
+  full = text.render(list(messages) + [{"role": "assistant", "content": response}], fmt=fmt,
+                     tokenizer=tok, add_generation_prompt=False)
+  if not full.startswith(prompt):
+    # Templates that rewrite earlier turns: fall back to the common prefix.
+    n = 0
+    for a, b in zip(prompt, full):
+      if a != b:
+        break
+      n += 1
+    return full[:n], full[n:]
+  return prompt, full[len(prompt):]
+
+
+def encode_sft(tok, messages, response: str, fmt: str, max_len: int) -> SFTExample:
+  """Prompt + response ids with a response-only loss mask, at most max_len+1 ids.
+
+  Raw format appends EOS so the model learns to stop. Long examples keep the
+  end of the prompt (left-truncated) and the start of the response.
+  """
+  p_txt, r_txt = render_pair(tok, messages, response, fmt)
+  p_ids, r_ids = _ids(tok, p_txt), _ids(tok, r_txt)
+  if fmt == "raw" and tok.eos_token_id is not None:
+    r_ids = r_ids + [int(tok.eos_token_id)]
+  n = max_len + 1
+  if len(p_ids) + len(r_ids) > n:
+    keep_p = max(n - len(r_ids), min(len(p_ids), n // 2))
+    p_ids = p_ids[len(p_ids) - keep_p:] if keep_p else []
+    r_ids = r_ids[:n - len(p_ids)]
+  ids = np.asarray(p_ids + r_ids, np.int32)
+  mask = np.zeros(len(ids), bool)
+  mask[len(p_ids):] = True
+  return SFTExample(ids, mask)
+
+
+def encode_pair(tok, messages_or_prompt, response_a: str, response_b: str, p_a: float,
+                fmt: str, max_len: int) -> PairExample:
+  """Both conversations tokenised; sequences longer than max_len keep their end
+  (the preference model reads the last token)."""
+  if isinstance(messages_or_prompt, str):  # raw transcript prompt ending in "Assistant:"
+    prompt = messages_or_prompt
+    a_ids = _ids(tok, prompt + response_a)
+    b_ids = _ids(tok, prompt + response_b)
+  else:
+    pa, ra = render_pair(tok, messages_or_prompt, response_a, fmt)
+    pb, rb = render_pair(tok, messages_or_prompt, response_b, fmt)
+    a_ids, b_ids = _ids(tok, pa + ra), _ids(tok, pb + rb)
+  return PairExample(np.asarray(a_ids[-max_len:], np.int32),
+                     np.asarray(b_ids[-max_len:], np.int32), float(p_a))
+
+
+# ------------------------------------------------------------------ batching
+def pack_sft(examples: Sequence[SFTExample], max_len: int) -> list[list[int]]:
+  """Greedy first-fit packing of example indices into rows of max_len+1 ids."""
+  rows, used = [], []
+  for i, ex in enumerate(examples):
+    n = len(ex.tokens)
+    for r, u in enumerate(used):
+      if u + n <= max_len + 1:
+        rows[r].append(i)
+        used[r] += n
+        break
+    else:
+      rows.append([i])
+      used.append(n)
+  return rows
+
+
+def sft_batch(examples: Sequence[SFTExample], rows: Sequence[Sequence[int]], max_len: int,
+              pad_id: int, packed: bool = False) -> dict:
+  """Numpy batch for the SFT loss from rows (lists of example indices).
+
+  tokens_BxL are inputs, targets_BxL the next ids; loss_mask_BxL marks targets
+  that are response tokens. Packed rows carry segment_ids_BxL (0 = padding)
+  and positions_BxL restarting at each example.
+  """
+  B, L = len(rows), max_len
+  seq = np.full((B, L + 1), pad_id, np.int32)
+  lm = np.zeros((B, L + 1), bool)
+  seg = np.zeros((B, L + 1), np.int32)
+  pos = np.zeros((B, L + 1), np.int32)
+  for b, row in enumerate(rows):
+    o = 0
+    for s, i in enumerate(row, 1):
+      ex = examples[i]
+      n = min(len(ex.tokens), L + 1 - o)
+      seq[b, o:o + n] = ex.tokens[:n]
+      lm[b, o:o + n] = ex.loss_mask[:n]
+      seg[b, o:o + n] = s
+      pos[b, o:o + n] = np.arange(n)
+      o += n
+  out = {"tokens_BxL": seq[:, :-1], "targets_BxL": seq[:, 1:],
+         # A target counts when it is a response token of the same example.
+         "loss_mask_BxL": (lm[:, 1:] & (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
+                           ).astype(np.float32),
+         "mask_BxL": seg[:, :-1] > 0}
+  if packed:
+    out["segment_ids_BxL"] = seg[:, :-1]
+    out["positions_BxL"] = pos[:, :-1]
+  return out
+
+
+def pair_batch(pairs: Sequence[PairExample], max_len: int, pad_id: int) -> dict:
+  """Right-padded A and B sequences plus soft targets p_B."""
+  B = len(pairs)
+  ta = np.full((B, max_len), pad_id, np.int32)
+  tb = np.full((B, max_len), pad_id, np.int32)
+  ma = np.zeros((B, max_len), bool)
+  mb = np.zeros((B, max_len), bool)
+  for i, pr in enumerate(pairs):
+    ta[i, :len(pr.tokens_a)] = pr.tokens_a
+    ma[i, :len(pr.tokens_a)] = True
+    tb[i, :len(pr.tokens_b)] = pr.tokens_b
+    mb[i, :len(pr.tokens_b)] = True
+  return {"tokens_a_BxL": ta, "mask_a_BxL": ma, "tokens_b_BxL": tb, "mask_b_BxL": mb,
+          "p_B": np.asarray([p.p_a for p in pairs], np.float32)}
+
+
+# ------------------------------------------------------------------ ordering
+class ShuffledIndex:
+  """Deterministic epoch-wise shuffled batches of indices with a JSON state.
+
+  The permutation of epoch e depends only on (seed, e), so restoring
+  {"epoch", "position"} resumes the exact order. Incomplete final batches are
+  dropped (fixed shapes keep one compiled step).
+  """
+
+  def __init__(self, num_examples: int, batch_size: int, seed: int, shuffle: bool = True):
+    if num_examples < batch_size:
+      raise ValueError(f"{num_examples} examples cannot fill one batch of {batch_size}")
+    self.n, self.batch_size, self.seed, self.shuffle = num_examples, batch_size, seed, shuffle
+    self.epoch, self.position = 0, 0
+
+  @property
+  def batches_per_epoch(self) -> int:
+    return self.n // self.batch_size
+
+  def _perm(self, epoch: int) -> np.ndarray:
+    if not self.shuffle:
+      return np.arange(self.n)
+    return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+  def __iter__(self) -> Iterator[np.ndarray]:
+    return self
+
+  def __next__(self) -> np.ndarray:
+    if self.position >= self.batches_per_epoch:
+      self.epoch, self.position = self.epoch + 1, 0
+    p = self.position * self.batch_size
+    idx = self._perm(self.epoch)[p:p + self.batch_size]
+    self.position += 1
+    return idx
+
+  def get_state(self) -> dict:
+    return {"epoch": int(self.epoch), "position": int(self.position), "seed": int(self.seed),
+            "num_examples": int(self.n), "batch_size": int(self.batch_size)}
+
+  def set_state(self, state: dict) -> None:
+    for k in ("seed", "num_examples", "batch_size"):
+      if k in state and int(state[k]) != int(getattr(self, {"num_examples": "n"}.get(k, k))):
+        raise ValueError(f"iterator state has {k}={state[k]}, this run has "
+                         f"{getattr(self, {'num_examples': 'n'}.get(k, k))}")
+    self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+class BatchIterator:
+  """ShuffledIndex + a function turning index arrays into numpy batches."""
+
+  def __init__(self, index: ShuffledIndex, make_batch):
+    self.index, self.make_batch = index, make_batch
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    return self.make_batch(next(self.index))
+
+  def get_state(self) -> dict:
+    return self.index.get_state()
+
+  def set_state(self, state: dict) -> None:
+    self.index.set_state(state)
+
+
+def segment_attention_mask(segment_ids_BxL):
+  """BxLxL: query and key in the same (non-padding) segment (jnp or np)."""
+  import jax.numpy as jnp
+  s = segment_ids_BxL
+  return (s[:, :, None] == s[:, None, :]) & (s[:, None, :] > 0)

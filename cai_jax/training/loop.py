@@ -1,0 +1,177 @@
+"""The one generic train loop: jitted sharded step + checkpointed iteration.
+
+`make_train_step(loss_fn, tx, ...)` builds the pure step
+`(state, batch, rng) -> (state, metrics)`, jitted with explicit shardings and
+the state donated. `train(...)` drives it: automatic resume from the stage's
+latest checkpoint (train state, RNG, data-iterator position), metrics fetched
+one step late so the host never stalls the device, eval hooks on a schedule,
+TensorBoard scalars, a progress bar with tokens/s and MFU, and a NaN/Inf guard
+that stops before a bad state is ever saved.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from cai_jax import sharding as shd
+from cai_jax.training import flops as flops_lib
+from cai_jax.training.state import TrainState, abstract_state, state_shardings
+from cai_jax.utils import InputError
+
+LossFn = Callable[[Any, dict, jax.Array], tuple]  # (params, batch, rng) -> (loss, aux dict)
+
+
+class TrainingDivergedError(RuntimeError):
+  """A non-finite loss or gradient; the last good checkpoint is kept."""
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, state: TrainState,
+                    mesh, batch_example: dict, trainable=None, donate: bool = True):
+  """Jitted `(state, batch, rng) -> (state, metrics)` with explicit shardings.
+
+  `trainable`: optional bool tree; frozen params enter the loss behind
+  stop_gradient so XLA skips their backward pass entirely.
+  """
+  def step(st: TrainState, batch, rng):
+    def f(params):
+      if trainable is not None:
+        params = jax.tree_util.tree_map(
+            lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
+      return loss_fn(params, batch, rng)
+    (loss, aux), grads = jax.value_and_grad(f, has_aux=True)(st.params)
+    updates, opt_state = tx.update(grads, st.opt_state, st.params)
+    params = optax.apply_updates(st.params, updates)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+    return TrainState(step=st.step + 1, params=params, opt_state=opt_state), metrics
+
+  st_sh = state_shardings(state)
+  b_sh = jax.tree_util.tree_map(lambda x: shd.batch_sharding(mesh, max(np.ndim(x), 1)),
+                                batch_example)
+  rep = shd.replicated(mesh)
+  return jax.jit(step, in_shardings=(st_sh, b_sh, rep), out_shardings=(st_sh, rep),
+                 donate_argnums=(0,) if donate else ())
+
+
+@dataclasses.dataclass
+class LoopResult:
+  state: TrainState
+  step: int
+  history: list            # per step: {"step", "loss", ...} host floats
+  evals: list              # per eval: {"step", ...}
+  resumed_from: Optional[int]
+  stopped_early: bool
+
+
+def _finite(m: dict) -> bool:
+  return all(np.all(np.isfinite(np.asarray(v))) for v in m.values())
+
+
+def train(*, step_fn, state: TrainState, batches, mesh, num_steps: int, rng,
+          manager=None, eval_fn: Optional[Callable] = None, eval_every: int = 0,
+          writer=None, flops_per_token: float = 0.0, log_every: int = 1,
+          stop_after: Optional[int] = None, desc: str = "train", progress: bool = True,
+          rules=shd.DEFAULT_RULES) -> LoopResult:
+  """Runs `step_fn` until `num_steps` (resuming from `manager` if it has a checkpoint).
+
+  batches: iterator of host numpy dicts with get_state()/set_state().
+  eval_fn(params, step) -> dict of floats, run every `eval_every` steps and at the end.
+  stop_after: stop (as if killed) once this step is reached; for tests and
+  time-sliced jobs. flops_per_token: training FLOPs per token for MFU.
+  """
+  rng = jnp.asarray(rng)
+  resumed = None
+  if manager is not None and manager.latest_step() is not None:
+    resumed = manager.latest_step()
+    target = {"train": abstract_state(state), "rng": jax.ShapeDtypeStruct(rng.shape, rng.dtype)}
+    restored, data = manager.restore(resumed, target=target)
+    state, rng = restored["train"], jnp.asarray(restored["rng"])
+    try:
+      batches.set_state(data["iterator"])
+    except (ValueError, KeyError) as e:
+      raise InputError(f"{manager.directory}/{resumed}: data-iterator state does not match this "
+                       f"run's data ({e}); use a fresh workdir or the original data") from None
+    logging.info("%s: resumed from step %d", desc, resumed)
+  start = int(jax.device_get(state.step))
+  peak = flops_lib.peak_flops() if flops_per_token else 0.0
+  history, evals, pending = [], [], []
+  bar = tqdm(total=num_steps, initial=start, desc=desc, disable=not progress, dynamic_ncols=True)
+  t_last, tok_since = time.perf_counter(), 0
+
+  def drain(keep: int = 0):
+    nonlocal t_last, tok_since
+    while len(pending) > keep:
+      s, m, ntok = pending.pop(0)
+      m = {k: np.asarray(v) for k, v in jax.device_get(m).items()}
+      if not _finite(m):
+        bad = ", ".join(k for k, v in m.items() if not np.all(np.isfinite(v)))
+        last = manager.latest_step() if manager is not None else None
+        where = (f"last good checkpoint: step {last} in {manager.directory}" if last is not None
+                 else "no checkpoint was saved")
+        raise TrainingDivergedError(f"{desc}: non-finite {bad} at step {s}; stopped, {where}; "
+                                    "lower the learning rate or check the data")
+      rec = {"step": s, **{k: float(v) for k, v in m.items() if np.ndim(v) == 0}}
+      history.append(rec)
+      tok_since += ntok
+      if s % log_every == 0 or s == num_steps:
+        now = time.perf_counter()
+        tps = tok_since / max(now - t_last, 1e-9)
+        t_last, tok_since = now, 0
+        rec["tokens_per_s"] = tps
+        post = {"loss": f"{rec['loss']:.4f}", "tok/s": f"{tps:.0f}"}
+        if peak:
+          rec["mfu"] = tps * flops_per_token / peak
+          post["mfu"] = f"{100 * rec['mfu']:.1f}%"
+        bar.set_postfix(post, refresh=False)
+        if writer is not None:
+          for k, v in rec.items():
+            if k != "step":
+              writer.add_scalar(f"{desc}/{k}", v, s)
+      bar.update(1)
+
+  stopped = False
+  step = start
+  try:
+    while step < num_steps:
+      host = next(batches)
+      # Tokens of compute per step: every row of every token array (A and B for pairs).
+      ntok = int(sum(np.size(v) for k, v in host.items() if k.startswith("tokens")))
+      batch = shd.shard_batch(host, mesh, rules)
+      state, metrics = step_fn(state, batch, jax.random.fold_in(rng, step))
+      step += 1
+      pending.append((step, metrics, ntok))
+      drain(keep=1)  # fetch the previous step's metrics while this one runs
+      final = step == num_steps
+      if manager is not None and (final or manager.should_save(step)):
+        drain()  # never save a state whose loss was not checked
+        manager.save(step, {"train": state, "rng": rng}, {"iterator": batches.get_state(),
+                                                         "step": step}, force=final)
+      if eval_fn is not None and ((eval_every and step % eval_every == 0) or final):
+        drain()
+        ev = {"step": step, **eval_fn(state.params, step)}
+        evals.append(ev)
+        logging.info("%s eval @%d: %s", desc, step, {k: round(v, 4) for k, v in ev.items()
+                                                    if isinstance(v, float)})
+        if writer is not None:
+          for k, v in ev.items():
+            if k != "step" and isinstance(v, (int, float)):
+              writer.add_scalar(f"{desc}_eval/{k}", v, step)
+      if stop_after is not None and step >= stop_after and not final:
+        stopped = True
+        break
+    drain()
+  finally:
+    bar.close()
+    if manager is not None:
+      manager.wait()
+    if writer is not None:
+      writer.flush()
+  return LoopResult(state, step, history, evals, resumed, stopped)
