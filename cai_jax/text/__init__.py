@@ -62,11 +62,13 @@ def split_prompt_response(chosen: str, rejected: str) -> tuple[str, str, str]:
     if a != b:
       break
     n += 1
-  k = chosen.rfind(ASSISTANT, 0, n + 1 if n < len(chosen) else n)
-  if k < 0 or (n == len(chosen) == len(rejected)):
+  if n == len(chosen) == len(rejected):
     k = chosen.rfind(ASSISTANT)
+  else:
+    # The tag must lie wholly inside the shared prefix chosen[:n].
+    k = chosen.rfind(ASSISTANT, 0, n)
   if k < 0:
-    raise TranscriptError("no Assistant turn in comparison")
+    raise TranscriptError("no Assistant turn shared by chosen and rejected")
   cut = k + len(ASSISTANT)
   return chosen[:cut], chosen[cut:], rejected[cut:]
 
