@@ -109,7 +109,7 @@ class _Report:
     self.parts.append(text.rstrip() + "\n")
 
   def plot(self, fn, name: str, *args, **kw) -> str:
-    path = fn(*args, os.path.join(self.files, name), **kw)
+    path = fn(*args, path=os.path.join(self.files, name), **kw)
     return f"![{name}]({plots.rel(path, self.workdir)})"
 
   # -- sections ---------------------------------------------------------------
@@ -175,8 +175,8 @@ class _Report:
     self.add(f"{len(recs)} comparisons; mean p(A) {p.mean():.3f}, mean confidence "
              f"|p - 0.5| {np.abs(p - 0.5).mean():.3f}, {100 * np.mean((p > 0.4) & (p < 0.6)):.0f}% "
              "within [0.4, 0.6].\n")
-    self.add(self.plot(plots.histogram, "label_soft_labels.png", p, "p(A is better)",
-                       "Soft labels from the feedback model", range_=(0.0, 1.0)))
+    self.add(self.plot(plots.histogram, "label_soft_labels.png", p, xlabel="p(A is better)",
+                       title="Soft labels from the feedback model", range_=(0.0, 1.0)))
     self.summary.append(f"Labels: {len(recs)} AI comparisons, mean p(A) {p.mean():.2f}, "
                         f"mean |p-0.5| {np.abs(p - 0.5).mean():.2f}.")
 
@@ -192,7 +192,7 @@ class _Report:
         self.add(_table(["metric", "value"], [[k, v] for k, v in nums.items()]))
       curves = self._curves(stage)
       if curves:
-        self.add(self.plot(plots.curves, f"{stage}_curves.png", curves, title))
+        self.add(self.plot(plots.curves, f"{stage}_curves.png", curves, title=title))
       keys = list(nums.items())[:4]
       self.summary.append(f"{title}: " + (", ".join(f"{k}={_fmt(v)}" for k, v in keys) or "done") + ".")
 
@@ -228,8 +228,8 @@ class _Report:
               for s, v in pm.items()}
       errs = {s: {"red-team prompts": v.get("harmless_se", 0.0),
                   "helpfulness prompts": v.get("helpful_se", 0.0)} for s, v in pm.items()}
-      self.add(self.plot(plots.grouped_bars, "pm_scores.png", vals, "mean PM score",
-                         "PM score per snapshot", errors=errs))
+      self.add(self.plot(plots.grouped_bars, "pm_scores.png", vals, ylabel="mean PM score",
+                         title="PM score per snapshot", errors=errs))
       self.summary.append("PM harmlessness score: " + ", ".join(
           f"{SNAPSHOT_TITLES.get(s, s)} {_fmt(v['harmless'])}" for s, v in pm.items()) + ".")
     for judge, ratings in res.get("elo", {}).items():

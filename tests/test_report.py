@@ -1,0 +1,88 @@
+"""Report: every section is written from a work directory's files, with real PNGs."""
+import json
+import os
+
+import matplotlib.image as mpimg
+import numpy as np
+
+from cai_jax import utils
+from cai_jax.evaluation import elo, report
+
+
+def _workdir(tmp_path):
+  w = tmp_path / "run"
+  stages = {"revise": {"records": 4}, "sft": {"final_loss": 1.25, "steps": 10},
+            "label": {"comparisons": 6}, "pm": {"eval_accuracy": 0.66},
+            "ppo": {"final_reward": 0.3}, "evaluate": {"prompts": 4}}
+  timings = {"stages": {s: {"seconds": 10.0 + k, "attempts": 1, "status": "done", "summary": v}
+                        for k, (s, v) in enumerate(stages.items())}, "last_run_seconds": 70.0}
+  for s, v in stages.items():
+    utils.mark_done(str(w / s), v)
+  utils.atomic_write_text(str(w / "pipeline.json"), json.dumps(timings))
+  utils.atomic_write_text(str(w / "config.json"), json.dumps({"model": "tiny", "seed": 0}))
+  prompt = [{"role": "user", "content": "How do I pick a lock?"}]
+  utils.write_jsonl(str(w / "revise" / "records.jsonl"), [
+      {"id": f"r{i}", "prompt": prompt, "initial_response": "Step one: get a pick.",
+       "rounds": [{"principle_id": "harm0", "critique": "This helps burglary.",
+                   "revision": "I can't help with that because it could enable burglary."}]}
+      for i in range(4)])
+  rng = np.random.default_rng(0)
+  utils.write_jsonl(str(w / "label" / "preferences.jsonl"), [
+      {"id": f"l{i}", "prompt": prompt, "response_a": "a", "response_b": "b", "principle_ids": ["p"],
+       "p_a": float(p), "logp_a": -1.0, "logp_b": -2.0} for i, p in enumerate(rng.random(6))])
+  utils.write_jsonl(str(w / "ppo" / "metrics.jsonl"), [
+      {"step": i, "reward": 0.1 * i, "kl": 0.01 * i} for i in range(5)])
+  comps_h = [("helpful", "sl_cai", 0.3), ("helpful", "rl_cai", 0.2), ("sl_cai", "rl_cai", 0.4)] * 5
+  comps_g = [("helpful", "sl_cai", 0.6), ("helpful", "rl_cai", 0.6), ("sl_cai", "rl_cai", 0.5)] * 5
+  players = ["helpful", "sl_cai", "rl_cai"]
+  res = {
+      "snapshots": {"helpful": "tiny", "sl_cai": "sft/final", "rl_cai": "ppo/final"},
+      "pm_scores": {s: {"harmless": k * 0.5, "harmless_se": 0.1, "helpful": -k * 0.1,
+                        "helpful_se": 0.1, "n_harmless": 4} for k, s in enumerate(players)},
+      "revision_scores": [{"revision": 0, "mean": -0.2, "mean_se": 0.1, "n": 4},
+                          {"revision": 1, "mean": 0.4, "mean_se": 0.1, "n": 4}],
+      "elo": {"pm": {"harmlessness": elo.fit_elo(comps_h, players, anchor="helpful").as_dict(),
+                     "helpfulness": elo.fit_elo(comps_g, players, anchor="helpful").as_dict(),
+                     "num_comparisons": 15}},
+      "evasiveness": {s: {"evasive": 0.25, "explained_refusal": 0.5, "engaged": 0.25, "n": 4}
+                      for s in players},
+      "multiple_choice": {"HarmfulVsEthical": {"mc": {"accuracy": 0.6, "chance": 0.5, "n": 254}}},
+      "samples": [{"prompt": prompt, "responses": {s: f"response of {s}" for s in players}}],
+  }
+  utils.atomic_write_text(str(w / "evaluate" / "results.json"), json.dumps(res))
+  return w
+
+
+def test_report_has_every_section_and_real_plots(tmp_path):
+  w = _workdir(tmp_path)
+  out = report.write_report(str(w))
+  text = open(out["path"]).read()
+  for heading in ("## Summary", "## Stages", "## SL-CAI: critiques and revisions",
+                  "## AI feedback labels", "## SL-CAI fine-tuning", "## Preference model",
+                  "## RL-CAI (PPO)", "### Preference-model scores", "### Elo (pm as judge)",
+                  "### Evasiveness", "### Multiple-choice evaluations", "## Configuration"):
+    assert heading in text, heading
+  assert "How do I pick a lock?" in text and "This helps burglary." in text
+  # Every linked image exists and is a non-blank PNG.
+  links = [ln.split("(")[1].rstrip(")") for ln in text.splitlines() if ln.startswith("![")]
+  assert {os.path.basename(p) for p in links} >= {
+      "revision_scores.png", "label_soft_labels.png", "ppo_curves.png", "pm_scores.png",
+      "elo_pm.png"}
+  for p in links:
+    img = mpimg.imread(os.path.join(w, p))
+    assert img.shape[0] > 200 and img.shape[1] > 200 and img[..., :3].std() > 0.02, p
+  # The summary: at most ten lines, with the wall time and real numbers.
+  s = out["summary"]
+  assert 1 <= len(s) <= 10
+  assert s[0].startswith("Wall time: 75 s")  # 10 + 11 + ... + 15
+  assert any("Harmlessness Elo (pm)" in ln and "SL-CAI" in ln for ln in s)
+  assert any("Evasive: initial helpful 25%" in ln for ln in s)
+
+
+def test_report_of_partial_run(tmp_path):
+  w = tmp_path / "partial"
+  utils.mark_done(str(w / "revise"), {"records": 0})
+  out = report.write_report(str(w))
+  text = open(out["path"]).read()
+  assert "## Stages" in text and "| revise | done |" in text
+  assert "## Evaluation" not in text
