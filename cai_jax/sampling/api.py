@@ -1,0 +1,246 @@
+"""Text in, text out: `generate` completions and `score` continuations in batches.
+
+Both sort requests by length so that batches hold similar lengths, pad each
+batch to one of at most `max_buckets` lengths on `bucket_length`'s grid (chosen
+to minimise padding), and keep the batch size fixed, so a long run compiles a
+handful of times. Results come back in the caller's order.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import logging
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from cai_jax import models
+from cai_jax import sharding as sharding_lib
+from cai_jax import text as text_lib
+from cai_jax.sampling import stops as stops_lib
+from cai_jax.sampling.sampler import (TRACE_COUNTS, PromptTooLongError, bucket_length,
+                                      sample)
+from cai_jax.utils import InputError
+
+
+@dataclasses.dataclass
+class Completion:
+  text: str                  # decoded completion, cut before the first stop string / EOS
+  tokens: np.ndarray         # int32 generated ids, including the EOS / stop tokens
+  logprobs: np.ndarray       # float32 log-prob of each token under the T=1 distribution
+  finished: bool             # stopped on EOS or a stop string (not on max_new_tokens)
+  finish_reason: str         # "eos" | "stop" | "length"
+  prompt_tokens: np.ndarray  # int32 prompt ids as fed to the model (after truncation)
+
+
+def encode_prompt(tokenizer, text: str) -> list:
+  """Prompt ids; special tokens (BOS) are added unless the text already has them."""
+  bos = getattr(tokenizer, "bos_token", None)
+  add = not (bos and text.startswith(bos))
+  return list(tokenizer(text, add_special_tokens=add)["input_ids"])
+
+
+def choose_buckets(needs: Sequence[int], max_buckets: int) -> list:
+  """Padded length per batch: at most `max_buckets` distinct grid values.
+
+  needs[i] is the longest request of batch i. Dynamic programming over the
+  sorted distinct needs minimises the total padded length.
+  """
+  need_b = [bucket_length(n) for n in needs]
+  vals = sorted(set(need_b))
+  count = collections.Counter(need_b)
+  if len(vals) <= max_buckets:
+    return need_b
+  # cost[j][k]: least total length covering vals[:j+1] with k buckets, the last at vals[j].
+  n = len(vals)
+  inf = float("inf")
+  cost = [[inf] * (max_buckets + 1) for _ in range(n)]
+  back = [[-1] * (max_buckets + 1) for _ in range(n)]
+  prefix = [0]
+  for v in vals:
+    prefix.append(prefix[-1] + count[v])
+  for j in range(n):
+    cost[j][1] = vals[j] * prefix[j + 1]
+    for k in range(2, max_buckets + 1):
+      for i in range(j):
+        c = cost[i][k - 1] + vals[j] * (prefix[j + 1] - prefix[i + 1])
+        if c < cost[j][k]:
+          cost[j][k], back[j][k] = c, i
+  k = min(range(1, max_buckets + 1), key=lambda kk: cost[n - 1][kk])
+  chosen, j = [], n - 1
+  while j >= 0 and k >= 1:
+    chosen.append(vals[j])
+    j, k = back[j][k], k - 1
+  chosen.sort()
+  return [min(c for c in chosen if c >= v) for v in need_b]
+
+
+def _batches(order: np.ndarray, batch_size: int):
+  return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _left_pad(rows: Sequence[Sequence[int]], length: int, n_rows: int, pad_id: int):
+  t = np.full((n_rows, length), pad_id, np.int32)
+  m = np.zeros((n_rows, length), bool)
+  for r, ids in enumerate(rows):
+    if len(ids):
+      t[r, length - len(ids):] = ids
+      m[r, length - len(ids):] = True
+  m[len(rows):, -1] = True  # filler rows hold one pad token
+  return t, m
+
+
+def _eos_ids(cfg, tokenizer) -> tuple:
+  ids = {cfg.eos_token_id, getattr(tokenizer, "eos_token_id", None)}
+  return tuple(sorted(int(i) for i in ids if i is not None))
+
+
+def generate(cfg, params, tokenizer, prompts, *, fmt: str = "chat", max_new_tokens: int = 128,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             greedy: bool = False, stop: Optional[Sequence[str]] = None, seed: int = 0,
+             batch_size: int = 16, mesh=None, progress: bool = True,
+             truncate_long_prompts: bool = False, desc: str = "sampling",
+             eos_ids: Optional[Sequence[int]] = None, max_buckets: int = 4) -> list:
+  """Completions for rendered prompt strings or message lists, in input order.
+
+  stop: stop strings (default: `text.stop_strings(fmt, tokenizer)`); they are
+  detected exactly inside the compiled loop and cut from `.text`.
+  Deterministic for the same (prompts, seed, batch_size).
+  """
+  if batch_size < 1:
+    raise InputError(f"generate: batch_size={batch_size} must be >= 1")
+  texts = [p if isinstance(p, str) else text_lib.render(p, fmt, tokenizer) for p in prompts]
+  ids = [encode_prompt(tokenizer, t) for t in texts]
+  limit = cfg.max_position_embeddings - max_new_tokens
+  if limit < 1:
+    raise InputError(f"generate: max_new_tokens={max_new_tokens} leaves no room for a prompt "
+                     f"in the context of {cfg.max_position_embeddings}; lower max_new_tokens")
+  for i, x in enumerate(ids):
+    if not x:
+      raise InputError(f"generate: prompt {i} is empty; give it some text")
+    if len(x) > limit:
+      if not truncate_long_prompts:
+        raise PromptTooLongError(
+            f"generate: prompt {i} has {len(x)} tokens but the context of "
+            f"{cfg.max_position_embeddings} leaves {limit} with max_new_tokens={max_new_tokens}; "
+            "shorten it, lower max_new_tokens or set truncate_long_prompts=True")
+      logging.warning("generate: prompt %d has %d tokens; keeping its last %d", i, len(x), limit)
+      ids[i] = x[-limit:]
+  stop_strings = list(text_lib.stop_strings(fmt, tokenizer) if stop is None else stop)
+  matcher = stops_lib.from_strings(tokenizer, stop_strings, cfg.vocab_size)
+  eos = _eos_ids(cfg, tokenizer) if eos_ids is None else tuple(eos_ids)
+  if mesh is not None:
+    d = sharding_lib.batch_divisor(mesh)
+    batch_size = -(-batch_size // d) * d
+    params = sharding_lib.shard_params(params, cfg, mesh)
+  pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+  order = np.argsort([len(x) for x in ids], kind="stable")
+  batches = _batches(order, batch_size)
+  lengths = choose_buckets([max(len(ids[j]) for j in b) for b in batches], max_buckets)
+  root = jax.random.PRNGKey(seed)
+  results: list = [None] * len(ids)
+  for bi, (rows, L) in enumerate(tqdm.tqdm(list(zip(batches, lengths)), desc=desc,
+                                           disable=not progress)):
+    tokens, mask = _left_pad([ids[j] for j in rows], L, batch_size, pad_id)
+    out = sample(cfg, params, tokens, mask, jax.random.fold_in(root, bi),
+                 max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                 top_p=top_p, greedy=greedy, eos_ids=eos, stop_seqs=matcher, mesh=mesh,
+                 pad_id=pad_id, bucket=False)
+    for r, j in enumerate(rows):
+      n = int(out.lengths_B[r])
+      toks = out.tokens_BxN[r, :n].copy()
+      reason = "length"
+      body = toks
+      if out.finished_B[r]:
+        reason = "eos" if int(toks[-1]) in eos else "stop"
+        if reason == "eos":
+          body = toks[:-1]
+      txt = tokenizer.decode(body.tolist(), skip_special_tokens=False,
+                             clean_up_tokenization_spaces=False)
+      txt, found = stops_lib.trim_at_stop(txt, stop_strings)
+      if found and reason == "length":
+        reason = "stop"  # a stop the byte tables could not see (decoder-specific text)
+      results[j] = Completion(text=txt, tokens=toks, logprobs=out.logprobs_BxN[r, :n].copy(),
+                              finished=reason != "length", finish_reason=reason,
+                              prompt_tokens=np.asarray(ids[j], np.int32))
+  return results
+
+
+def _lm_weight(cfg, params):
+  return params["embedding"].T if cfg.tie_embeddings else params["lm_head"]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "cont_len"))
+def _score_jit(params, tokens_BxL, mask_BxL, *, cfg, cont_len):
+  """Log-probs of the last `cont_len` tokens of each row given what precedes them."""
+  TRACE_COUNTS["score"] += 1
+  L = tokens_BxL.shape[1]
+  C = cont_len
+  out = models.forward(cfg, params, tokens_BxL, models.positions_from_mask(mask_BxL),
+                       mask_BxL, heads=())
+  h_BxCxD = out["hidden"][:, L - C - 1:L - 1]
+  target_BxC = tokens_BxL[:, L - C:]
+  w = _lm_weight(cfg, params).astype(cfg.jnp_dtype)
+
+  # One row at a time keeps the C x V logits small for long continuations.
+  def row(args):
+    h_CxD, t_C = args
+    logits = jnp.einsum("cd,dv->cv", h_CxD, w, preferred_element_type=jnp.float32)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, t_C[:, None], 1)[:, 0]
+
+  return jax.lax.map(row, (h_BxCxD, target_BxC))
+
+
+def score_tokens(cfg, params, prompt_ids, cont_ids, *, batch_size: int = 16, mesh=None,
+                 pad_id: int = 0, progress: bool = False, max_buckets: int = 4) -> list:
+  """Per-token log-probs (float32 arrays) of each continuation after its prompt."""
+  if len(prompt_ids) != len(cont_ids):
+    raise InputError(f"score: {len(prompt_ids)} prompts but {len(cont_ids)} continuations; "
+                     "pass one continuation per prompt")
+  seqs = []
+  for i, (p, c) in enumerate(zip(prompt_ids, cont_ids)):
+    p, c = list(p), list(c)
+    if not p:
+      raise InputError(f"score: prompt {i} is empty; a continuation needs a prompt to follow")
+    if len(p) + len(c) > cfg.max_position_embeddings:
+      raise PromptTooLongError(
+          f"score: request {i} has {len(p) + len(c)} tokens, more than the context of "
+          f"{cfg.max_position_embeddings}; shorten the prompt or the continuation")
+    seqs.append((p, c))
+  if mesh is not None:
+    d = sharding_lib.batch_divisor(mesh)
+    batch_size = -(-batch_size // d) * d
+    params = sharding_lib.shard_params(params, cfg, mesh)
+  results: list = [np.zeros((0,), np.float32)] * len(seqs)
+  todo = [i for i, (_, c) in enumerate(seqs) if c]
+  order = np.asarray(sorted(todo, key=lambda i: len(seqs[i][0]) + len(seqs[i][1])), np.int64)
+  batches = _batches(order, batch_size)
+  lens = choose_buckets([max(len(seqs[j][0]) + len(seqs[j][1]) for j in b) for b in batches],
+                        max_buckets)
+  for rows, L in tqdm.tqdm(list(zip(batches, lens)), desc="scoring", disable=not progress):
+    C = max(8, 1 << (max(len(seqs[j][1]) for j in rows) - 1).bit_length())
+    L = bucket_length(max(L, C + 1))
+    tokens, mask = _left_pad([seqs[j][0] + seqs[j][1] for j in rows], L, batch_size, pad_id)
+    t_in, m_in = jnp.asarray(tokens), jnp.asarray(mask)
+    if mesh is not None:
+      t_in, m_in = sharding_lib.shard_batch((tokens, mask), mesh)
+    lp = np.asarray(_score_jit(params, t_in, m_in, cfg=cfg, cont_len=C))
+    for r, j in enumerate(rows):
+      n = len(seqs[j][1])
+      results[j] = lp[r, C - n:].astype(np.float32)
+  return results
+
+
+def score(cfg, params, tokenizer, prompts: Sequence[str], continuations: Sequence[str], *,
+          batch_size: int = 16, mesh=None, progress: bool = False) -> list:
+  """Per-token log-probs of each continuation string after its prompt string."""
+  p_ids = [encode_prompt(tokenizer, p) for p in prompts]
+  c_ids = [list(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in continuations]
+  pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+  return score_tokens(cfg, params, p_ids, c_ids, batch_size=batch_size, mesh=mesh,
+                      pad_id=pad_id, progress=progress)

@@ -1,0 +1,297 @@
+"""The compiled sampler: prefill plus a `lax.while_loop` decode over a KV cache.
+
+One jitted call per batch: the prompt is run once to fill a preallocated
+per-layer KV cache (B x S slots, S = prompt bucket + max_new_tokens), then each
+loop step feeds the previous token at its slot. Rows stop on an EOS id or when
+the stop automaton (see `stops.py`) fires; stopped rows emit padding. The loop
+ends when every row has stopped or `max_new_tokens` tokens were made, with no
+host round trip per token.
+
+Sampling avoids whole-vocabulary sorts and per-token random numbers, which cost
+more than the model step on CPU: inverse-CDF sampling in two levels (blocks of
+the vocabulary, then tokens in the chosen block) with cumulative sums done as
+small triangular matmuls, and top-p by bisection on the float bits of the
+probability threshold (exact, no sort).
+"""
+from __future__ import annotations
+
+import collections
+import functools
+from typing import NamedTuple, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+from cai_jax import models
+from cai_jax import sharding as sharding_lib
+from cai_jax.sampling import stops as stops_lib
+from cai_jax.utils import InputError
+
+# How many times each jitted entry point has been traced (= compiled); tests
+# read this to bound recompilation.
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+# Vocabulary block width of the two-level inverse-CDF sampler.
+_BLOCK = 256
+
+
+class PromptTooLongError(InputError):
+  """A prompt does not fit in the model's context with max_new_tokens."""
+
+
+class SampleOutput(NamedTuple):
+  tokens_BxN: np.ndarray     # int32; pad_id after a row stops
+  logprobs_BxN: np.ndarray   # float32 log-probs of the sampled tokens at T=1; 0 after stop
+  lengths_B: np.ndarray      # int32 generated tokens including the EOS/stop token
+  finished_B: np.ndarray     # bool: stopped on EOS or a stop sequence
+
+
+def compile_count(name: Optional[str] = None) -> int:
+  """Traces so far of one entry point ("sample", "score") or of all of them."""
+  return TRACE_COUNTS[name] if name else sum(TRACE_COUNTS.values())
+
+
+def bucket_length(n: int) -> int:
+  """Padded length on a coarse grid: x32 to 256, x128 to 1024, then x512."""
+  n = max(int(n), 1)
+  for step, upto in ((32, 256), (128, 1024)):
+    if n <= upto:
+      return -(-n // step) * step
+  return -(-n // 512) * 512
+
+
+def _cumsum_mm(x_BxW):
+  """Inclusive cumulative sum along the last axis as a matmul (fast on CPU)."""
+  W = x_BxW.shape[-1]
+  tri = jnp.triu(jnp.ones((W, W), x_BxW.dtype))
+  return jnp.matmul(x_BxW, tri, precision=jax.lax.Precision.HIGHEST)
+
+
+def _first_true_or_last(cond_BxW, nonzero_BxW):
+  """Index of the first entry that is both true and nonzero; else the last nonzero."""
+  W = cond_BxW.shape[-1]
+  ok = cond_BxW & nonzero_BxW
+  idx = jnp.arange(W)[None, :]
+  first = jnp.min(jnp.where(ok, idx, W), axis=-1)
+  last_nz = jnp.max(jnp.where(nonzero_BxW, idx, -1), axis=-1)
+  return jnp.where(first < W, first, jnp.maximum(last_nz, 0))
+
+
+def _inverse_cdf(weights_BxV, key):
+  """Samples one index per row with probability proportional to the weights."""
+  B, V = weights_BxV.shape
+  C = -(-V // _BLOCK)
+  w = jnp.pad(weights_BxV, ((0, 0), (0, C * _BLOCK - V))).reshape(B, C, _BLOCK)
+  block_sum_BxC = w.sum(-1)
+  cum_BxC = _cumsum_mm(block_sum_BxC)
+  # u in (0, total]: a zero-weight index can never be chosen.
+  u_B = (1.0 - jax.random.uniform(key, (B,), jnp.float32)) * cum_BxC[:, -1]
+  blk_B = _first_true_or_last(cum_BxC >= u_B[:, None], block_sum_BxC > 0)
+  before_B = jnp.take_along_axis(cum_BxC, blk_B[:, None], 1)[:, 0] - \
+      jnp.take_along_axis(block_sum_BxC, blk_B[:, None], 1)[:, 0]
+  inner_BxW = jnp.take_along_axis(w, blk_B[:, None, None], 1)[:, 0]
+  cum_BxW = _cumsum_mm(inner_BxW)
+  j_B = _first_true_or_last(cum_BxW >= (u_B - before_B)[:, None], inner_BxW > 0)
+  return (blk_B * _BLOCK + j_B).astype(jnp.int32)
+
+
+def _nucleus(weights_BxV, top_p):
+  """Zeroes all but the smallest set of largest weights holding top_p of the mass.
+
+  The threshold is found by bisection on the int32 bit pattern of positive
+  float32 values (monotone in the value), so it is exact after 32 steps.
+  """
+  target_B = top_p * weights_BxV.sum(-1)
+  bits = jax.lax.bitcast_convert_type(weights_BxV, jnp.int32)
+
+  def mass_at_least(t_B):
+    return jnp.where(bits >= t_B[:, None], weights_BxV, 0.0).sum(-1)
+
+  def step(_, lo_hi):
+    lo, hi = lo_hi
+    mid = lo + (hi - lo) // 2
+    ok = mass_at_least(mid) >= target_B
+    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+  B = weights_BxV.shape[0]
+  lo = jnp.zeros((B,), jnp.int32)
+  hi = bits.max(-1) + 1
+  lo, _ = jax.lax.fori_loop(0, 32, step, (lo, hi))
+  return jnp.where(bits >= lo[:, None], weights_BxV, 0.0)
+
+
+def _pick(logits_BxV, key, temperature, top_p, *, greedy, top_k, use_top_p, unit_temp):
+  """(token_B, logprob_B): a token and its log-prob under the raw T=1 softmax."""
+  m_B = jnp.max(logits_BxV, axis=-1, keepdims=True)
+  e1 = jnp.exp(logits_BxV - m_B)
+  lse_B = m_B[:, 0] + jnp.log(e1.sum(-1))
+  if greedy:
+    tok = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  else:
+    x = logits_BxV
+    if top_k > 0:
+      kth_B = jax.lax.top_k(x, top_k)[0][:, -1:]
+      keep = x >= kth_B
+    else:
+      keep = None
+    if unit_temp:
+      w = e1
+    else:
+      w = jnp.exp((x - m_B) / temperature)
+    if keep is not None:
+      w = jnp.where(keep, w, 0.0)
+    if use_top_p:
+      w = _nucleus(w, top_p)
+    tok = _inverse_cdf(w, key)
+  lp = jnp.take_along_axis(logits_BxV, tok[:, None], 1)[:, 0] - lse_B
+  return tok, lp
+
+
+def _cache_constraint(cfg, cache, mesh):
+  if mesh is None:
+    return cache
+  spec = ("batch", "cache_length", "kv_heads", "head_dim")
+  shape = cache[0]["k"].shape
+  s = NamedSharding(mesh, sharding_lib.logical_to_mesh_spec(spec, shape, mesh))
+  return jax.lax.with_sharding_constraint(cache, jax.tree_util.tree_map(lambda _: s, cache))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "greedy", "top_k",
+                                             "use_top_p", "unit_temp", "mesh"))
+def _sample_jit(params, tokens_BxP, mask_BxP, rng, temperature, top_p, eos_E, stop_next_SxV,
+                pad_id, *, cfg, max_new_tokens, greedy, top_k, use_top_p, unit_temp, mesh):
+  TRACE_COUNTS["sample"] += 1
+  B, P = tokens_BxP.shape
+  N = max_new_tokens
+  pick = functools.partial(_pick, temperature=temperature, top_p=top_p, greedy=greedy,
+                           top_k=top_k, use_top_p=use_top_p, unit_temp=unit_temp)
+  mask_BxP = mask_BxP.astype(bool)
+  # Slots past the prompt are valid once written; the model's causal rule
+  # (slot <= write index) hides the ones not written yet.
+  mask_BxS = jnp.concatenate([mask_BxP, jnp.ones((B, N), bool)], axis=1)
+  prompt_len_B = mask_BxP.sum(-1).astype(jnp.int32)
+  cache = _cache_constraint(cfg, models.init_cache(cfg, B, P + N), mesh)
+  out = models.forward(cfg, params, tokens_BxP, models.positions_from_mask(mask_BxP), mask_BxS,
+                       cache=cache, cache_index=0, last_only=True, heads=("lm",))
+  cache = _cache_constraint(cfg, out["cache"], mesh)
+
+  def advance(tok_B, state_B, done_B):
+    """Stop bookkeeping for a new token; returns (state, done, emitted)."""
+    nxt_B = stop_next_SxV[state_B, tok_B]
+    stopped = jnp.isin(tok_B, eos_E) | (nxt_B < 0)
+    return jnp.maximum(nxt_B, 0), done_B | stopped
+
+  tok0, lp0 = pick(out["logits"][:, 0], jax.random.fold_in(rng, 0))
+  state0, done0 = advance(tok0, jnp.zeros((B,), jnp.int32), jnp.zeros((B,), bool))
+  toks_BxN = jnp.full((B, N), pad_id, jnp.int32).at[:, 0].set(tok0)
+  lps_BxN = jnp.zeros((B, N), jnp.float32).at[:, 0].set(lp0)
+  carry = (jnp.int32(1), tok0, cache, toks_BxN, lps_BxN, done0, jnp.ones((B,), jnp.int32),
+           state0)
+
+  def cond(c):
+    i, done = c[0], c[5]
+    return (i < N) & ~jnp.all(done)
+
+  def body(c):
+    i, prev_B, cache, toks, lps, done, lengths, state = c
+    slot = P + i - 1
+    pos_Bx1 = (prompt_len_B + i - 1)[:, None]
+    o = models.forward(cfg, params, prev_B[:, None], pos_Bx1, mask_BxS, cache=cache,
+                       cache_index=slot, last_only=True, heads=("lm",))
+    tok, lp = pick(o["logits"][:, 0], jax.random.fold_in(rng, i))
+    live = ~done
+    tok = jnp.where(live, tok, pad_id)
+    new_state, new_done = advance(tok, state, done)
+    toks = jax.lax.dynamic_update_slice(toks, tok[:, None], (0, i))
+    lps = jax.lax.dynamic_update_slice(lps, jnp.where(live, lp, 0.0)[:, None], (0, i))
+    return (i + 1, tok, _cache_constraint(cfg, o["cache"], mesh), toks, lps,
+            jnp.where(live, new_done, done), lengths + live.astype(jnp.int32),
+            jnp.where(live, new_state, state))
+
+  carry = jax.lax.while_loop(cond, body, carry)
+  _, _, _, toks, lps, done, lengths, _ = carry
+  return toks, lps, lengths, done
+
+
+def _check_left_padded(mask: np.ndarray):
+  bad = np.nonzero((np.diff(mask.astype(np.int8), axis=1) < 0).any(axis=1))[0]
+  if len(bad):
+    raise InputError(f"sample: prompt_mask row {int(bad[0])} is not left-padded "
+                     "(real tokens must be contiguous at the right end); left-pad the batch")
+  empty = np.nonzero(mask.sum(1) == 0)[0]
+  if len(empty):
+    raise InputError(f"sample: prompt row {int(empty[0])} has no tokens; "
+                     "give every row at least one token")
+
+
+def _as_key(rng):
+  if isinstance(rng, (int, np.integer)):
+    return jax.random.PRNGKey(int(rng))
+  return rng
+
+
+def sample(cfg, params, prompt_tokens_BxP, prompt_mask_BxP, rng, *, max_new_tokens: int,
+           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
+           eos_ids: Sequence[int] = (2,),
+           stop_seqs: Union[Sequence[Sequence[int]], stops_lib.StopMatcher] = (),
+           mesh=None, pad_id: Optional[int] = None, bucket: bool = True) -> SampleOutput:
+  """Samples continuations of a left-padded batch of prompts.
+
+  stop_seqs: token-id sequences that end a row when generated, or a
+  `StopMatcher` (e.g. from `stops.from_strings`) for exact stop strings.
+  bucket: pad the prompt length to `bucket_length` so that different lengths
+  share compiled code. With a mesh, params should be sharded on it (they are
+  placed if not) and the batch is split over its batch axes.
+  """
+  tokens = np.asarray(prompt_tokens_BxP, np.int32)
+  mask = np.asarray(prompt_mask_BxP).astype(bool)
+  if tokens.ndim != 2 or tokens.shape != mask.shape:
+    raise InputError(f"sample: prompt tokens {tokens.shape} and mask {mask.shape} must be "
+                     "equal BxP arrays")
+  if max_new_tokens < 1:
+    raise InputError(f"sample: max_new_tokens={max_new_tokens} must be >= 1")
+  if not greedy and not temperature > 0:
+    raise InputError(f"sample: temperature={temperature} must be > 0 (or use greedy=True)")
+  if not 0 < top_p <= 1:
+    raise InputError(f"sample: top_p={top_p} must be in (0, 1]")
+  if top_k < 0 or top_k > cfg.vocab_size:
+    raise InputError(f"sample: top_k={top_k} must be in [0, vocab_size={cfg.vocab_size}]")
+  _check_left_padded(mask)
+  longest = int(mask.sum(1).max())
+  ctx = cfg.max_position_embeddings
+  if longest + max_new_tokens > ctx:
+    raise PromptTooLongError(
+        f"sample: a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds "
+        f"the context of {ctx}; shorten the prompt or lower max_new_tokens")
+  pad_id = (cfg.pad_token_id if cfg.pad_token_id is not None else 0) if pad_id is None else pad_id
+  B0, P0 = tokens.shape
+  P = bucket_length(P0) if bucket else P0
+  B = B0
+  if mesh is not None:
+    d = sharding_lib.batch_divisor(mesh)
+    B = -(-B0 // d) * d
+  if P > P0 or B > B0:
+    t = np.full((B, P), pad_id, np.int32)
+    m = np.zeros((B, P), bool)
+    t[:B0, P - P0:], m[:B0, P - P0:] = tokens, mask
+    m[B0:, -1] = True  # filler rows: one pad token so their attention is well defined
+    tokens, mask = t, m
+  if isinstance(stop_seqs, stops_lib.StopMatcher):
+    matcher = stop_seqs
+  else:
+    matcher = stops_lib.from_token_seqs(stop_seqs, cfg.vocab_size)
+  eos = np.asarray(sorted(set(int(e) for e in eos_ids)) or [-1], np.int32)
+  tok_in, mask_in = jnp.asarray(tokens), jnp.asarray(mask)
+  if mesh is not None:
+    params = sharding_lib.shard_params(params, cfg, mesh)
+    tok_in, mask_in = sharding_lib.shard_batch((tokens, mask), mesh)
+  toks, lps, lengths, done = _sample_jit(
+      params, tok_in, mask_in, _as_key(rng), jnp.float32(temperature if not greedy else 1.0),
+      jnp.float32(top_p), jnp.asarray(eos), jnp.asarray(matcher.next_SxV), jnp.int32(pad_id),
+      cfg=cfg, max_new_tokens=int(max_new_tokens), greedy=bool(greedy), top_k=int(top_k),
+      use_top_p=bool(top_p < 1.0) and not greedy,
+      unit_temp=bool(greedy or temperature == 1.0), mesh=mesh)
+  return SampleOutput(np.asarray(toks)[:B0], np.asarray(lps)[:B0],
+                      np.asarray(lengths)[:B0], np.asarray(done)[:B0])
