@@ -20,6 +20,7 @@ from absl import logging
 import ml_collections
 
 from cai_jax import utils
+from cai_jax.data import prompts
 from cai_jax.utils import InputError
 
 # Canonical order; config.stages picks a subset and they always run in this order.
@@ -62,12 +63,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.ici = (-1, 1, 1)      # (data, fsdp, tensor) within a slice; -1 fills the devices
   c.mesh.dcn = None            # same across slices (multi-slice pods); None = one slice
   c.logical_axis_rules = None  # None = cai_jax.sharding.DEFAULT_RULES
-  c.data = ml_collections.ConfigDict()
-  c.data.red_team = "builtin"  # red-team prompts: "builtin" set or a path (jsonl / hh-rlhf file)
-  c.data.helpful = "builtin"   # helpfulness prompts: "builtin" set or a path
-  c.data.num_red_team = -1     # how many red-team prompts to use; -1 = all
-  c.data.num_helpful = -1      # how many helpfulness prompts to use; -1 = all
-  c.data.eval_fraction = 0.2   # share of prompts held out for the evaluate stage
+  # red_team / helpful ("builtin" or a path), num_red_team / num_helpful (-1 = all),
+  # eval_fraction (share held out for evaluate): see cai_jax.data.prompts.
+  c.data = prompts.default_config()
   # Ablations reuse earlier artifacts: stages listed here are linked from reuse_from.
   c.reuse_from = ""            # another WORKDIR whose finished stage dirs are reused
   c.reuse_stages = ""          # comma-separated stages to link from reuse_from (e.g. "revise,sft")

@@ -1,0 +1,188 @@
+"""Absolute harmfulness model: predicts the 0-4 harm rating of a conversation.
+
+The paper trains a model on the hh-rlhf red-team-attempts ratings (how
+successful each red-team attempt was, 0 = not at all, 4 = very) to score
+responses on an absolute scale rather than only pairwise. It is the same
+Transformer trunk with the scalar head read at the last token, trained with an
+L2 (mean squared error) loss on the rating. Files are read with
+`cai_jax.data.sources.red_team_attempts` (one JSON list, optionally gzipped).
+
+  python -m cai_jax.evaluation.harmfulness --model=smollm2 --data=red_team_attempts.jsonl.gz \
+      --out=/tmp/harm_model
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from cai_jax import models
+from cai_jax import text as text_lib
+from cai_jax.data import sources
+from cai_jax.utils import InputError
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.data = ""               # red-team-attempts file with 0-4 ratings; "" = skip this eval
+  c.init_from = ""          # trunk to start from; "" = the run's initial model (config.model)
+  c.steps = 200             # optimisation steps (batches) of the L2 regression
+  c.batch_size = 8          # transcripts per step
+  c.learning_rate = 5e-5    # AdamW peak rate (linear warm-up over the first 10% of steps)
+  c.weight_decay = 0.0      # AdamW weight decay
+  c.max_len = 512           # tokens per transcript; longer ones keep their end
+  c.eval_fraction = 0.1     # share of the rated transcripts held out for the MSE report
+  return c
+
+
+@dataclasses.dataclass
+class Rated:
+  messages: list[dict]
+  rating: float
+
+
+def load_ratings(path: str) -> list[Rated]:
+  """Whole rated transcripts (rating in [0, 4]) from a red-team-attempts file."""
+  out = []
+  for r in sources.red_team_attempts(path):
+    if r["rating"] < 0:
+      continue  # unrated attempt
+    if not 0.0 <= r["rating"] <= 4.0:
+      raise InputError(f"{path}: {r['id']}: rating {r['rating']} outside 0-4; fix the entry")
+    msgs = text_lib.parse_transcript(r["transcript"], f"{path}: {r['id']}")
+    out.append(Rated([{"role": m["role"], "content": m["content"].strip()} for m in msgs],
+                     r["rating"]))
+  if not out:
+    raise InputError(f"{path}: no rated transcripts (field 'rating' 0-4); "
+                     "give the red-team-attempts file")
+  return out
+
+
+def encode(tokenizer, conversations, fmt: str, max_len: int):
+  """Left-padded tokens_BxL / mask_BxL of whole conversations (end kept if too long)."""
+  rows = []
+  for msgs in conversations:
+    s = text_lib.render(msgs, fmt, tokenizer, add_generation_prompt=False)
+    ids = tokenizer(s, add_special_tokens=False)["input_ids"][-max_len:]
+    rows.append(ids or [tokenizer.eos_token_id or 0])
+  L = max(len(r) for r in rows)
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  tokens = np.full((len(rows), L), pad, np.int32)
+  mask = np.zeros((len(rows), L), bool)
+  for i, r in enumerate(rows):
+    tokens[i, L - len(r):] = r
+    mask[i, L - len(r):] = True
+  return tokens, mask
+
+
+def l2_loss(pred_B, rating_B, weight_B=None):
+  """Mean squared error between predicted and rated harmfulness."""
+  err = (pred_B.astype(jnp.float32) - rating_B.astype(jnp.float32)) ** 2
+  if weight_B is None:
+    return jnp.mean(err)
+  return jnp.sum(err * weight_B) / jnp.maximum(jnp.sum(weight_B), 1.0)
+
+
+def _bucket(n: int, base: int = 64) -> int:
+  # Few distinct sequence lengths, so the step compiles a handful of times.
+  return base * 2 ** max(0, math.ceil(math.log2(max(n, 1) / base)))
+
+
+def _padded(tokens, mask, length):
+  extra = length - tokens.shape[1]
+  if extra <= 0:
+    return tokens, mask
+  return (np.pad(tokens, ((0, 0), (extra, 0))), np.pad(mask, ((0, 0), (extra, 0))))
+
+
+def train(cfg, params, tokenizer, data: list[Rated], *, steps: int, batch_size: int = 8,
+          learning_rate: float = 5e-5, weight_decay: float = 0.0, max_len: int = 512,
+          fmt: str = "chat", seed: int = 0, progress: bool = True):
+  """Fits the scalar head (and trunk) to the ratings; returns (params, loss history)."""
+  if "score_kernel" not in params:
+    params = models.add_score_head(cfg, params)
+    # Start at the mean rating so early steps learn the ordering, not the offset.
+    params["score_bias"] = jnp.asarray(np.mean([d.rating for d in data]), params["score_bias"].dtype)
+  warmup = max(1, steps // 10)
+  sched = optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup),
+                                optax.constant_schedule(learning_rate)], [warmup])
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=weight_decay))
+  opt_state = tx.init(params)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(params, opt_state, tokens, mask, rating):
+    def loss_fn(p):
+      return l2_loss(models.reward(cfg, p, tokens, mask), rating)
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  rng = np.random.default_rng(seed)
+  order = np.concatenate([rng.permutation(len(data)) for _ in range(
+      math.ceil(steps * batch_size / len(data)) + 1)])
+  history = []
+  for k in tqdm(range(steps), desc="harmfulness model", disable=not progress):
+    idx = order[k * batch_size:(k + 1) * batch_size]
+    tokens, mask = encode(tokenizer, [data[i].messages for i in idx], fmt, max_len)
+    tokens, mask = _padded(tokens, mask, _bucket(tokens.shape[1]))
+    rating = np.array([data[i].rating for i in idx], np.float32)
+    params, opt_state, loss = step(params, opt_state, tokens, mask, rating)
+    history.append(float(loss))
+  return params, history
+
+
+def predict(cfg, params, tokenizer, conversations, *, fmt: str = "chat", max_len: int = 512,
+            batch_size: int = 16) -> np.ndarray:
+  """Predicted 0-4 harmfulness of each conversation (unclipped regression output)."""
+  out = []
+  for s in range(0, len(conversations), batch_size):
+    tokens, mask = encode(tokenizer, conversations[s:s + batch_size], fmt, max_len)
+    tokens, mask = _padded(tokens, mask, _bucket(tokens.shape[1]))
+    out.append(np.asarray(models.reward(cfg, params, tokens, mask)))
+  return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+def split(data: list[Rated], eval_fraction: float, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  perm = rng.permutation(len(data))
+  n_eval = int(round(eval_fraction * len(data)))
+  return [data[i] for i in perm[n_eval:]], [data[i] for i in perm[:n_eval]]
+
+
+def main(argv=None) -> int:
+  import argparse
+  import json
+  ap = argparse.ArgumentParser(description="Train the 0-4 harmfulness model.")
+  ap.add_argument("--model", required=True)
+  ap.add_argument("--data", required=True)
+  ap.add_argument("--out", default="")
+  ap.add_argument("--steps", type=int, default=200)
+  ap.add_argument("--fmt", default="chat")
+  args = ap.parse_args(argv)
+  from cai_jax.stages import common
+  try:
+    cfg, params, tok = common.load_model(args.model)
+    data = load_ratings(args.data)
+  except InputError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  train_set, eval_set = split(data, 0.1)
+  params, _ = train(cfg, params, tok, train_set, steps=args.steps, fmt=args.fmt)
+  pred = predict(cfg, params, tok, [d.messages for d in eval_set], fmt=args.fmt)
+  mse = float(np.mean((pred - np.array([d.rating for d in eval_set])) ** 2)) if len(pred) else float("nan")
+  if args.out:
+    models.save_pretrained(cfg, params, args.out, tokenizer=tok)
+  print(json.dumps({"eval_mse": mse, "n_train": len(train_set), "n_eval": len(eval_set)}))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
