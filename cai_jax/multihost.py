@@ -1,0 +1,205 @@
+"""Multi-host helpers: which work is this host's, and putting the pieces back.
+
+On a pod slice every host runs the same program. Generation stages (revise,
+label) split their prompts with `host_shard`, each host works on its own block,
+and the records come back together with `gather_records` (over the JAX
+collectives, any file system) or `write_host_shard` + `merge_host_shards`
+(through a shared directory such as gs://). Blocks are contiguous and assigned
+in process order, so the merged list is the single-host list: nothing twice,
+nothing lost, same order.
+
+With one process all of this degrades to the identity, so stages call it
+unconditionally. Start-up itself (`jax.distributed.initialize`) lives in
+`sharding.maybe_initialize_distributed`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+
+from cai_jax.utils import InputError
+
+SHARD_SUFFIX = "-{index:05d}-of-{count:05d}"
+
+
+def process_index() -> int:
+  return jax.process_index()
+
+
+def process_count() -> int:
+  return jax.process_count()
+
+
+def is_main() -> bool:
+  """True on the process that writes shared outputs (DONE markers, merged files)."""
+  return jax.process_index() == 0
+
+
+def _index_count(index: Optional[int], count: Optional[int]) -> tuple[int, int]:
+  index = jax.process_index() if index is None else int(index)
+  count = jax.process_count() if count is None else int(count)
+  if count < 1 or not 0 <= index < count:
+    raise ValueError(f"host shard index {index} out of range for {count} hosts")
+  return index, count
+
+
+def shard_range(n: int, index: Optional[int] = None, count: Optional[int] = None) -> range:
+  """This host's contiguous block of range(n); block sizes differ by at most one."""
+  index, count = _index_count(index, count)
+  base, extra = divmod(int(n), count)
+  start = index * base + min(index, extra)
+  return range(start, start + base + (1 if index < extra else 0))
+
+
+def host_shard(items: Sequence[Any], index: Optional[int] = None,
+               count: Optional[int] = None) -> list:
+  """This host's block of `items` (all of them with one process)."""
+  r = shard_range(len(items), index, count)
+  return list(items[r.start:r.stop])
+
+
+def sync(name: str) -> None:
+  """Barrier across hosts (no-op with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def allgather_bytes(data: bytes) -> list[bytes]:
+  """Every host's `data`, in process order, on every host."""
+  if jax.process_count() == 1:
+    return [bytes(data)]
+  from jax.experimental import multihost_utils
+  n = np.asarray([len(data)], np.int64)
+  sizes = np.asarray(multihost_utils.process_allgather(n)).reshape(-1)
+  # Collectives need equal shapes: pad every host's bytes to the longest.
+  buf = np.zeros((max(int(sizes.max()), 1),), np.uint8)
+  buf[:len(data)] = np.frombuffer(data, np.uint8)
+  allbuf = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), -1)
+  return [allbuf[i, :int(s)].tobytes() for i, s in enumerate(sizes)]
+
+
+def gather_records(records: Sequence[Any]) -> list:
+  """Concatenates every host's (JSON-serialisable) records in process order.
+
+  Each host passes the results for its `host_shard`; every host gets the full
+  list, equal to what one process would have produced.
+  """
+  payload = json.dumps(list(records), ensure_ascii=False).encode("utf-8")
+  out = []
+  for chunk in allgather_bytes(payload):
+    out.extend(json.loads(chunk.decode("utf-8")))
+  return out
+
+
+def to_host(tree):
+  """Global jax.Arrays (sharded over all hosts) -> full numpy arrays on every host."""
+  if jax.process_count() == 1:
+    return jax.tree_util.tree_map(np.asarray, tree)
+  from jax.experimental import multihost_utils
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+  return jax.tree_util.tree_map(one, tree)
+
+
+# ---------------------------------------------------------------- shard files
+def _epath(path: str):
+  """gs:// and local paths alike (etils.epath, which Orbax also uses)."""
+  from etils import epath
+  return epath.Path(path)
+
+
+def shard_path(path: str, index: Optional[int] = None, count: Optional[int] = None) -> str:
+  """records.jsonl -> records-00001-of-00002.jsonl for host 1 of 2."""
+  index, count = _index_count(index, count)
+  root, ext = os.path.splitext(path)
+  return root + SHARD_SUFFIX.format(index=index, count=count) + ext
+
+
+def _write_atomic(path: str, text: str) -> None:
+  if "://" not in path:
+    from cai_jax.utils import atomic_write_text
+    atomic_write_text(path, text)
+    return
+  # Object stores publish a whole object on close; a temp name is not needed.
+  p = _epath(path)
+  p.parent.mkdir(parents=True, exist_ok=True)
+  p.write_text(text)
+
+
+def write_host_shard(path: str, records: Sequence[dict], index: Optional[int] = None,
+                     count: Optional[int] = None) -> str:
+  """Writes this host's records as a jsonl shard beside `path`; returns its name."""
+  out = shard_path(path, index, count)
+  _write_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+  return out
+
+
+def merge_host_shards(path: str, count: Optional[int] = None, remove: bool = True) -> list[dict]:
+  """Reads the `count` shards of `path` in host order and writes `path` (jsonl).
+
+  Call on one host after a `sync`; a missing shard is an error, not a silent
+  gap. Returns the merged records.
+  """
+  count = jax.process_count() if count is None else int(count)
+  shards = [shard_path(path, i, count) for i in range(count)]
+  missing = [s for s in shards if not _epath(s).exists()]
+  if missing:
+    raise InputError(f"{missing[0]}: host shard missing ({len(missing)} of {count}); "
+                     "rerun the stage so every host writes its shard")
+  records = []
+  for s in shards:
+    for i, line in enumerate(_epath(s).read_text().splitlines(), 1):
+      if not line.strip():
+        continue
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError as e:
+        raise InputError(f"{s}:{i}: malformed JSON ({e.msg}); delete the shard and rerun "
+                         "the stage") from None
+  _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+  if remove:
+    for s in shards:
+      _epath(s).unlink()
+  return records
+
+
+def write_records(path: str, records: Sequence[dict]) -> list[dict]:
+  """Each host passes its shard's records; the full file appears once at `path`.
+
+  Gathers over the collectives (no shared file system needed) and writes from
+  process 0 only. Returns the full record list on every host.
+  """
+  allrecs = gather_records(records)
+  if is_main():
+    _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in allrecs))
+  sync("write_records:" + os.path.basename(path))
+  return allrecs
+
+
+def host_batch_slice(mesh, global_batch_size: int, ndim: int = 2, rules=None) -> slice:
+  """Rows of a global batch this host must supply to `sharding.make_global_batch`.
+
+  Read off the batch sharding itself (which devices hold which rows), so it is
+  right for any mesh layout; raises if this host's rows are not one contiguous
+  block (a mesh whose batch axes interleave hosts).
+  """
+  from cai_jax import sharding
+  rules = sharding.DEFAULT_RULES if rules is None else rules
+  s = sharding.batch_sharding(mesh, ndim, rules)
+  shape = (int(global_batch_size),) + (1,) * (ndim - 1)
+  rows = set()
+  for idx in s.addressable_devices_indices_map(shape).values():
+    r = idx[0]
+    rows.update(range(*r.indices(global_batch_size)))
+  lo, hi = min(rows), max(rows) + 1
+  if len(rows) != hi - lo:
+    raise ValueError(f"host {jax.process_index()} holds non-contiguous batch rows "
+                     f"{sorted(rows)}; order the mesh devices by process")
+  return slice(lo, hi)

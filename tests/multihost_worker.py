@@ -1,0 +1,122 @@
+"""One process of the two-process test (and the code of its 8-device reference).
+
+Run as `python tests/multihost_worker.py PROCESS_ID PORT OUT_DIR` with
+XLA_FLAGS giving 4 CPU devices: joins the other process over 127.0.0.1 through
+`sharding.maybe_initialize_distributed`, runs `run_all` on the 8-device mesh and
+writes its results to OUT_DIR/proc<ID>.npz (+ .json). Imported by
+tests/test_multihost.py, the same `run_all` gives the single-process numbers.
+"""
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cai_jax import models, multihost, sharding
+
+MESHES = {"dp2_fsdp2_tp2": (2, 2, 2), "fsdp4_tp2": (1, 4, 2)}
+GLOBAL_BATCH = 8
+LENGTH = 12
+
+
+def tiny_cfg():
+  return models.tiny(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2,
+                     num_heads=4, num_kv_heads=2, head_dim=8)
+
+
+def global_tokens():
+  """A fixed left-padded global batch; every process can build it, each feeds its rows."""
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(3, 128, size=(GLOBAL_BATCH, LENGTH)).astype(np.int32)
+  lengths = np.array([12, 7, 9, 12, 3, 10, 5, 11])
+  mask = np.arange(LENGTH)[None, :] >= (LENGTH - lengths)[:, None]
+  return np.where(mask, tokens, 0).astype(np.int32), mask
+
+
+def local_rows(x, mesh):
+  """This process's block of a global batch (all of it with one process)."""
+  return x[multihost.host_batch_slice(mesh, x.shape[0], x.ndim)]
+
+
+def forward_logits(cfg, params, mesh):
+  tokens, mask = global_tokens()
+  batch = sharding.make_global_batch({"tokens": local_rows(tokens, mesh),
+                                      "mask": local_rows(mask, mesh)}, mesh)
+  fn = jax.jit(lambda p, t, m: models.forward(cfg, p, t, models.positions_from_mask(m), m)
+               ["logits"])
+  return multihost.to_host(fn(params, batch["tokens"], batch["mask"]))
+
+
+def checkpoint_roundtrip(cfg, params, mesh, other_mesh, directory):
+  """Saves params sharded on `mesh`, restores them resharded onto `other_mesh`."""
+  import orbax.checkpoint as ocp
+  mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=True))
+  mngr.save(1, args=ocp.args.StandardSave(params))
+  mngr.wait_until_finished()
+  abstract, specs = models.abstract_params(cfg)
+  target = jax.tree_util.tree_map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+      sharding.tree_shardings(abstract, specs, other_mesh))
+  restored = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(target))
+  mngr.close()
+  ok_sharding = all(r.sharding == t.sharding for r, t in zip(
+      jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(target)))
+  return restored, ok_sharding
+
+
+def records_roundtrip(directory):
+  """Host-sharded record generation: gathered and file-merged lists."""
+  items = [{"id": i, "prompt": f"prompt {i} ünï"} for i in range(11)]
+  mine = multihost.host_shard(items)
+  done = [dict(it, response=it["prompt"].upper(), host=jax.process_index()) for it in mine]
+  gathered = multihost.gather_records(done)
+  path = os.path.join(directory, "records.jsonl")
+  multihost.write_host_shard(path, done)
+  multihost.sync("shards written")
+  merged = multihost.merge_host_shards(path) if multihost.is_main() else None
+  multihost.sync("shards merged")
+  written = multihost.write_records(os.path.join(directory, "gathered.jsonl"), done)
+  return {"mine": [r["id"] for r in done], "gathered": gathered, "merged": merged,
+          "written": written}
+
+
+def run_all(workdir):
+  """Everything both runs compute; returns (arrays dict, json-able dict)."""
+  cfg = tiny_cfg()
+  # Same host params everywhere (deterministic init); shard_params places each
+  # process's part of them on its devices.
+  host_params = jax.tree_util.tree_map(np.asarray, models.init_params(cfg, jax.random.PRNGKey(0)))
+  arrays, info = {}, {}
+  meshes = {k: sharding.make_mesh(v) for k, v in MESHES.items()}
+  for name, mesh in meshes.items():
+    params = sharding.shard_params(host_params, cfg, mesh)
+    arrays[f"logits/{name}"] = forward_logits(cfg, params, mesh)
+  params = sharding.shard_params(host_params, cfg, meshes["dp2_fsdp2_tp2"])
+  restored, ok = checkpoint_roundtrip(cfg, params, meshes["dp2_fsdp2_tp2"],
+                                      meshes["fsdp4_tp2"], os.path.join(workdir, "ckpt"))
+  info["restored_sharding_ok"] = ok
+  for path, leaf in jax.tree_util.tree_flatten_with_path(multihost.to_host(restored))[0]:
+    arrays["restored/" + jax.tree_util.keystr(path)] = leaf
+  info["records"] = records_roundtrip(workdir)
+  info["process_count"] = jax.process_count()
+  info["device_count"] = jax.device_count()
+  return arrays, info
+
+
+def main(argv):
+  pid, port, out = int(argv[1]), int(argv[2]), os.path.abspath(argv[3])
+  os.environ.update(CAI_JAX_DISTRIBUTED="1", COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                    NUM_PROCESSES="2", PROCESS_ID=str(pid))
+  assert sharding.maybe_initialize_distributed()
+  arrays, info = run_all(os.path.join(out, "work"))
+  np.savez(os.path.join(out, f"proc{pid}.npz"), **arrays)
+  with open(os.path.join(out, f"proc{pid}.json"), "w") as f:
+    json.dump(info, f)
+  multihost.sync("done")
+  jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+  main(sys.argv)
