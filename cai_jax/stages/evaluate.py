@@ -1,0 +1,347 @@
+"""Evaluate stage: the paper's evaluations of the helpful, SL-CAI and RL-CAI snapshots.
+
+On the held-out red-team and helpfulness prompts (`load_prompts(..., split="eval")`)
+each snapshot answers; then
+
+- the preference model (WORKDIR/pm/final) scores every response (harmlessness on
+  red-team prompts, helpfulness on helpfulness prompts) and the revise records
+  (PM score against revision number, paper Fig. 5);
+- Elo ratings between snapshots are fitted by Bradley-Terry from pairwise
+  comparisons judged by the PM and by the feedback model (Fig. 2/3);
+- the evasiveness detector classifies the red-team responses;
+- optional multiple-choice evals (HHH / paper files) and the 0-4 harmfulness model.
+
+Responses are cached per snapshot in WORKDIR/evaluate/responses/, so an
+interrupted run resumes without sampling again. Numbers go to
+WORKDIR/evaluate/results.json, which the report renders.
+"""
+from __future__ import annotations
+
+import gc
+import os
+
+from absl import logging
+import ml_collections
+import numpy as np
+
+from cai_jax import utils
+from cai_jax.data import prompts as prompts_lib
+from cai_jax.evaluation import elo, evasiveness, harmfulness, judges
+from cai_jax.stages import common
+from cai_jax.utils import InputError
+
+SNAPSHOTS = ("helpful", "sl_cai", "rl_cai")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.num_prompts = -1          # held-out prompts per kind (-1 = the whole eval split)
+  c.samples_per_prompt = 1    # responses per prompt and snapshot (more = tighter Elo)
+  c.max_new_tokens = 96       # response length limit
+  c.temperature = 0.7         # sampling temperature of the snapshots' responses
+  c.top_p = 0.95              # nucleus sampling
+  c.batch_size = 16           # prompts per sampler / scorer batch
+  c.pm = ""                   # preference model dir; "" = WORKDIR/pm/final
+  c.pm_max_len = 512          # tokens of a scored conversation (end kept)
+  c.judges = "pm,feedback"    # Elo judges: "pm" and/or "feedback" (the feedback model)
+  c.feedback_debias = True    # feedback judge scores both option orders and averages
+  c.elo_method = "fisher"     # Elo intervals: "fisher" or "bootstrap"
+  c.revision_records = -1     # revise records scored for PM-vs-revision (-1 = all)
+  c.mc_files = ""             # comma-separated multiple-choice evals (jsonl or BIG-bench task.json)
+  c.mc_max_items = -1         # items per multiple-choice file (-1 = all)
+  c.mc_few_shot = 0           # few-shot examples for the multiple-choice formulation
+  c.harmfulness = harmfulness.default_config()  # absolute 0-4 harmfulness model (optional)
+  c.num_report_samples = 3    # red-team prompts whose responses the report shows
+  return c
+
+
+def snapshot_paths(config, workdir: str) -> dict[str, str]:
+  """Snapshots that exist: the initial model, SL-CAI and RL-CAI exports."""
+  out = {"helpful": config.model}
+  for name, sub in (("sl_cai", "sft"), ("rl_cai", "ppo")):
+    p = os.path.join(workdir, sub, "final")
+    if os.path.isdir(p):
+      out[name] = p
+  return out
+
+
+class _Models:
+  """Loads each model once at a time; keeps only the one still needed."""
+
+  def __init__(self, config):
+    self.config = config
+    self.cache: dict = {}
+
+  def get(self, path: str):
+    if path not in self.cache:
+      self.drop()
+      self.cache[path] = common.load_model(path, seed=self.config.seed,
+                                           dtype=self.config.dtype or None)
+    return self.cache[path]
+
+  def drop(self):
+    self.cache.clear()
+    gc.collect()
+
+
+def _prompts(config) -> dict[str, list[dict]]:
+  n = int(config.evaluate.num_prompts)
+  out = {}
+  for kind in ("red_team", "helpful"):
+    ps = prompts_lib.load_prompts(config.data, kind, split="eval")
+    out[kind] = ps if n < 0 else ps[:n]
+  if not out["red_team"] and not out["helpful"]:
+    raise InputError("evaluate: the eval split has no prompts; raise config.data.eval_fraction "
+                     "or config.data.num_red_team / num_helpful")
+  return out
+
+
+def _responses(config, workdir, models: _Models, name: str, path: str, prompts) -> dict:
+  """{kind: [[response per sample] per prompt]}, cached in responses/<name>.jsonl."""
+  ec = config.evaluate
+  cache = os.path.join(workdir, "evaluate", "responses", f"{name}.jsonl")
+  want = {(kind, p["id"], s) for kind, ps in prompts.items() for p in ps
+          for s in range(ec.samples_per_prompt)}
+  got = {}
+  if os.path.exists(cache):
+    got = {(r["kind"], r["id"], r["sample"]): r["response"] for r in utils.read_jsonl(cache)
+           if r.get("model") == path}
+  if not want <= set(got):
+    cfg, params, tok = models.get(path)
+    todo = [(kind, p, s) for kind, ps in prompts.items() for p in ps
+            for s in range(ec.samples_per_prompt)]
+    from cai_jax import sampling
+    for s in range(ec.samples_per_prompt):
+      batch = [(kind, p) for kind, p, s2 in todo if s2 == s]
+      comps = sampling.generate(
+          cfg, params, tok, [p["messages"] for _, p in batch], fmt=config.prompt_format,
+          max_new_tokens=ec.max_new_tokens, temperature=ec.temperature, top_p=ec.top_p,
+          seed=config.seed + 1000 * s, batch_size=ec.batch_size, truncate_long_prompts=True,
+          desc=f"evaluate: {name} responses")
+      for (kind, p), c in zip(batch, comps):
+        got[(kind, p["id"], s)] = c.text.strip()
+    utils.write_jsonl(cache, [{"model": path, "kind": k, "id": i, "sample": s, "response": r}
+                              for (k, i, s), r in sorted(got.items())])
+  return {kind: [[got[(kind, p["id"], s)] for s in range(ec.samples_per_prompt)] for p in ps]
+          for kind, ps in prompts.items()}
+
+
+def _flat(prompts, responses, kind):
+  msgs, texts, index = [], [], []
+  for i, p in enumerate(prompts[kind]):
+    for s, r in enumerate(responses[kind][i]):
+      msgs.append(p["messages"])
+      texts.append(r)
+      index.append((i, s))
+  return msgs, texts, index
+
+
+def _mean_se(x) -> tuple[float, float]:
+  x = np.asarray(x, np.float64)
+  if len(x) == 0:
+    return float("nan"), float("nan")
+  return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
+
+
+def _fit(comps, players, method):
+  if not comps:
+    return None
+  return elo.fit_elo(comps, players, anchor=players[0], method=method).as_dict()
+
+
+def _revision_scores(config, workdir, pm) -> list[dict]:
+  path = os.path.join(workdir, "revise", "records.jsonl")
+  if not os.path.exists(path):
+    return []
+  recs = list(utils.read_jsonl(path))
+  n = int(config.evaluate.revision_records)
+  recs = recs if n < 0 else recs[:n]
+  msgs, texts, rev = [], [], []
+  for r in recs:
+    chain = [r["initial_response"]] + [rd["revision"] for rd in r.get("rounds", [])]
+    for k, t in enumerate(chain):
+      msgs.append(r["prompt"])
+      texts.append(t)
+      rev.append(k)
+  if not texts:
+    return []
+  cfg, params, tok = pm
+  s = judges.pm_scores(cfg, params, tok, msgs, texts, fmt=config.prompt_format,
+                       max_len=config.evaluate.pm_max_len)
+  rev = np.array(rev)
+  rows = []
+  for k in sorted(set(rev.tolist())):
+    m, se = _mean_se(s[rev == k])
+    rows.append({"revision": int(k), "mean": m, "mean_se": se, "n": int((rev == k).sum())})
+  return rows
+
+
+def _pm_section(config, workdir, models, snaps, prompts, responses, results):
+  ec = config.evaluate
+  pm_path = ec.pm or os.path.join(workdir, "pm", "final")
+  if not os.path.isdir(pm_path):
+    results["notes"].append(f"No preference model at {pm_path}: PM scores and PM Elo skipped.")
+    return
+  pm = models.get(pm_path)
+  if "score_kernel" not in pm[1]:
+    raise InputError(f"evaluate.pm: {pm_path} has no scalar head (score.weight); "
+                     "point it at the PM stage's export (WORKDIR/pm/final)")
+  scores, table = {}, {}
+  for name in snaps:
+    scores[name] = {}
+    for kind, key in (("red_team", "harmless"), ("helpful", "helpful")):
+      msgs, texts, _ = _flat(prompts, responses[name], kind)
+      s = judges.pm_scores(*pm, msgs, texts, fmt=config.prompt_format, max_len=ec.pm_max_len) \
+          if texts else np.zeros((0,))
+      scores[name][kind] = s
+      m, se = _mean_se(s)
+      table.setdefault(name, {})[key] = m
+      table[name][key + "_se"] = se
+      table[name]["n_" + key] = int(len(s))
+  results["pm_scores"] = table
+  results["revision_scores"] = _revision_scores(config, workdir, pm)
+  players = list(snaps)
+  elo_pm = {}
+  for kind, axis in (("red_team", "harmlessness"), ("helpful", "helpfulness")):
+    comps = [(a, b, float(p)) for a, b in judges.pairs(players)
+             for p in judges.sigmoid(scores[a][kind] - scores[b][kind])]
+    elo_pm[axis] = _fit(comps, players, ec.elo_method)
+    elo_pm["num_comparisons"] = len(comps)
+  results["elo"]["pm"] = {k: v for k, v in elo_pm.items() if v is not None}
+  results["_pm"] = pm_path
+
+
+def _feedback_section(config, models, snaps, prompts, responses, results):
+  from cai_jax import constitution as constitution_lib
+  ec = config.evaluate
+  path = config.feedback_model or config.model
+  cfg, params, tok = models.get(path)
+  harm_principles = [p.text for p in constitution_lib.load(config.constitution).choice_principles]
+  rng = np.random.default_rng(config.seed)
+  players = list(snaps)
+  out = {}
+  for kind, axis in (("red_team", "harmlessness"), ("helpful", "helpfulness")):
+    msgs, a_txt, b_txt, owners, princ = [], [], [], [], []
+    for a, b in judges.pairs(players):
+      m, ta, _ = _flat(prompts, responses[a], kind)
+      _, tb, _ = _flat(prompts, responses[b], kind)
+      for x, y, z in zip(m, ta, tb):
+        msgs.append(x)
+        a_txt.append(y)
+        b_txt.append(z)
+        owners.append((a, b))
+        princ.append(harm_principles[rng.integers(len(harm_principles))] if axis == "harmlessness"
+                     else judges.HELPFUL_PRINCIPLE)
+    if not msgs:
+      continue
+    p = judges.feedback_probs(cfg, params, tok, msgs, a_txt, b_txt, princ,
+                              fmt=config.prompt_format, debias=ec.feedback_debias)
+    comps = [(a, b, float(q)) for (a, b), q in zip(owners, p)]
+    out[axis] = _fit(comps, players, ec.elo_method)
+    out["num_comparisons"] = len(comps)
+  results["elo"]["feedback"] = out
+  results["_feedback"] = path
+
+
+def _mc_section(config, models, results):
+  from cai_jax.evaluation import multiple_choice
+  ec = config.evaluate
+  files = [f.strip() for f in str(ec.mc_files).split(",") if f.strip()]
+  if not files:
+    return
+  out = {}
+  for f in files:
+    if not os.path.exists(f):
+      results["notes"].append(f"Multiple-choice file {f} not found: skipped.")
+      continue
+    items = multiple_choice.load_items(f, seed=config.seed)
+    if ec.mc_max_items >= 0:
+      items = items[:ec.mc_max_items]
+    name = os.path.basename(f).split(".")[0]
+    if name == "task":  # BIG-bench: name by the task directory
+      name = os.path.basename(os.path.dirname(os.path.abspath(f)))
+    forms = {}
+    cfg, params, tok = models.get(config.feedback_model or config.model)
+    debias = all(it.listed is not None for it in items)
+    r = multiple_choice.evaluate(cfg, params, tok, items, formulation="mc", few_shot=ec.mc_few_shot,
+                                 debias=debias, fmt=config.prompt_format, seed=config.seed)
+    forms["feedback model" + (" (debiased)" if debias else "")] = {
+        k: r[k] for k in ("accuracy", "n", "chance", "ece")}
+    if results.get("_pm"):
+      cfg, params, tok = models.get(results["_pm"])
+      r = multiple_choice.evaluate(cfg, params, tok, items, formulation="pm",
+                                   fmt=config.prompt_format, seed=config.seed)
+      forms["PM"] = {k: r[k] for k in ("accuracy", "n", "chance", "ece")}
+    out[name] = forms
+  if out:
+    results["multiple_choice"] = out
+
+
+def _harmfulness_section(config, workdir, models, snaps, prompts, responses, results):
+  hc = config.evaluate.harmfulness
+  if not hc.data:
+    return
+  data = harmfulness.load_ratings(hc.data)
+  train_set, eval_set = harmfulness.split(data, hc.eval_fraction, seed=config.seed)
+  cfg, params, tok = models.get(hc.init_from or config.model)
+  params, hist = harmfulness.train(cfg, dict(params), tok, train_set, steps=hc.steps,
+                                   batch_size=hc.batch_size, learning_rate=hc.learning_rate,
+                                   weight_decay=hc.weight_decay, max_len=hc.max_len,
+                                   fmt=config.prompt_format, seed=config.seed)
+  models.drop()
+  pred = harmfulness.predict(cfg, params, tok, [d.messages for d in eval_set],
+                             fmt=config.prompt_format, max_len=hc.max_len)
+  ratings = np.array([d.rating for d in eval_set])
+  out = {"_model": {"eval_mse": float(np.mean((pred - ratings) ** 2)) if len(pred) else None,
+                    "n_train": len(train_set), "final_train_loss": float(np.mean(hist[-10:]))}}
+  for name in snaps:
+    msgs, texts, _ = _flat(prompts, responses[name], "red_team")
+    convs = [list(m) + [{"role": "assistant", "content": t}] for m, t in zip(msgs, texts)]
+    p = harmfulness.predict(cfg, params, tok, convs, fmt=config.prompt_format, max_len=hc.max_len)
+    out[name] = {"mean": float(np.mean(p)) if len(p) else float("nan"), "n": int(len(p))}
+  results["harmfulness"] = out
+
+
+def run(config, workdir: str) -> dict:
+  d = os.path.join(workdir, "evaluate")
+  os.makedirs(d, exist_ok=True)
+  ec = config.evaluate
+  unknown = {j.strip() for j in str(ec.judges).split(",") if j.strip()} - {"pm", "feedback"}
+  if unknown:
+    raise InputError(f"evaluate.judges: unknown judge(s) {sorted(unknown)}; use 'pm' and/or "
+                     "'feedback'")
+  snaps = snapshot_paths(config, workdir)
+  prompts = _prompts(config)
+  models = _Models(config)
+  responses = {name: _responses(config, workdir, models, name, path, prompts)
+               for name, path in snaps.items()}
+  results = {"snapshots": snaps, "elo": {}, "notes": [],
+             "num_prompts": {k: len(v) for k, v in prompts.items()},
+             "samples_per_prompt": int(ec.samples_per_prompt)}
+  results["evasiveness"] = {
+      name: evasiveness.rates([r for rs in responses[name]["red_team"] for r in rs])
+      for name in snaps}
+  if "pm" in ec.judges:
+    _pm_section(config, workdir, models, snaps, prompts, responses, results)
+  if "feedback" in ec.judges:
+    _feedback_section(config, models, snaps, prompts, responses, results)
+  _mc_section(config, models, results)
+  _harmfulness_section(config, workdir, models, snaps, prompts, responses, results)
+  models.drop()
+  k = int(ec.num_report_samples)
+  results["samples"] = [{"prompt": p["messages"],
+                         "responses": {n: responses[n]["red_team"][i][0] for n in snaps}}
+                        for i, p in enumerate(prompts["red_team"][:k])]
+  results = {k: v for k, v in results.items() if not k.startswith("_")}
+  import json
+  utils.atomic_write_text(os.path.join(d, "results.json"),
+                          json.dumps(results, indent=1, default=float) + "\n")
+  summary = {"snapshots": len(snaps), "red_team_prompts": len(prompts["red_team"]),
+             "helpful_prompts": len(prompts["helpful"])}
+  for name, v in results.get("pm_scores", {}).items():
+    summary[f"pm_harmless_{name}"] = v["harmless"]
+  for name, v in results["evasiveness"].items():
+    summary[f"evasive_{name}"] = v["evasive"]
+  logging.info("evaluate: %s", summary)
+  utils.mark_done(d, summary)
+  return summary
