@@ -33,8 +33,10 @@ class Manager:
     opts = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, save_interval_steps=max(int(save_interval_steps), 1),
         create=not read_only, enable_async_checkpointing=async_save, read_only=read_only)
-    self._mngr = ocp.CheckpointManager(self.directory, options=opts,
-                                       item_names=("state", "data"))
+    self._mngr = ocp.CheckpointManager(
+        self.directory, options=opts, item_names=("state", "data"),
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": ocp.JsonCheckpointHandler()})
 
   # --------------------------------------------------------------- saving
   def should_save(self, step: int) -> bool:
@@ -65,8 +67,11 @@ class Manager:
   def saved_shapes(self, step: int) -> dict:
     """{"a/b/c": shape} of the saved state, read from metadata only."""
     meta = self._mngr.item_metadata(step)
-    tree = meta["state"] if isinstance(meta, (dict, ocp.args.Composite)) else meta
-    tree = getattr(tree, "tree", tree)
+    tree = meta["state"]
+    if tree is None:
+      raise InputError(f"{self.directory}/{step}: checkpoint has no readable train state; "
+                       "it is incomplete or not a cai_jax checkpoint")
+    tree = tree.tree if hasattr(type(tree), "tree") else tree
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
       shape = getattr(leaf, "shape", None)
