@@ -98,7 +98,8 @@ def _sweep_points(name: str):
 
 
 def _point_name(point: dict) -> str:
-  return ",".join(f"{k}={v}" for k, v in sorted(point.items())).replace("/", "_") or "base"
+  shown = {k: v for k, v in point.items() if not k.startswith("reuse_")}
+  return ",".join(f"{k}={v}" for k, v in sorted(shown.items())).replace("/", "_") or "base"
 
 
 def _apply(config, point: dict):
@@ -120,23 +121,32 @@ def main(argv):
   config = _load_config()
   if not _WORKDIR.value:
     _fail("--workdir is required, e.g. --workdir=workdir/demo")
-  runs = [("", config)]
   try:
     if _SWEEP.value:
-      runs = [(os.path.join(_WORKDIR.value, _point_name(p)), _apply(config, p))
-              for p in _sweep_points(_SWEEP.value)]
+      points = _sweep_points(_SWEEP.value)
+      runs = [(os.path.join(_WORKDIR.value, _point_name(p)), p) for p in points]
+      first = runs[0][0]
+      for workdir, point in runs:
+        if point.get("reuse_stages") and "reuse_from" not in point:
+          # Ablations of later stages reuse the first point's earlier stages.
+          point = dict(point, reuse_from=first)
+        _report(pipeline.run(_apply(config, point), workdir))
+      from cai_jax.evaluation import report
+      path = report.write_sweep_summary(_WORKDIR.value, [(_point_name(p), w) for w, p in runs])
+      print(f"\nSweep summary: {path}")
     else:
-      runs = [(_WORKDIR.value, config)]
-    for workdir, cfg in runs:
-      results = pipeline.run(cfg, workdir)
-      report = results.get("report")
-      if report:
-        print(f"\nReport: {report['path']}")
-        print("\n".join(report["summary"]))
+      _report(pipeline.run(config, _WORKDIR.value))
   except (InputError, KeyError, AttributeError, TypeError) as e:
     if isinstance(e, InputError) or _is_config_error(e):
       _fail(one_line(e))
     raise
+
+
+def _report(results: dict) -> None:
+  rep = results.get("report")
+  if rep:
+    print(f"\nReport: {rep['path']}")
+    print("\n".join(rep["summary"]), flush=True)
 
 
 def _is_config_error(e) -> bool:

@@ -66,3 +66,34 @@ def test_stage_input_error_exit_2(tmp_path, monkeypatch, capsys):
 def test_one_line_unwraps_repr_messages():
   e = AttributeError(repr("'num_red_tem'\nDid you mean \"num_red_team\"?"))
   assert main.one_line(e) == "unknown config field 'num_red_tem' Did you mean \"num_red_team\"?"
+
+
+def test_sweep_runs_each_point_and_reuses(tmp_path, monkeypatch, capsys):
+  from cai_jax import utils
+  calls = []
+
+  def fake(name):
+    def run(config, workdir):
+      calls.append((name, os.path.basename(workdir), config.seed))
+      utils.mark_done(os.path.join(workdir, name), {"seed": config.seed})
+      return {"seed": config.seed}
+    return run
+  monkeypatch.setattr(pipeline, "resolve_stage", fake)
+  cfg = tmp_path / "sweepcfg.py"
+  cfg.write_text(
+      "from cai_jax import pipeline\n\n\ndef get_config(arg=None):\n"
+      "  c = pipeline.base_config()\n  c.stages = 'revise,sft'\n  return c\n\n\n"
+      "def sweep_seeds(add):\n  add(seed=1)\n"
+      "  add(seed=2, reuse_stages='revise')\n")
+  flags.FLAGS.unparse_flags()
+  monkeypatch.setattr(sys, "argv", ["cai-jax", f"--config={cfg}", f"--workdir={tmp_path / 'w'}",
+                                    "--sweep=seeds"])
+  with pytest.raises(SystemExit) as e:
+    main.run()
+  flags.FLAGS.unparse_flags()
+  assert e.value.code in (0, None)
+  # The second point reuses the first point's revise stage and runs only sft.
+  assert calls == [("revise", "seed=1", 1), ("sft", "seed=1", 1), ("sft", "seed=2", 2)]
+  assert os.path.islink(tmp_path / "w" / "seed=2" / "revise")
+  assert (tmp_path / "w" / "sweep.md").exists()
+  assert "Sweep summary" in capsys.readouterr().out

@@ -317,6 +317,36 @@ def write_report(workdir: str) -> dict:
   return {"path": path, "summary": summary}
 
 
+def write_sweep_summary(workdir: str, runs: list[tuple[str, str]]) -> str:
+  """WORKDIR/sweep.md: one row per sweep point with its headline numbers, and a plot."""
+  rows, series = [], {}
+  for name, d in runs:
+    res = _load_json(os.path.join(d, "evaluate", "results.json"), {})
+    t = _load_json(os.path.join(d, "pipeline.json"), {"stages": {}})
+    secs = sum(s.get("seconds", 0.0) for s in t["stages"].values())
+    pm = res.get("pm_scores", {})
+    e = res.get("elo", {}).get("pm", {}).get("harmlessness") or {}
+    ev = res.get("evasiveness", {})
+    last = "rl_cai" if "rl_cai" in pm else "sl_cai"
+    row = [name, secs, pm.get("sl_cai", {}).get("harmless"), pm.get("rl_cai", {}).get("harmless"),
+           e.get(last, {}).get("elo"), ev.get(last, {}).get("evasive")]
+    rows.append(row)
+    for label, v in (("PM harmlessness (SL-CAI)", row[2]), ("PM harmlessness (RL-CAI)", row[3])):
+      if isinstance(v, (int, float)):
+        series.setdefault(label, []).append((len(rows) - 1, v))
+  text = ["# Sweep summary\n", _table(["point", "wall time (s)", "PM harmless SL-CAI",
+                                       "PM harmless RL-CAI", "harmlessness Elo (PM)", "evasive"],
+                                      rows), ""]
+  text += [f"- [{name}]({plots.rel(os.path.join(d, 'report.md'), workdir)})" for name, d in runs]
+  if series:
+    p = plots.curves(series, path=os.path.join(workdir, "sweep.png"), title="Sweep",
+                     xlabel="point (row of the table)")
+    text.append(f"\n![sweep]({plots.rel(p, workdir)})")
+  path = os.path.join(workdir, "sweep.md")
+  utils.atomic_write_text(path, "\n".join(text) + "\n")
+  return path
+
+
 if __name__ == "__main__":
   if len(sys.argv) != 2:
     print("usage: python -m cai_jax.evaluation.report WORKDIR", file=sys.stderr)
