@@ -1,0 +1,45 @@
+"""The `ppo` config section (every field commented)."""
+from __future__ import annotations
+
+import ml_collections
+
+from cai_jax.training import optim
+
+
+def ppo_section() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.num_iterations = 100        # PPO iterations (one rollout batch + update each)
+  c.batch_size = 16             # prompts (= sampled responses) per iteration
+  c.red_team_fraction = 0.5     # share of red-team prompts in each batch; rest helpfulness
+  c.max_prompt_tokens = 256     # prompts are left-padded to this; longer ones are dropped
+  c.max_new_tokens = 64         # response length limit
+  c.temperature = 1.0           # sampling temperature (1.0: sample from the policy itself)
+  c.missing_eos_penalty = 1.0   # subtracted from the PM score when no EOS within the limit
+  c.normalize_rewards = False   # divide scores by a running std and subtract its running mean
+  c.gamma = 1.0                 # discount over response tokens
+  c.lam = 0.95                  # GAE lambda
+  c.whiten_advantages = True    # zero-mean, unit-variance advantages over real tokens
+  c.epochs = 4                  # passes over each rollout batch
+  c.num_minibatches = 4         # minibatches per pass (batch_size must divide)
+  c.clip_eps = 0.2              # policy ratio clip
+  c.value_clip_eps = 0.2        # value clip around the rollout values
+  c.vf_coef = 0.5               # value-loss weight
+  c.ent_coef = 0.0              # entropy bonus weight
+  c.kl = ml_collections.ConfigDict()
+  c.kl.kind = "adaptive"        # "adaptive" (target, horizon) or "fixed" beta
+  c.kl.beta = 0.05              # initial (or fixed) KL coefficient
+  c.kl.target = 6.0             # adaptive: target KL per sequence (nats)
+  c.kl.horizon = 10000          # adaptive: horizon in sequences
+  c.policy_optim = optim.default_optim_config()   # policy optimizer
+  c.policy_optim.learning_rate = 1e-6
+  c.value_optim = optim.default_optim_config()    # value optimizer
+  c.value_optim.learning_rate = 1e-5
+  c.policy_init = ""            # policy / reference init: "" = WORKDIR/sft/final, else config.model
+  c.pm_path = ""                # preference model: "" = WORKDIR/pm/final
+  c.value_init = "pm"           # value model starts from "pm" or "policy" (new zero score head)
+  c.checkpoint_every = 10       # iterations between checkpoints (and at the end)
+  c.max_to_keep = 2             # checkpoints kept
+  c.log_samples_every = 10      # iterations between logged sample responses (0 = never)
+  c.num_logged_samples = 4      # responses logged each time
+  c.progress = True             # tqdm progress bar
+  return c

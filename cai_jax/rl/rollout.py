@@ -1,0 +1,168 @@
+"""Rollout: sample responses, score them, and turn scores into advantages.
+
+A rollout batch is a left-padded prompt block (BxP) followed by a
+right-padded response block (BxN); `response_mask_BxN` marks the generated
+tokens up to and including EOS (or a stop sequence). Everything after that is
+padding and is masked out of rewards, values, KL and losses.
+
+The reward sits on the last real response token (the EOS when the response
+finished) — never on a pad token — and a response that hit the length limit
+without EOS gets `missing_eos_penalty` subtracted from its score.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cai_jax import models
+from cai_jax.rl import losses
+from cai_jax.rl.update import response_outputs
+
+
+class RolloutHParams(NamedTuple):
+  max_new_tokens: int = 64       # response length limit
+  temperature: float = 1.0       # sampling temperature (PPO samples from π itself: 1.0)
+  eos_ids: tuple = (2,)          # tokens that end a response
+  stop_seqs: tuple = ()          # token sequences that also end a response
+  gamma: float = 1.0             # discount over response tokens
+  lam: float = 0.95              # GAE λ
+  missing_eos_penalty: float = 1.0   # subtracted from the score when no EOS arrived
+  whiten_advantages: bool = True     # advantages → zero mean, unit variance over real tokens
+
+
+def response_mask_from_lengths(lengths_B, n: int):
+  return jnp.arange(n)[None, :] < lengths_B[:, None]
+
+
+def pm_reward_fn(pm_cfg, pm_params) -> Callable:
+  """Reward function reading the preference model's scalar head at the last
+  real token of prompt+response."""
+  def fn(batch):
+    return models.reward(pm_cfg, pm_params, batch["tokens"], batch["mask"])
+  return fn
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _forward_all(policy_cfg, ref_cfg, value_cfg, policy_params, ref_params, value_params,
+                 tokens_BxL, mask_BxL, response_tokens_BxN, response_mask_BxN):
+  N = response_tokens_BxN.shape[1]
+  logits = response_outputs(policy_cfg, policy_params, tokens_BxL, mask_BxL, N, "lm")
+  logp = losses.logprobs_of(logits, response_tokens_BxN)
+  entropy = losses.entropy_from_logits(logits)
+  ref_logits = response_outputs(ref_cfg, ref_params, tokens_BxL, mask_BxL, N, "lm")
+  ref_logp = losses.logprobs_of(ref_logits, response_tokens_BxN)
+  values = response_outputs(value_cfg, value_params, tokens_BxL, mask_BxL, N, "score")
+  m = response_mask_BxN
+  return (jnp.where(m, logp, 0.0), jnp.where(m, ref_logp, 0.0), jnp.where(m, values, 0.0),
+          losses.masked_mean(entropy, m))
+
+
+@functools.partial(jax.jit, static_argnames=("gamma", "lam", "whiten_advantages"))
+def advantages_from_scores(scores_B, logprobs_BxN, ref_logprobs_BxN, values_BxN, mask_BxN,
+                           beta, *, gamma: float, lam: float, whiten_advantages: bool):
+  """Per-token rewards (KL penalty + score at the last real token), GAE, and
+  the KL/value diagnostics of the batch."""
+  rewards, kl_BxN = losses.token_rewards(scores_B, logprobs_BxN, ref_logprobs_BxN, mask_BxN,
+                                         beta)
+  adv, returns = losses.gae(rewards, values_BxN, mask_BxN, gamma, lam)
+  if whiten_advantages:
+    adv = losses.whiten(adv, mask_BxN)
+  k1, k3 = losses.kl_estimators(logprobs_BxN, ref_logprobs_BxN, mask_BxN)
+  diag = {
+      "kl": k1, "kl_k3": k3,
+      "kl_penalty": -beta * k1,
+      "explained_variance": losses.explained_variance(values_BxN, returns, mask_BxN),
+      "value_mean": losses.masked_mean(values_BxN, mask_BxN),
+      "return_mean": losses.masked_mean(returns, mask_BxN),
+      "kl_token_min": jnp.min(jnp.where(mask_BxN, kl_BxN, jnp.inf)),
+  }
+  return rewards, adv, returns, diag
+
+
+class Rollout:
+  """Generates and scores one batch; holds the frozen reference and reward.
+
+  `sample_fn(params, prompt_tokens_BxP, prompt_mask_BxP, rng) -> SampleOutput`
+  defaults to `sampling.sample` at the configured temperature; `reward_fn(batch)
+  -> scores_B` reads `batch["tokens"/"mask"/"response_tokens"/"response_mask"]`.
+  """
+
+  def __init__(self, policy_cfg, ref_cfg, ref_params, value_cfg, reward_fn, hp: RolloutHParams,
+               mesh=None, sample_fn: Optional[Callable] = None, normalizer=None):
+    self.policy_cfg, self.ref_cfg, self.value_cfg = policy_cfg, ref_cfg, value_cfg
+    self.ref_params = ref_params
+    self.reward_fn = reward_fn
+    self.hp = hp
+    self.mesh = mesh
+    self.normalizer = normalizer
+    self.sample_fn = sample_fn or self._default_sample
+
+  def _default_sample(self, params, prompt_tokens, prompt_mask, rng):
+    from cai_jax import sampling
+    return sampling.sample(self.policy_cfg, params, prompt_tokens, prompt_mask, rng,
+                           max_new_tokens=self.hp.max_new_tokens,
+                           temperature=self.hp.temperature, eos_ids=tuple(self.hp.eos_ids),
+                           stop_seqs=tuple(self.hp.stop_seqs), mesh=self.mesh)
+
+  def __call__(self, policy_params, value_params, prompt_tokens_BxP, prompt_mask_BxP, rng,
+               beta: float, clock=None):
+    """Returns (Transition, metrics dict of floats, timings dict of seconds)."""
+    import time
+    clock = clock or time.perf_counter
+    timings = {}
+    t0 = clock()
+    prompt_tokens_BxP = jnp.asarray(prompt_tokens_BxP, jnp.int32)
+    prompt_mask_BxP = jnp.asarray(prompt_mask_BxP, bool)
+    out = self.sample_fn(policy_params, prompt_tokens_BxP, prompt_mask_BxP, rng)
+    resp = jnp.asarray(out.tokens_BxN, jnp.int32)
+    lengths = jnp.asarray(out.lengths_B, jnp.int32)
+    finished = jnp.asarray(out.finished_B, bool)
+    rmask = response_mask_from_lengths(lengths, resp.shape[1])
+    resp = jax.block_until_ready(resp)
+    timings["generate"] = clock() - t0
+
+    t0 = clock()
+    batch = {"tokens": jnp.concatenate([prompt_tokens_BxP, resp], axis=1),
+             "mask": jnp.concatenate([prompt_mask_BxP, rmask], axis=1),
+             "response_tokens": resp, "response_mask": rmask}
+    raw_scores = np.asarray(jax.device_get(self.reward_fn(batch)), np.float32)
+    timings["reward"] = clock() - t0
+
+    t0 = clock()
+    logp, ref_logp, values, entropy = _forward_all(
+        self.policy_cfg, self.ref_cfg, self.value_cfg, policy_params, self.ref_params,
+        value_params, batch["tokens"], batch["mask"], resp, rmask)
+    scores = raw_scores
+    if self.normalizer is not None:
+      self.normalizer.update(raw_scores)
+      scores = self.normalizer.normalize(raw_scores)
+    finished_np = np.asarray(jax.device_get(finished))
+    scores = scores - np.where(finished_np, 0.0, self.hp.missing_eos_penalty).astype(np.float32)
+    rewards, adv, returns, diag = advantages_from_scores(
+        jnp.asarray(scores), logp, ref_logp, values, rmask, jnp.float32(beta),
+        gamma=float(self.hp.gamma), lam=float(self.hp.lam),
+        whiten_advantages=bool(self.hp.whiten_advantages))
+    tr = losses.Transition(prompt_tokens_BxP, prompt_mask_BxP, resp, rmask, logp, ref_logp,
+                           values, rewards, adv, returns, jnp.asarray(scores))
+    diag = jax.device_get(diag)
+    # Agreement between the sampler's log-probs and the full forward pass: a
+    # large gap means the cache/padding paths disagree and the ratio is biased.
+    sampler_gap = jnp.max(jnp.where(rmask, jnp.abs(jnp.asarray(out.logprobs_BxN) - logp), 0.0))
+    lengths_np = np.asarray(jax.device_get(lengths))
+    metrics = {
+        "reward": float(raw_scores.mean()),
+        "reward_std": float(raw_scores.std()),
+        "score": float(scores.mean()),
+        "entropy_rollout": float(entropy),
+        "response_length": float(lengths_np.mean()),
+        "finished_fraction": float(finished_np.mean()),
+        "sampler_logprob_gap": float(sampler_gap),
+        **{k: float(v) for k, v in diag.items()},
+    }
+    timings["forward"] = clock() - t0
+    timings["generated_tokens"] = int(lengths_np.sum())
+    return tr, metrics, timings

@@ -1,0 +1,129 @@
+"""PPO iteration = rollout + update + KL control, on one mesh.
+
+`PPOTrainer` owns the frozen reference, the reward function, both optimizers
+and the host-side controllers (β, reward normaliser); the train state (policy,
+value, both optimizer states, step) is a pytree the caller threads through
+`iteration` and checkpoints. `controller_state()` / `load_controller_state()`
+give the JSON-able rest of what a resume needs.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from cai_jax import sharding
+from cai_jax.rl import control, rollout as rollout_lib, update as update_lib
+from cai_jax.training import optim
+
+
+def _copy_tree(tree):
+  # Fresh buffers: the train state is donated to the update, so nothing kept
+  # outside it (reference, preference model) may share its arrays.
+  return jax.jit(lambda t: jax.tree_util.tree_map(jnp.copy, t))(tree)
+
+
+def hparams_from_config(c: ml_collections.ConfigDict, eos_ids, stop_seqs=()):
+  rhp = rollout_lib.RolloutHParams(
+      max_new_tokens=int(c.max_new_tokens), temperature=float(c.temperature),
+      eos_ids=tuple(int(x) for x in eos_ids), stop_seqs=tuple(tuple(s) for s in stop_seqs),
+      gamma=float(c.gamma), lam=float(c.lam),
+      missing_eos_penalty=float(c.missing_eos_penalty),
+      whiten_advantages=bool(c.whiten_advantages))
+  uhp = update_lib.UpdateHParams(
+      epochs=int(c.epochs), num_minibatches=int(c.num_minibatches), clip_eps=float(c.clip_eps),
+      value_clip_eps=float(c.value_clip_eps), vf_coef=float(c.vf_coef),
+      ent_coef=float(c.ent_coef))
+  return rhp, uhp
+
+
+class PPOTrainer:
+  """Builds the jitted pieces once; `iteration` runs one PPO iteration."""
+
+  def __init__(self, config: ml_collections.ConfigDict, *, policy_cfg, policy_params,
+               value_cfg, value_params, reward_fn: Callable, mesh, eos_ids=(2,),
+               stop_seqs=(), ref_cfg=None, ref_params=None, sample_fn=None,
+               rules=sharding.DEFAULT_RULES):
+    self.config = config
+    self.mesh = mesh
+    self.rules = rules
+    self.batch_size = int(config.batch_size)
+    policy_params = sharding.shard_params(policy_params, policy_cfg, mesh, rules)
+    value_params = sharding.shard_params(value_params, value_cfg, mesh, rules)
+    if ref_params is None:
+      ref_cfg, ref_params = policy_cfg, _copy_tree(policy_params)
+    else:
+      ref_params = sharding.shard_params(ref_params, ref_cfg, mesh, rules)
+    self.policy_tx = optim.make_optimizer(config.policy_optim)
+    self.value_tx = optim.make_optimizer(config.value_optim)
+    self.rollout_hp, self.update_hp = hparams_from_config(config, eos_ids, stop_seqs)
+    self.kl_ctl = control.make_kl_controller(config.kl.kind, config.kl.beta,
+                                             config.kl.target, config.kl.horizon)
+    self.normalizer = control.RunningMeanStd() if config.normalize_rewards else None
+    self.rollout = rollout_lib.Rollout(policy_cfg, ref_cfg, ref_params, value_cfg, reward_fn,
+                                       self.rollout_hp, mesh=mesh, sample_fn=sample_fn,
+                                       normalizer=self.normalizer)
+    self._init = (policy_params, value_params)
+    self.policy_cfg, self.value_cfg = policy_cfg, value_cfg
+    self._update = None
+
+  def init_state(self, keep_initial: bool = False) -> dict:
+    """Fresh train state from the initial parameters. Only the first call
+    works unless `keep_initial` (which holds an extra copy of both models)."""
+    if self._init is None:
+      raise RuntimeError("PPOTrainer.init_state: initial parameters were released; "
+                         "pass keep_initial=True to the earlier call")
+    policy, value = self._init
+    if not keep_initial:
+      self._init = None
+    state = update_lib.init_state(_copy_tree(policy), _copy_tree(value), self.policy_tx,
+                                  self.value_tx, self.mesh)
+    return state
+
+  def _update_fn(self, state):
+    if self._update is None:
+      self._update = update_lib.make_update_fn(
+          self.policy_cfg, self.value_cfg, self.policy_tx, self.value_tx, self.update_hp,
+          self.mesh, update_lib.state_shardings(state, self.mesh), self.batch_size, self.rules)
+    return self._update
+
+  def controller_state(self) -> dict:
+    return {"kl": self.kl_ctl.state_dict(),
+            "normalizer": None if self.normalizer is None else self.normalizer.state_dict()}
+
+  def load_controller_state(self, d: dict) -> None:
+    self.kl_ctl.load_state_dict(d["kl"])
+    if self.normalizer is not None and d.get("normalizer") is not None:
+      self.normalizer.load_state_dict(d["normalizer"])
+
+  def iteration(self, state, prompt_tokens_BxP, prompt_mask_BxP, rng):
+    """One rollout and one K-epoch update. Returns (state, metrics, transition)."""
+    if prompt_tokens_BxP.shape[0] != self.batch_size:
+      raise ValueError(f"ppo: got {prompt_tokens_BxP.shape[0]} prompts, "
+                       f"batch_size is {self.batch_size}")
+    t_start = time.perf_counter()
+    rng_sample, rng_update = jax.random.split(rng)
+    beta = self.kl_ctl.beta
+    tr, metrics, timings = self.rollout(state["policy"], state["value"], prompt_tokens_BxP,
+                                        prompt_mask_BxP, rng_sample, beta)
+    t0 = time.perf_counter()
+    batch = sharding.shard_batch(jax.device_get(update_lib.batch_from_transition(tr)),
+                                 self.mesh, self.rules)
+    update = self._update_fn(state)
+    state, upd_metrics = update(state, batch, rng_update)
+    upd_metrics = {k: float(v) for k, v in jax.device_get(upd_metrics).items()}
+    t_train = time.perf_counter() - t0
+    self.kl_ctl.update(metrics["kl"], self.batch_size)
+    wall = time.perf_counter() - t_start
+    metrics.update(upd_metrics)
+    metrics.update({
+        "beta": beta,
+        "time/generate": timings["generate"], "time/reward": timings["reward"],
+        "time/forward": timings["forward"], "time/train": t_train, "time/iteration": wall,
+        "tokens_per_sec": timings["generated_tokens"] / max(timings["generate"], 1e-9),
+        "tokens_per_sec_total": timings["generated_tokens"] / max(wall, 1e-9),
+    })
+    return state, metrics, tr
