@@ -154,10 +154,13 @@ def read_timings(workdir: str) -> dict:
     return json.load(f)
 
 
-def _record(workdir: str, name: str, seconds: float, status: str, summary=None) -> None:
+def _record(workdir: str, name: str, seconds: float, status: str, summary=None,
+            cpu_seconds: float = 0.0) -> None:
   t = read_timings(workdir)
   s = t["stages"].setdefault(name, {"seconds": 0.0, "attempts": 0})
   s["seconds"] += seconds
+  # CPU time of all threads: on a shared machine wall time is inflated, this is not.
+  s["cpu_seconds"] = s.get("cpu_seconds", 0.0) + cpu_seconds
   s["attempts"] += 1 if status != "skipped" else 0
   s["status"] = status
   if summary is not None:
@@ -206,14 +209,15 @@ def run(config, workdir: str, registry: dict[str, Callable] | None = None,
       results[name] = {"status": "skipped"}
       continue
     logging.info("stage %s: running (resumes any partial output in %s)", name, d)
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     status = "interrupted"
     try:
       summary = fns[name](config, workdir) or {}
       status = "done"
     finally:
       dt = time.time() - t0
-      _record(workdir, name, dt, status, summary if status == "done" else None)
+      _record(workdir, name, dt, status, summary if status == "done" else None,
+              cpu_seconds=time.process_time() - c0)
       logging.info("stage %s: %s after %.1f s", name, status, dt)
     if not utils.is_done(d):
       # Stages write DONE last themselves; this covers stages with nothing to store.

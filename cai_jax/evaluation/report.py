@@ -126,13 +126,15 @@ class _Report:
       nums = _flat_numbers(self.stage_summary[s] or {})
       key = ", ".join(f"{k}={_fmt(v)}" for k, v in list(nums.items())[:6])
       rows.append([s, "done" if done else (t or {}).get("status", "not run"), secs,
-                   (t or {}).get("attempts", 0), key])
+                   (t or {}).get("cpu_seconds", float("nan")), (t or {}).get("attempts", 0), key])
     self.add("## Stages\n")
-    self.add(_table(["stage", "status", "wall time (s)", "attempts", "summary"], rows)
+    self.add(_table(["stage", "status", "wall time (s)", "CPU time (s)", "attempts", "summary"], rows)
              if rows else "No stage has run yet.")
     self.total_seconds = total
+    cpu = sum(r[3] for r in rows if np.isfinite(r[3]))
     done = [r[0] for r in rows if r[1] == "done"]
-    self.summary.append(f"Wall time: {total:.0f} s over stages {', '.join(done) or 'none'} "
+    self.summary.append(f"Wall time: {total:.0f} s (CPU {cpu:.0f} s) over stages "
+                        f"{', '.join(done) or 'none'} "
                         f"(last invocation {self.timings.get('last_run_seconds', 0):.0f} s).")
 
   def revise(self):
