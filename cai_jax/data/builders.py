@@ -146,8 +146,8 @@ def decode(example: dict) -> dict:
   for k, v in example.items():
     if isinstance(v, bytes):
       v = v.decode("utf-8")
-    elif isinstance(v, np.ndarray) and v.dtype == object:
-      v = [x.decode("utf-8") if isinstance(x, bytes) else x for x in v.tolist()]
+    elif isinstance(v, (list, tuple)) or (isinstance(v, np.ndarray) and v.dtype == object):
+      v = [x.decode("utf-8") if isinstance(x, bytes) else x for x in list(v)]
     elif isinstance(v, np.generic):
       v = v.item()
     out[k] = v

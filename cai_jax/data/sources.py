@@ -141,8 +141,11 @@ def prompt_records(path: str) -> Iterator[dict]:
           msgs = text_lib.parse_transcript(p, where)
         except text_lib.TranscriptError as e:
           raise InputError(f"{e}") from None
-        msgs = prompt_messages([{"role": m["role"], "content": m["content"].strip()}
-                                for m in msgs] + [{"role": "assistant", "content": ""}], where)
+        msgs = [{"role": m["role"], "content": m["content"].strip()} for m in msgs]
+        if msgs[-1]["role"] == "assistant" and not msgs[-1]["content"]:
+          msgs = msgs[:-1]  # the open "\n\nAssistant:" the model would continue
+        msgs = prompt_messages(msgs, where) if msgs[-1]["role"] == "assistant" \
+            else check_messages(msgs, where)
       else:
         msgs = check_messages([{"role": "user", "content": p}], where)
     else:
