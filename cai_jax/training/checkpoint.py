@@ -165,6 +165,7 @@ def load_params_from_stage(path: str, **overrides):
   if step is None:
     raise InputError(f"{d}: no completed checkpoint; finish that stage or point init_from elsewhere")
   state, _ = mngr.restore(step)
-  params = state["params"] if isinstance(state, dict) else state.params
+  train = state["train"] if isinstance(state, dict) and "train" in state else state
+  params = train["params"] if isinstance(train, dict) else train.params
   logging.info("init_from %s step %d", d, step)
   return cfg, jax.tree_util.tree_map(np.asarray, params)

@@ -175,3 +175,28 @@ def train(*, step_fn, state: TrainState, batches, mesh, num_steps: int, rng,
     if writer is not None:
       writer.flush()
   return LoopResult(state, step, history, evals, resumed, stopped)
+
+
+def make_eval_fn(metric_fn, batches: list, mesh, weight_key: Optional[str] = None,
+                 rules=shd.DEFAULT_RULES):
+  """eval_fn(params, step) -> mean of `metric_fn(params, batch)` over fixed batches.
+
+  metric_fn returns a dict of scalars; with `weight_key` each batch's means are
+  weighted by that entry (e.g. the number of loss tokens).
+  """
+  if not batches:
+    return None
+  jf = jax.jit(metric_fn)
+  placed = [shd.shard_batch(b, mesh, rules) for b in batches]
+
+  def eval_fn(params, step):
+    del step
+    tot, wsum = {}, 0.0
+    for b in placed:
+      m = {k: float(v) for k, v in jax.device_get(jf(params, b)).items()}
+      w = m.get(weight_key, 1.0) if weight_key else 1.0
+      wsum += w
+      for k, v in m.items():
+        tot[k] = tot.get(k, 0.0) + w * v
+    return {k: v / max(wsum, 1e-9) for k, v in tot.items() if k != weight_key}
+  return eval_fn
