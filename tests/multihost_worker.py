@@ -66,6 +66,64 @@ def checkpoint_roundtrip(cfg, params, mesh, other_mesh, directory):
   return restored, ok_sharding
 
 
+def sft_batch():
+  """Fixed global SFT batch: inputs, next-token targets, loss on the last 6 tokens."""
+  rng = np.random.default_rng(1)
+  seq = rng.integers(3, 128, size=(GLOBAL_BATCH, LENGTH + 1)).astype(np.int32)
+  lengths = np.array([13, 9, 11, 13, 6, 12, 8, 10])
+  valid = np.arange(LENGTH + 1)[None, :] < lengths[:, None]
+  seq = np.where(valid, seq, 0)
+  loss = valid & (np.arange(LENGTH + 1)[None, :] >= lengths[:, None] - 6)
+  return {"tokens_BxL": seq[:, :-1], "targets_BxL": seq[:, 1:],
+          "loss_mask_BxL": (loss[:, 1:] & valid[:, 1:]).astype(np.float32),
+          "mask_BxL": valid[:, :-1]}
+
+
+def pair_batch():
+  """Fixed global preference batch with soft labels."""
+  rng = np.random.default_rng(2)
+  out = {}
+  for side, lens in (("a", [12, 5, 9, 7, 12, 3, 10, 8]), ("b", [6, 12, 11, 4, 9, 12, 7, 5])):
+    t = rng.integers(3, 128, size=(GLOBAL_BATCH, LENGTH)).astype(np.int32)
+    m = np.arange(LENGTH)[None, :] < np.array(lens)[:, None]
+    out[f"tokens_{side}_BxL"], out[f"mask_{side}_BxL"] = np.where(m, t, 0).astype(np.int32), m
+  out["p_B"] = np.array([0.9, 0.1, 0.5, 0.7, 0.2, 0.6, 1.0, 0.0], np.float32)
+  return out
+
+
+def train_steps(cfg, host_params, mesh, loss_fn, batch, num_steps=2):
+  """The project's sharded train step (training.make_train_step) on global batches
+  assembled from this host's rows; returns per-step metrics and final params."""
+  import ml_collections
+  from cai_jax import training
+  oc = training.default_optim_config()
+  oc.learning_rate = 1e-2
+  tx = training.make_optimizer(ml_collections.ConfigDict(oc))
+  state = training.create_train_state(host_params, tx, cfg, mesh)
+  step = training.make_train_step(loss_fn, tx, state, mesh, batch)
+  metrics = []
+  for i in range(num_steps):
+    local = {k: local_rows(v, mesh) for k, v in batch.items()}
+    state, m = step(state, sharding.make_global_batch(local, mesh), jax.random.PRNGKey(i))
+    metrics.append({k: float(v) for k, v in multihost.to_host(m).items()})
+  return metrics, multihost.to_host(state.params)
+
+
+def sample_batch(cfg, host_params, mesh):
+  """The sampler on the mesh: same prompts on every host, global output."""
+  from cai_jax import sampling
+  tokens, mask = global_tokens()
+  params = sharding.shard_params(host_params, cfg, mesh)
+  out = sampling.sample(cfg, params, tokens, mask, jax.random.PRNGKey(7), max_new_tokens=6,
+                        temperature=0.8, top_p=0.9, eos_ids=(2,), mesh=mesh)
+  prompts = [list(map(int, t[m])) for t, m in zip(tokens, mask)]
+  conts = [list(map(int, t[:n])) for t, n in zip(out.tokens_BxN, out.lengths_B)]
+  scored = sampling.score_tokens(cfg, params, prompts, conts, batch_size=GLOBAL_BATCH, mesh=mesh)
+  return {"tokens": np.asarray(out.tokens_BxN), "logprobs": np.asarray(out.logprobs_BxN),
+          "lengths": np.asarray(out.lengths_B),
+          "scored": np.concatenate([np.asarray(x, np.float32) for x in scored])}
+
+
 def records_roundtrip(directory):
   """Host-sharded record generation: gathered and file-merged lists."""
   items = [{"id": i, "prompt": f"prompt {i} ünï"} for i in range(11)]
@@ -100,6 +158,19 @@ def run_all(workdir):
   for path, leaf in jax.tree_util.tree_flatten_with_path(multihost.to_host(restored))[0]:
     arrays["restored/" + jax.tree_util.keystr(path)] = leaf
   info["records"] = records_roundtrip(workdir)
+  from cai_jax.training import objectives
+  mesh = meshes["dp2_fsdp2_tp2"]
+  info["sft_metrics"], sft_params = train_steps(cfg, host_params, mesh,
+                                                objectives.sft_loss_fn(cfg), sft_batch())
+  pm_host = jax.tree_util.tree_map(np.asarray, models.add_score_head(
+      cfg, host_params, jax.random.PRNGKey(3), init_std=0.1))
+  info["pm_metrics"], pm_params = train_steps(cfg, pm_host, meshes["fsdp4_tp2"],
+                                              objectives.pm_loss_fn(cfg), pair_batch())
+  for tag, tree in (("sft", sft_params), ("pm", pm_params)):
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+      arrays[f"{tag}_params/" + jax.tree_util.keystr(path)] = leaf
+  for k, v in sample_batch(cfg, host_params, mesh).items():
+    arrays["sample/" + k] = v
   info["process_count"] = jax.process_count()
   info["device_count"] = jax.device_count()
   return arrays, info

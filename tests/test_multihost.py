@@ -150,6 +150,12 @@ def test_two_process_arrays_equal_single_process(two_process_results, reference_
   for arrays, _ in two_process_results:
     assert sorted(arrays) == sorted(ref_arrays)
     for k, ref in ref_arrays.items():
+      if k == "pm_params/['score_bias']":
+        # The ranking loss depends on r_a - r_b only, so the bias gradient is 0 up to
+        # float noise, and Adam turns noise into +-lr steps whose sign depends on the
+        # reduction order. Bounded, not compared.
+        assert abs(float(arrays[k])) <= 2 * 1e-2 + 1e-6 and abs(float(ref)) <= 2 * 1e-2 + 1e-6
+        continue
       np.testing.assert_allclose(arrays[k], ref, rtol=2e-5, atol=2e-5, err_msg=k)
 
 
@@ -164,6 +170,22 @@ def test_two_process_forward_matches_unsharded(reference_results):
   want = np.asarray(models.logits(cfg, params, tokens, mask))
   for name in multihost_worker.MESHES:
     np.testing.assert_allclose(ref_arrays[f"logits/{name}"], want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.slow
+def test_two_process_train_steps_and_sampler(two_process_results, reference_results):
+  """SFT and PM steps move the loss; sampled log-probs equal re-scored ones."""
+  _, ref_info = reference_results
+  for arrays, info in two_process_results:
+    for key in ("sft_metrics", "pm_metrics"):
+      got = [m["loss"] for m in info[key]]
+      want = [m["loss"] for m in ref_info[key]]
+      np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=key)
+      assert got[1] < got[0]  # a real step on the global batch (lr 1e-2)
+    n = arrays["sample/lengths"]
+    sampled = np.concatenate([lp[:k] for lp, k in zip(arrays["sample/logprobs"], n)])
+    np.testing.assert_allclose(arrays["sample/scored"], sampled, rtol=1e-4, atol=1e-4)
+    assert n.min() >= 1
 
 
 @pytest.mark.slow

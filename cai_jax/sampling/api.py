@@ -19,6 +19,7 @@ import numpy as np
 import tqdm
 
 from cai_jax import models
+from cai_jax import multihost
 from cai_jax import sharding as sharding_lib
 from cai_jax import text as text_lib
 from cai_jax.sampling import stops as stops_lib
@@ -229,7 +230,8 @@ def score_tokens(cfg, params, prompt_ids, cont_ids, *, batch_size: int = 16, mes
     t_in, m_in = jnp.asarray(tokens), jnp.asarray(mask)
     if mesh is not None:
       t_in, m_in = sharding_lib.shard_batch((tokens, mask), mesh)
-    lp = np.asarray(_score_jit(params, t_in, m_in, cfg=cfg, cont_len=C))
+    # multihost.to_host: with a multi-host mesh the result spans every host.
+    lp = np.asarray(multihost.to_host(_score_jit(params, t_in, m_in, cfg=cfg, cont_len=C)))
     for r, j in enumerate(rows):
       n = len(seqs[j][1])
       results[j] = lp[r, C - n:].astype(np.float32)

@@ -25,6 +25,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from cai_jax import models
+from cai_jax import multihost
 from cai_jax import sharding as sharding_lib
 from cai_jax.sampling import stops as stops_lib
 from cai_jax.utils import InputError
@@ -293,5 +294,7 @@ def sample(cfg, params, prompt_tokens_BxP, prompt_mask_BxP, rng, *, max_new_toke
       cfg=cfg, max_new_tokens=int(max_new_tokens), greedy=bool(greedy), top_k=int(top_k),
       use_top_p=bool(top_p < 1.0) and not greedy,
       unit_temp=bool(greedy or temperature == 1.0), mesh=mesh)
+  # Multi-host: outputs span every host's devices; gather them to each host.
+  toks, lps, lengths, done = multihost.to_host((toks, lps, lengths, done))
   return SampleOutput(np.asarray(toks)[:B0], np.asarray(lps)[:B0],
                       np.asarray(lengths)[:B0], np.asarray(done)[:B0])
