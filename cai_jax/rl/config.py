@@ -41,5 +41,6 @@ def ppo_section() -> ml_collections.ConfigDict:
   c.max_to_keep = 2             # checkpoints kept
   c.log_samples_every = 10      # iterations between logged sample responses (0 = never)
   c.num_logged_samples = 4      # responses logged each time
+  c.tensorboard = True          # TensorBoard scalars and samples in WORKDIR/ppo/tb
   c.progress = True             # tqdm progress bar
   return c

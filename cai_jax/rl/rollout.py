@@ -27,7 +27,7 @@ class RolloutHParams(NamedTuple):
   max_new_tokens: int = 64       # response length limit
   temperature: float = 1.0       # sampling temperature (PPO samples from π itself: 1.0)
   eos_ids: tuple = (2,)          # tokens that end a response
-  stop_seqs: tuple = ()          # token sequences that also end a response
+  stop_seqs: object = ()         # token sequences (or a sampling.StopMatcher) ending a response
   gamma: float = 1.0             # discount over response tokens
   lam: float = 0.95              # GAE λ
   missing_eos_penalty: float = 1.0   # subtracted from the score when no EOS arrived
@@ -106,7 +106,7 @@ class Rollout:
     return sampling.sample(self.policy_cfg, params, prompt_tokens, prompt_mask, rng,
                            max_new_tokens=self.hp.max_new_tokens,
                            temperature=self.hp.temperature, eos_ids=tuple(self.hp.eos_ids),
-                           stop_seqs=tuple(self.hp.stop_seqs), mesh=self.mesh)
+                           stop_seqs=self.hp.stop_seqs, mesh=self.mesh)
 
   def __call__(self, policy_params, value_params, prompt_tokens_BxP, prompt_mask_BxP, rng,
                beta: float, clock=None):

@@ -20,6 +20,9 @@ from cai_jax.rl import control, rollout as rollout_lib, update as update_lib
 from cai_jax.training import optim
 
 
+_UPDATE_CACHE: dict = {}
+
+
 def _copy_tree(tree):
   # Fresh buffers: the train state is donated to the update, so nothing kept
   # outside it (reference, preference model) may share its arrays.
@@ -29,7 +32,7 @@ def _copy_tree(tree):
 def hparams_from_config(c: ml_collections.ConfigDict, eos_ids, stop_seqs=()):
   rhp = rollout_lib.RolloutHParams(
       max_new_tokens=int(c.max_new_tokens), temperature=float(c.temperature),
-      eos_ids=tuple(int(x) for x in eos_ids), stop_seqs=tuple(tuple(s) for s in stop_seqs),
+      eos_ids=tuple(int(x) for x in eos_ids), stop_seqs=stop_seqs,
       gamma=float(c.gamma), lam=float(c.lam),
       missing_eos_penalty=float(c.missing_eos_penalty),
       whiten_advantages=bool(c.whiten_advantages))
@@ -85,9 +88,18 @@ class PPOTrainer:
 
   def _update_fn(self, state):
     if self._update is None:
-      self._update = update_lib.make_update_fn(
-          self.policy_cfg, self.value_cfg, self.policy_tx, self.value_tx, self.update_hp,
-          self.mesh, update_lib.state_shardings(state, self.mesh), self.batch_size, self.rules)
+      shardings = update_lib.state_shardings(state, self.mesh)
+      # Trainers built from the same configuration (a resumed run in the same
+      # process, tests) share one compiled update.
+      key = (self.policy_cfg, self.value_cfg, self.update_hp, self.mesh, self.batch_size,
+             tuple(self.rules), self.config.policy_optim.to_json(),
+             self.config.value_optim.to_json(), jax.tree_util.tree_structure(shardings),
+             tuple(jax.tree_util.tree_leaves(shardings)))
+      if key not in _UPDATE_CACHE:
+        _UPDATE_CACHE[key] = update_lib.make_update_fn(
+            self.policy_cfg, self.value_cfg, self.policy_tx, self.value_tx, self.update_hp,
+            self.mesh, shardings, self.batch_size, self.rules)
+      self._update = _UPDATE_CACHE[key]
     return self._update
 
   def controller_state(self) -> dict:
