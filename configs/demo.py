@@ -31,6 +31,34 @@ def get_config(arg=None):
   c.revise.revision_max_new_tokens = 64  # revision budget
   c.revise.helpful_samples = 1  # responses per helpfulness prompt (paper: 2)
 
+  c.sft.max_len = 256            # tokens per row (the demo's records are short)
+  c.sft.batch_size = 8           # rows per step; one epoch over ~36 examples
+  c.sft.packing = True           # several short examples per row: fewer, fuller steps
+  c.sft.optim.learning_rate = 2e-5  # constant rate (paper: 0.5x pretraining; SmolLM2 used 3e-3
+                                 # peak with decay, but 135M weights drift fast at that rate)
+  c.sft.eval_fraction = 0.0      # no held-out loss (too few examples)
+  c.sft.checkpoint_every = 4     # a checkpoint every few steps so an interrupt loses little
+
+  c.label.max_new_tokens = 48    # budget of each of the two compared responses
+  c.label.num_fewshot = 1        # one labelling example: questions stay ~600 tokens
+  c.label.debias = True          # both option orders, averaged
+
+  c.pm.max_len = 256             # tokens per response sequence
+  c.pm.batch_size = 4            # pairs per step
+  c.pm.num_epochs = 2.0          # two passes over the ~12 AI comparisons
+  c.pm.optim.learning_rate = 2e-5
+  c.pm.eval_fraction = 0.2       # held-out AI comparisons for accuracy / calibration
+  c.pm.checkpoint_every = 4
+
+  c.ppo.num_iterations = 4       # rollout + update iterations
+  c.ppo.batch_size = 8           # prompts per iteration (half red-team, half helpful)
+  c.ppo.num_minibatches = 2      # minibatches per pass
+  c.ppo.epochs = 2               # passes over each rollout batch
+  c.ppo.max_new_tokens = 40      # response budget
+  c.ppo.policy_optim.learning_rate = 2e-6  # small steps: 4 iterations only
+  c.ppo.checkpoint_every = 1     # checkpoint each iteration (interrupt-safe)
+  c.ppo.log_samples_every = 2    # sample responses in the log / report
+
   c.evaluate.num_prompts = 8         # held-out prompts per kind
   c.evaluate.samples_per_prompt = 2  # two responses per prompt and snapshot for Elo
   c.evaluate.max_new_tokens = 64     # response budget
@@ -59,3 +87,16 @@ def sweep_critique(add):
   """Critique then revise, against revising directly (paper Fig. 7)."""
   add(**{"revise.direct_revision": False})
   add(**{"revise.direct_revision": True})
+
+
+def sweep_labels(add):
+  """Soft against hard AI labels; the second point reuses the first one's revise + sft."""
+  add(**{"label.hard_labels": False})
+  add(**{"label.hard_labels": True, "reuse_stages": "revise,sft"})
+
+
+def sweep_cot_clamp(add):
+  """Chain-of-thought labels with no clamp, 20-80% and 40-60% (paper Fig. 9)."""
+  add(**{"label.cot": True, "label.cot_clamp": "none"})
+  for clamp in ("0.2,0.8", "0.4,0.6"):
+    add(**{"label.cot": True, "label.cot_clamp": clamp, "reuse_stages": "revise,sft"})

@@ -1,6 +1,10 @@
-"""A random tiny model through every stage in under 3 minutes on 2 CPU cores; tests use it.
+"""A random tiny model through every stage in a few minutes on 2 CPU cores; tests use it.
 
   python -m cai_jax.main --config=configs/tiny.py --workdir=/tmp/cai_tiny
+
+The numbers it produces are noise (the model is random); it exercises every
+code path of `make demo` quickly: sampling, training, checkpoints, exports,
+labels, PPO, evaluation and the report.
 """
 from cai_jax import pipeline
 
@@ -8,8 +12,46 @@ from cai_jax import pipeline
 def get_config(arg=None):
   del arg
   c = pipeline.base_config()
-  c.model = "tiny"             # random 2-layer d=64 model with SmolLM2's tokenizer
-  c.data.num_red_team = 10     # 8 train + 2 held out with eval_fraction=0.2
-  c.data.num_helpful = 10
-  c.data.eval_fraction = 0.2
+  c.model = "tiny"               # random 2-layer d=64 model with SmolLM2's tokenizer
+  c.data.num_red_team = 6        # train-split red-team prompts used by revise/label/ppo
+  c.data.num_helpful = 4         # train-split helpfulness prompts
+  c.data.eval_fraction = 0.2     # 9 of the 45 built-in prompts per kind held out
+
+  c.revise.num_revisions = 2     # two rounds, so PM-vs-revision has three points
+  c.revise.num_fewshot = 1       # one few-shot dialogue keeps prompts short
+  c.revise.max_new_tokens = 8    # token budgets: the random model's text is noise anyway
+  c.revise.critique_max_new_tokens = 8
+  c.revise.revision_max_new_tokens = 8
+  c.revise.helpful_samples = 1   # one sample per helpfulness prompt
+  c.revise.write_tfds = False    # jsonl only (the TFDS path has its own tests)
+
+  c.sft.max_len = 128            # tokens per row
+  c.sft.batch_size = 4           # rows per step
+  c.sft.max_steps = 3            # three optimiser steps
+  c.sft.eval_fraction = 0.0      # no held-out loss
+  c.sft.tensorboard = False      # no event files
+  c.sft.async_checkpoint = False  # checkpoints written before the stage returns
+
+  c.label.max_new_tokens = 8     # response budget of the two sampled responses
+  c.label.num_fewshot = 1        # one labelling example in front of each question
+  c.label.write_tfds = False     # jsonl only
+
+  c.pm.max_len = 128             # tokens per response sequence
+  c.pm.batch_size = 2            # pairs per step
+  c.pm.max_steps = 3             # three optimiser steps
+  c.pm.eval_fraction = 0.2       # one or two held-out pairs for accuracy
+  c.pm.tensorboard = False
+  c.pm.async_checkpoint = False
+
+  c.ppo.num_iterations = 2       # two rollout + update iterations
+  c.ppo.batch_size = 4           # prompts per iteration
+  c.ppo.num_minibatches = 2      # minibatches per epoch
+  c.ppo.epochs = 1               # passes over each rollout batch
+  c.ppo.max_new_tokens = 8       # response budget
+  c.ppo.checkpoint_every = 1     # a checkpoint every iteration (exercises resume)
+  c.ppo.log_samples_every = 1    # log samples every iteration
+  c.ppo.tensorboard = False
+
+  c.evaluate.num_prompts = 3     # held-out prompts per kind
+  c.evaluate.max_new_tokens = 8  # response budget
   return c

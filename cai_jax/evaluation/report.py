@@ -194,7 +194,8 @@ class _Report:
         self.add(_table(["metric", "value"], [[k, v] for k, v in nums.items()]))
       curves = self._curves(stage)
       if curves:
-        self.add(self.plot(plots.curves, f"{stage}_curves.png", curves, title=title))
+        self.add(self.plot(plots.curves, f"{stage}_curves.png", curves, title=title,
+                           xlabel="iteration" if stage == "ppo" else "step"))
       keys = list(nums.items())[:4]
       self.summary.append(f"{title}: " + (", ".join(f"{k}={_fmt(v)}" for k, v in keys) or "done") + ".")
 
@@ -204,10 +205,11 @@ class _Report:
     if len(recs) < 2:
       return {}
     wanted = {"sft": ("loss",), "pm": ("loss", "accuracy"),
-              "ppo": ("reward", "kl", "mean_reward", "kl_to_ref")}[stage]
+              "ppo": ("reward", "kl", "entropy", "response_length")}[stage]
     out = {}
     for k in wanted:
-      pts = [(r.get("step", i), r[k]) for i, r in enumerate(recs) if isinstance(r.get(k), (int, float))]
+      pts = [(r.get("step", r.get("iteration", i)), r[k]) for i, r in enumerate(recs)
+             if isinstance(r.get(k), (int, float))]
       if len(pts) >= 2:
         out[k] = pts
     return out
