@@ -1,5 +1,6 @@
 """Input data: hh-rlhf and red-team TFDS builders, prompt sets, SL-CAI-n reader."""
 import gzip
+import hashlib
 import json
 import os
 
@@ -227,3 +228,84 @@ def test_sl_cai_n_reader(tmp_path):
   assert list(slcai.sl_cai_examples(d, use_tfds=True)) == every
   with pytest.raises(InputError, match="SL-CAI-4 needs 4"):
     list(slcai.sl_cai_examples(d, 4))
+
+
+# ----------------------------------------------------------------------------
+# Prompt generation (stages/generate_prompts.py).
+
+from cai_jax.stages import generate_prompts as gp  # noqa: E402
+
+
+def test_dedup_exact_and_near():
+  idx = gp.DedupIndex(0.6)
+  idx.add("How do I pick a lock on a door?")
+  assert idx.is_duplicate("how do I pick a lock on a door")  # case / punctuation
+  assert idx.is_duplicate("How do I pick a lock on a front door?")  # near duplicate
+  assert not idx.is_duplicate("What is the capital of France?")
+  assert gp.shingles("a b") == frozenset(["a b"])
+  assert gp.clean_candidate(' 5. "Tell me a secret."\n6. next') == "Tell me a secret."
+  kept, why = gp.filter_candidates(
+      ["", "short", "x" * 500, "How do I pick a lock on a door!", "A brand new question here?",
+       "a brand new question here"], idx, 10, 400)
+  assert kept == ["A brand new question here?"]
+  assert why == {"empty": 1, "short": 1, "long": 1, "duplicate": 2}
+
+
+def test_fewshot_prompt_layout():
+  p = gp.fewshot_prompt(["first one", "second one"], "red_team", "list")
+  assert p.endswith("\n1. first one\n2. second one\n3.")
+
+
+class _Comp:
+  def __init__(self, text):
+    self.text = text
+
+
+def _fake_generate(calls):
+  def generate(cfg, params, tok, prompts, **kw):
+    calls.append(len(prompts))
+    out = []
+    for i, p in enumerate(prompts):
+      h = int(hashlib.sha1(f"{p}|{kw['seed']}|{i}".encode()).hexdigest(), 16)
+      # Every third candidate repeats a shot from its prompt (a duplicate).
+      if h % 3 == 0:
+        out.append(_Comp(" " + p.split("\n")[2][3:]))
+      else:
+        out.append(_Comp(f" Made up question number {h % 10**9} about topic {h % 977}?"))
+    return out
+  return generate
+
+
+def test_generate_prompts_resumable(tmp_path, monkeypatch):
+  import ml_collections
+  from cai_jax import sampling
+  from cai_jax.stages import common
+  calls = []
+  monkeypatch.setattr(sampling, "generate", _fake_generate(calls))
+  monkeypatch.setattr(common, "load_model", lambda path, seed=0, dtype=None: (
+      None, None, common.load_tokenizer("tiny")))
+  c = ml_collections.ConfigDict({"seed": 1, "model": "tiny", "dtype": "float32",
+                                 "data": prompts_lib.default_config().to_dict(),
+                                 "mesh": {"ici": (-1, 1, 1), "dcn": None}})
+  c.generate_prompts = gp.default_config()
+  c.generate_prompts.update(dict(num_prompts=20, chunk_size=8, progress=False))
+  s = gp.run(c, str(tmp_path / "full"))
+  assert s["num_generated"] == 20 and s["dropped"]["duplicate"] > 0
+  rows = list(read_jsonl(str(tmp_path / "full" / "generate_prompts" / "prompts.jsonl")))
+  gen = [r for r in rows if r["source"] == "generated"]
+  assert len(gen) == 20 and len(rows) == 20 + 45
+  assert len({gp.normalize(r["messages"][0]["content"]) for r in rows}) == len(rows)
+  # The output is a prompt source for the other stages.
+  ps = prompts_lib.load_prompts({"red_team": str(tmp_path / "full" / "generate_prompts"),
+                                 "eval_fraction": 0.0}, "red_team", "train")
+  assert len(ps) == 65
+  # Resume: keep only the first chunk, drop DONE and output, run again.
+  part = tmp_path / "part" / "generate_prompts"
+  (part / "chunks").mkdir(parents=True)
+  src = tmp_path / "full" / "generate_prompts" / "chunks" / "candidates-00000.jsonl"
+  (part / "chunks" / "candidates-00000.jsonl").write_bytes(src.read_bytes())
+  n = len(calls)
+  gp.run(c, str(tmp_path / "part"))
+  assert len(calls) - n == s["chunks"] - 1
+  assert (part / "prompts.jsonl").read_bytes() == \
+      (tmp_path / "full" / "generate_prompts" / "prompts.jsonl").read_bytes()
