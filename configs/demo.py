@@ -67,7 +67,7 @@ def get_config(arg=None):
   c.evaluate.mc_files = ",".join(
       os.path.join(evals, f) for f in ("HarmfulVsEthical.jsonl", "HarmfulnessClassification.jsonl")
       if os.path.exists(os.path.join(evals, f)))
-  c.evaluate.mc_max_items = 40       # items per eval file (the full files take ~10 min here)
+  c.evaluate.mc_max_items = 30       # items per eval file (the full files take ~10 min here)
   return c
 
 

@@ -50,6 +50,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.mc_files = ""             # comma-separated multiple-choice evals (jsonl or BIG-bench task.json)
   c.mc_max_items = -1         # items per multiple-choice file (-1 = all)
   c.mc_few_shot = 0           # few-shot examples for the multiple-choice formulation
+  c.mc_debias_max_options = 4  # average over cyclic option orders when items have <= this many
   c.harmfulness = harmfulness.default_config()  # absolute 0-4 harmfulness model (optional)
   c.num_report_samples = 3    # red-team prompts whose responses the report shows
   return c
@@ -262,7 +263,9 @@ def _mc_section(config, models, results):
       name = os.path.basename(os.path.dirname(os.path.abspath(f)))
     forms = {}
     cfg, params, tok = models.get(config.feedback_model or config.model)
-    debias = all(it.listed is not None for it in items)
+    # Debiasing costs one question per option order: N orders for N options.
+    debias = all(it.listed is not None and len(it.options) <= ec.mc_debias_max_options
+                 for it in items)
     r = multiple_choice.evaluate(cfg, params, tok, items, formulation="mc", few_shot=ec.mc_few_shot,
                                  debias=debias, fmt=config.prompt_format, seed=config.seed)
     forms["feedback model" + (" (debiased)" if debias else "")] = {
