@@ -201,7 +201,11 @@ def test_config_change_refused_on_resume(fake, tmp_path):
   with pytest.raises(InputError, match="different 'revise'"):
     revise.run(cfg, str(tmp_path))
   cfg.revise.num_revisions = 2
-  cfg.revise.batch_size = 4  # does not change what a chunk holds
+  cfg.revise.batch_size = 4  # changes the sampler's batches, so the results
+  with pytest.raises(InputError, match="different 'revise'"):
+    revise.run(cfg, str(tmp_path))
+  cfg.revise.batch_size = 2
+  cfg.revise.progress = True  # does not change what a chunk holds
   revise.run(cfg, str(tmp_path))
 
 
@@ -242,7 +246,7 @@ def test_resume_after_sigkill_tiny_model(tmp_path):
   equals an uninterrupted run with the same seed, one record per prompt."""
   cfg = make_config(num_red_team=4, num_helpful=2, num_revisions=1, chunk_size=1,
                     batch_size=1, max_new_tokens=6, critique_max_new_tokens=6,
-                    revision_max_new_tokens=6, write_tfds=True)
+                    revision_max_new_tokens=6, write_tfds=True, shard=False)
   part = tmp_path / "part"
   chunks = part / "revise" / "chunks"
   env = dict(os.environ, PYTHONPATH=ROOT)
@@ -282,7 +286,7 @@ def test_resume_after_sigkill_tiny_model(tmp_path):
 def test_real_run_smollm2(tmp_path, smollm2_path):
   """SmolLM2 on 8 prompts with 2 rounds: complete records, valid principle
   ids, non-empty revisions, most of them different from the first answer."""
-  cfg = make_config(model=smollm2_path, num_red_team=8, num_helpful=0, helpful_samples=0,
+  cfg = make_config(model=smollm2_path, num_red_team=8, num_helpful=0, helpful_samples=0, shard=False,
                     num_revisions=2, num_fewshot=1, chunk_size=8, batch_size=8,
                     max_new_tokens=40, critique_max_new_tokens=40, revision_max_new_tokens=40,
                     temperature=0.7)

@@ -60,6 +60,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.helpful_samples = 2  # responses sampled per helpfulness prompt (paper: 2; 0 = none)
   c.split = "train"  # prompt split to process ("train" | "eval" | "all")
   c.batch_size = 16  # sampler batch size
+  c.shard = True  # shard sampling over config.mesh; False = one device (faster for simulated CPU devices)
   c.chunk_size = 64  # prompts per output chunk; the unit of resumption (keep fixed within a run)
   c.system_prompt = ""  # system message for chat rendering ("" = the template's default)
   c.write_tfds = True  # also write the records as an array_record TFDS dataset
@@ -239,8 +240,9 @@ def _check_signature(stage_dir: str, sig: dict) -> None:
   if os.path.exists(path):
     with open(path, encoding="utf-8") as f:
       old = json.load(f)
-    # Fields that do not change what a chunk holds may differ between attempts.
-    volatile = ("batch_size", "progress", "write_tfds")
+    # Fields that do not change what a chunk holds may differ between attempts
+    # (batch_size and shard do: the sampler's batches and numerics follow them).
+    volatile = ("progress", "write_tfds")
     for k in sorted(set(old) | set(sig)):
       a, b = old.get(k), sig.get(k)
       if k == "revise":
@@ -284,10 +286,11 @@ def run(config, workdir: str) -> dict:
   seed = int(_top(config, "seed", 0))
   cfg, params, tok = common.load_model(str(_top(config, "model", "tiny")), seed=seed,
                                        dtype=_top(config, "dtype", None))
-  mesh = sharding.mesh_from_config(config)
+  mesh = sharding.mesh_from_config(config) if rc.shard else None
   budget = max(int(rc.max_new_tokens), int(rc.critique_max_new_tokens),
                int(rc.revision_max_new_tokens))
-  limit = cfg.max_position_embeddings - budget
+  # A few tokens of slack for the BOS the sampler may add.
+  limit = cfg.max_position_embeddings - budget - 4
   if int(rc.max_prompt_tokens) > 0:
     limit = min(limit, int(rc.max_prompt_tokens))
   prompter = _Prompter(const, fmt, tok, examples, bool(rc.history), str(rc.system_prompt),
