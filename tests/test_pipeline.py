@@ -113,3 +113,41 @@ def test_base_config_is_locked():
   with pytest.raises(AttributeError):
     c.data.num_red_tem = 3
   assert pipeline.parse_stages(("ppo", "revise")) == ["revise", "ppo"]
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_end_to_end_with_kill_and_resume(tmp_path):
+  """configs/tiny.py through every stage as `make demo` runs it: killed with SIGKILL
+  once the first stage has finished, then re-run; finished stages are not redone."""
+  import signal
+  import subprocess
+  import sys
+  import time
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  w = tmp_path / "tiny"
+  cmd = [sys.executable, "-m", "cai_jax.main", "--config=configs/tiny.py", f"--workdir={w}"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)  # one device, as a user runs it
+  p = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  deadline = time.time() + 600
+  while not utils.is_done(str(w / "revise")) and p.poll() is None and time.time() < deadline:
+    time.sleep(0.5)
+  assert p.poll() is None, p.stdout.read().decode()[-3000:]
+  time.sleep(2.0)  # into the next stage
+  p.send_signal(signal.SIGKILL)
+  p.wait()
+  revise_done = os.path.getmtime(w / "revise" / "DONE")
+  r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  t = pipeline.read_timings(str(w))
+  for s in pipeline.STAGES:
+    assert utils.is_done(str(w / s)), s
+    assert t["stages"][s]["status"] in ("done", "skipped")
+  assert t["stages"]["revise"]["attempts"] == 1  # not redone after the kill
+  assert os.path.getmtime(w / "revise" / "DONE") == revise_done
+  assert "Report: " in r.stdout and (w / "report.md").exists()
+  text = (w / "report.md").read_text()
+  for heading in ("## Summary", "## SL-CAI: critiques and revisions", "## AI feedback labels",
+                  "## Preference model", "## RL-CAI (PPO)", "### Elo (pm as judge)",
+                  "### Evasiveness"):
+    assert heading in text, heading

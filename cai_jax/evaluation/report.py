@@ -22,6 +22,13 @@ from cai_jax import utils
 from cai_jax.evaluation import plots
 
 STAGES = ("revise", "sft", "label", "pm", "ppo", "evaluate")
+# Summary numbers shown first for each stage (the rest follow in the stage table).
+HEADLINE = {"revise": ("frac_revision_changed", "num_red_team", "num_rounds"),
+            "sft": ("final_loss", "steps", "num_examples"),
+            "label": ("mean_p_a", "mean_confidence", "num_comparisons"),
+            "pm": ("eval.accuracy", "eval.ece", "final_loss", "steps"),
+            "ppo": ("reward_first", "reward_last", "kl_last", "iterations"),
+            "evaluate": ("snapshots", "red_team_prompts", "helpful_prompts")}
 SNAPSHOT_TITLES = {"helpful": "initial helpful", "sl_cai": "SL-CAI", "rl_cai": "RL-CAI"}
 
 
@@ -63,6 +70,11 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
   for r in rows:
     lines.append("| " + " | ".join(_fmt(v) for v in r) + " |")
   return "\n".join(lines)
+
+
+def _headline(stage: str, nums: dict) -> dict:
+  first = {k: nums[k] for k in HEADLINE.get(stage, ()) if k in nums}
+  return {**first, **{k: v for k, v in nums.items() if k not in first}}
 
 
 def _flat_numbers(d: dict, prefix: str = "") -> dict[str, float]:
@@ -123,7 +135,7 @@ class _Report:
         continue
       secs = (t or {}).get("seconds", float("nan"))
       total += 0.0 if not np.isfinite(secs) else secs
-      nums = _flat_numbers(self.stage_summary[s] or {})
+      nums = _headline(s, _flat_numbers(self.stage_summary[s] or {}))
       key = ", ".join(f"{k}={_fmt(v)}" for k, v in list(nums.items())[:6])
       rows.append([s, "done" if done else (t or {}).get("status", "not run"), secs,
                    (t or {}).get("cpu_seconds", float("nan")), (t or {}).get("attempts", 0), key])
@@ -188,7 +200,7 @@ class _Report:
       info = self.stage_summary[stage]
       if info is None:
         continue
-      nums = _flat_numbers(info)
+      nums = _headline(stage, _flat_numbers(info))
       self.add(f"## {title}\n")
       if nums:
         self.add(_table(["metric", "value"], [[k, v] for k, v in nums.items()]))
