@@ -122,8 +122,11 @@ class PPOTrainer:
     tr, metrics, timings = self.rollout(state["policy"], state["value"], prompt_tokens_BxP,
                                         prompt_mask_BxP, rng_sample, beta)
     t0 = time.perf_counter()
-    batch = sharding.shard_batch(jax.device_get(update_lib.batch_from_transition(tr)),
-                                 self.mesh, self.rules)
+    sh = update_lib.batch_input_sharding(self.mesh, self.batch_size, self.rules)
+    host = jax.device_get(update_lib.batch_from_transition(tr))
+    # Every process holds the whole batch; each places the rows its devices own.
+    batch = jax.tree_util.tree_map(
+        lambda x: jax.make_array_from_callback(x.shape, sh, lambda idx, x=x: x[idx]), host)
     update = self._update_fn(state)
     state, upd_metrics = update(state, batch, rng_update)
     upd_metrics = {k: float(v) for k, v in jax.device_get(upd_metrics).items()}

@@ -140,8 +140,15 @@ def make_update_fn(policy_cfg, value_cfg, policy_tx, value_tx, hp: UpdateHParams
     return state, jax.tree_util.tree_map(jnp.mean, metrics)
 
   rep = sharding.replicated(mesh)
-  batch_shardings = {k: sharding.batch_sharding(mesh, 2, rules)
+  batch_shardings = {k: batch_input_sharding(mesh, batch_size, rules)
                      for k in ("tokens", "mask", "response_mask", "old_logprobs",
                                "old_values", "advantages", "returns")}
   return jax.jit(update, in_shardings=(shardings, batch_shardings, rep),
                  out_shardings=(shardings, rep), donate_argnums=(0,))
+
+
+def batch_input_sharding(mesh, batch_size: int, rules=sharding.DEFAULT_RULES):
+  """Rows split over the batch axes, or replicated when they do not divide."""
+  if batch_size % sharding.batch_divisor(mesh, rules):
+    return sharding.replicated(mesh)
+  return sharding.batch_sharding(mesh, 2, rules)
