@@ -139,3 +139,55 @@ def test_missing_checkpoint_dir_is_input_error(tmp_path):
     checkpoint.Manager(str(tmp_path / "nope"), read_only=True)
   with pytest.raises(InputError, match="not a stage checkpoint"):
     checkpoint.load_params_from_stage(str(tmp_path))
+
+
+_WORKER = r"""
+import os, sys, time
+sys.path.insert(0, {tests!r})
+import test_training_loop as T
+from cai_jax.training import data
+orig = T.Recording.__next__
+def slow_next(self):
+  time.sleep(0.3)  # give the parent time to kill between checkpoints
+  return orig(self)
+T.Recording.__next__ = slow_next
+T._run({ckpt!r}, 1000, interval=2)
+"""
+
+
+@pytest.mark.slow
+def test_exact_resume_after_sigkill(tmp_path):
+  """A separate process is SIGKILLed mid-run; resuming gives the same params."""
+  import signal
+  import subprocess
+  import sys
+  import time
+  ckpt = str(tmp_path / "killed")
+  code = _WORKER.format(tests=os.path.dirname(os.path.abspath(__file__)), ckpt=ckpt)
+  env = dict(os.environ)
+  proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE)
+  try:
+    deadline = time.time() + 600
+    while time.time() < deadline:
+      steps = [int(n) for n in os.listdir(ckpt) if n.isdigit()] if os.path.isdir(ckpt) else []
+      if steps and max(steps) >= 4:
+        break
+      if proc.poll() is not None:
+        pytest.fail("worker exited early: " + proc.stderr.read().decode()[-2000:])
+      time.sleep(0.1)
+    else:
+      pytest.fail("worker made no checkpoint at step >= 4 in time")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  killed_at = max(int(n) for n in os.listdir(ckpt) if n.isdigit())
+  assert 4 <= killed_at < 10
+  resumed, _ = _run(ckpt, 10)
+  assert resumed.resumed_from is not None and resumed.resumed_from >= 4
+  straight, _ = _run(str(tmp_path / "straight"), 10)
+  for x, y in zip(jax.tree_util.tree_leaves(jax.device_get(straight.state.params)),
+                  jax.tree_util.tree_leaves(jax.device_get(resumed.state.params))):
+    assert np.array_equal(np.asarray(x), np.asarray(y))

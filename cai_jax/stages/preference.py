@@ -41,6 +41,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.pretrain_steps = 0        # PM-pretraining steps (0 = no phase)
   c.pretrain_lr = 1e-5        # learning rate of the pretraining phase
   c.eval_fraction = 0.1       # pairs of each source held out for accuracy/calibration
+  c.max_eval_pairs = -1       # evaluate on at most this many held-out pairs per source (-1 = all)
   c.max_len = 512             # tokens per response sequence (the end is kept)
   c.batch_size = 8            # pairs per step (global)
   c.num_epochs = 1.0          # passes over the mixture
@@ -208,7 +209,8 @@ def _train_phase(name, cfg, params, tok, train_pairs, eval_sets, config, out, st
                      rng=jax.random.PRNGKey(config.seed), manager=mngr,
                      eval_fn=eval_fn if any(eval_sets.values()) else None,
                      eval_every=int(pc.eval_every), writer=writer,
-                     flops_per_token=flops_lib.train_flops_per_token(cfg, L),
+                     flops_per_token=flops_lib.train_flops_per_token(
+                         cfg, L, lm_head=False, trainable_layers=int(pc.train_top_layers)),
                      log_every=int(pc.log_every), desc=name, progress=bool(pc.progress),
                      rules=rules)
   finally:
@@ -252,7 +254,9 @@ def run(config, workdir: str) -> dict:
   hu_enc = encode_pairs(tok, human, fmt, L, seed)
   ai_tr, ai_ev = split_eval(len(ai_enc), float(pc.eval_fraction), seed) if ai_enc else ([], [])
   hu_tr, hu_ev = split_eval(len(hu_enc), float(pc.eval_fraction), seed) if hu_enc else ([], [])
-  eval_sets = {"ai": [ai_enc[i] for i in ai_ev], "human": [hu_enc[i] for i in hu_ev]}
+  k = int(pc.max_eval_pairs)
+  eval_sets = {"ai": [ai_enc[i] for i in ai_ev][:k if k >= 0 else None],
+               "human": [hu_enc[i] for i in hu_ev][:k if k >= 0 else None]}
   train = mix([ai_enc[i] for i in ai_tr], [hu_enc[i] for i in hu_tr], float(pc.human_fraction),
               seed)
   mesh = shd.mesh_from_config(config)

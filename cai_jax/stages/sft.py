@@ -168,7 +168,8 @@ def run(config, workdir: str) -> dict:
     res = loop.train(step_fn=step_fn, state=st, batches=batches, mesh=mesh, num_steps=steps,
                      rng=jax.random.PRNGKey(config.seed), manager=mngr, eval_fn=eval_fn,
                      eval_every=int(sc.eval_every), writer=writer,
-                     flops_per_token=flops_lib.train_flops_per_token(cfg, L),
+                     flops_per_token=flops_lib.train_flops_per_token(
+                         cfg, L, trainable_layers=int(sc.train_top_layers)),
                      log_every=int(sc.log_every), desc="sft", progress=bool(sc.progress),
                      rules=rules)
   finally:

@@ -18,9 +18,23 @@ _TPU_PEAK = {"v2": 45e12, "v3": 123e12, "v4": 275e12, "v5 lite": 197e12, "v5e": 
              "v5p": 459e12, "v5": 459e12, "v6 lite": 918e12, "v6e": 918e12}
 
 
-def train_flops_per_token(cfg, seq_len: int) -> float:
-  """Forward + backward ≈ 3 × forward FLOPs per token."""
-  return 3.0 * cfg.flops_per_token(seq_len)
+def train_flops_per_token(cfg, seq_len: int, lm_head: bool = True,
+                          trainable_layers: int = -1) -> float:
+  """Forward + backward FLOPs per token (backward ≈ 2 × forward).
+
+  lm_head=False drops the vocabulary projection (preference/value models).
+  trainable_layers=k (>= 0): only the top k blocks are trained, so the
+  backward pass covers just those (plus the head).
+  """
+  fwd = cfg.flops_per_token(seq_len)
+  head = 2.0 * cfg.vocab_size * cfg.hidden_size
+  if not lm_head:
+    fwd -= head
+  if trainable_layers is None or trainable_layers < 0:
+    return 3.0 * fwd
+  trunk = fwd - (head if lm_head else 0.0)
+  bwd = 2.0 * trunk * min(trainable_layers, cfg.num_layers) / cfg.num_layers
+  return fwd + bwd + (2.0 * head if lm_head else 0.0)
 
 
 def matmul_flops_rate(n: int = 1024, reps: int = 5, dtype=jnp.float32) -> float:
