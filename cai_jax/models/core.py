@@ -125,15 +125,16 @@ def reward(cfg: ModelConfig, params, tokens_BxL, mask_BxL):
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None):
-  """Preallocated per-layer KV cache: list of {"k","v"} BxSxKxH."""
+  """Preallocated per-layer KV cache: list of {"k","v"} BxKxSxH (kv-head-major,
+  so decode attention reads it without transposes)."""
   dtype = cfg.jnp_dtype if dtype is None else dtype
-  shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+  shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
   return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
           for _ in range(cfg.num_layers)]
 
 
 def cache_logical_axes(cfg: ModelConfig):
-  spec = ("batch", "cache_length", "kv_heads", "head_dim")
+  spec = ("batch", "kv_heads", "cache_length", "head_dim")
   return [{"k": spec, "v": spec} for _ in range(cfg.num_layers)]
 
 

@@ -96,13 +96,9 @@ class Attention(nn.Module):
       v = v + _param(self, "v_bias", (K, H), ("kv_heads", "head_dim"), zinit, pd).astype(cd)
     q = apply_rope(q, sin, cos)
     k = apply_rope(k, sin, cos)
-    new_cache = None
-    if cache is not None:
-      k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
-      v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
-      new_cache = {"k": k_all, "v": v_all}
-      k, v = k_all.astype(cd), v_all.astype(cd)
     B, T = q.shape[:2]
+    if cache is not None:
+      return self._cached(q, k, v, wo, allowed_BxTxS, cache, cache_index)
     q = q.reshape(B, T, K, G, H)
     s = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
     s = s * (1.0 / np.sqrt(H))
@@ -110,7 +106,35 @@ class Attention(nn.Module):
     p = jax.nn.softmax(s, axis=-1).astype(cd)
     o = jnp.einsum("bkgts,bskh->btkgh", p, v).reshape(B, T, N, H)
     out = jnp.einsum("btnh,nhd->btd", o, wo.astype(cd))
-    return out, new_cache
+    return out, None
+
+  def _cached(self, q, k, v, wo, allowed_BxTxS, cache, cache_index):
+    """Attention over a BxKxSxH cache after writing the T new keys/values.
+
+    The cache is kv-head-major so both attention dots read it as plain batched
+    matmuls; with a BxSxKxH cache XLA transposed the whole cache (and o_kernel)
+    at every decode step.
+    """
+    cfg = self.cfg
+    N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    G = N // K
+    cd = cfg.jnp_dtype
+    B, T = q.shape[:2]
+    k_all = jax.lax.dynamic_update_slice_in_dim(
+        cache["k"], k.transpose(0, 2, 1, 3).astype(cache["k"].dtype), cache_index, axis=2)
+    v_all = jax.lax.dynamic_update_slice_in_dim(
+        cache["v"], v.transpose(0, 2, 1, 3).astype(cache["v"].dtype), cache_index, axis=2)
+    q = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)
+    s = jnp.einsum("bkgth,bksh->bkgts", q, k_all.astype(cd), preferred_element_type=jnp.float32)
+    s = s * (1.0 / np.sqrt(H))
+    s = jnp.where(allowed_BxTxS[:, None, None, :, :], s, _NEG)
+    p = jax.nn.softmax(s, axis=-1).astype(cd)
+    o = jnp.einsum("bkgts,bksh->bkgth", p, v_all.astype(cd))
+    # One merged (n, h) contraction: einsum orders the two contracting dims
+    # (h, n), which made XLA transpose o_kernel at every decode step.
+    o = o.transpose(0, 3, 1, 2, 4).reshape(B, T, N * H)
+    out = jnp.einsum("btf,fd->btd", o, wo.reshape(N * H, -1).astype(cd))
+    return out, {"k": k_all, "v": v_all}
 
 
 class MLP(nn.Module):
@@ -153,7 +177,7 @@ class Transformer(nn.Module):
   Call with tokens_BxT and positions_BxT. Without a cache, `mask_BxT` marks real
   tokens (left padding allowed) and attention is causal over the T tokens;
   a BxTxT `mask` gives the allowed query/key pairs directly (packed rows).
-  With a cache (a list of per-layer {"k","v"} of shape BxSxKxH), the T new
+  With a cache (a list of per-layer {"k","v"} of shape BxKxSxH), the T new
   tokens are written at slot `cache_index` and `mask_BxT` must be the BxS mask
   of valid slots after the write.
   """

@@ -153,7 +153,7 @@ def _pick(logits_BxV, key, temperature, top_p, *, greedy, top_k, use_top_p, unit
 def _cache_constraint(cfg, cache, mesh):
   if mesh is None:
     return cache
-  spec = ("batch", "cache_length", "kv_heads", "head_dim")
+  spec = models.cache_logical_axes(cfg)[0]["k"]
   shape = cache[0]["k"].shape
   s = NamedSharding(mesh, sharding_lib.logical_to_mesh_spec(spec, shape, mesh))
   return jax.lax.with_sharding_constraint(cache, jax.tree_util.tree_map(lambda _: s, cache))
