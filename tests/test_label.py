@@ -69,7 +69,8 @@ class FakeScores:
     b = text.rfind("\n (B) ")
     end = text.find("\n", b + 1)
     principle = text[text.rfind("\n", 0, a) + 1:a]
-    return principle, text[a + 6:b], text[b + 6:end]
+    # In chat rendering the last option ends the user turn.
+    return principle, text[a + 6:b], text[b + 6:end].split("<|im_end|>")[0]
 
   def __call__(self, cfg, params, prompt_ids, option_ids, **kw):
     out = []
@@ -145,8 +146,9 @@ def test_soft_label_is_softmax_of_option_logprobs_real_tiny_model(tmp_path, tok)
   assert ex.conversation[0]["content"] in captured[0]
 
 
-def test_soft_label_exact_with_controlled_logprobs(tmp_path, fakes):
-  label.run(make_config(num_red_team=4, debias=False), str(tmp_path))
+@pytest.mark.parametrize("fmt", ["raw", "chat"])
+def test_soft_label_exact_with_controlled_logprobs(tmp_path, fakes, fmt):
+  label.run(make_config(num_red_team=4, debias=False, fmt=fmt), str(tmp_path))
   const = C.load("harmlessness")
   for r in _records(str(tmp_path)):
     p = const.choice_principle(r["principle_ids"][0]).text
@@ -255,7 +257,7 @@ def test_resume_after_crash_matches_uninterrupted(tmp_path, fakes, monkeypatch):
 
 
 def test_tfds_records_round_trip(tmp_path, fakes):
-  label.run(make_config(num_red_team=3, cot=True, write_tfds=True), str(tmp_path))
+  label.run(make_config(num_red_team=3, cot=True, write_tfds=True, fmt="chat"), str(tmp_path))
   want = _records(str(tmp_path))
   got = preferences_tfds.load(str(tmp_path / "label"))
   assert [g["id"] for g in got] == [w["id"] for w in want]
