@@ -122,3 +122,24 @@ def test_first_update_step_matches_maths_and_mesh_shapes(tiny):
   # The update is the same on a data-parallel and a data×fsdp×tensor mesh.
   np.testing.assert_allclose(results[0], results[1], atol=2e-5)
   assert not np.allclose(results[0], policy["embedding"])
+
+
+def test_train_top_layers_freezes_the_rest(tiny):
+  cfg, policy, pm = tiny
+  c = rl_config.ppo_section()
+  c.batch_size, c.max_new_tokens, c.epochs, c.num_minibatches = 8, 4, 1, 1
+  c.train_top_layers = 1
+  c.policy_optim.learning_rate = c.value_optim.learning_rate = 1e-2
+  mesh = sharding.make_mesh((-1, 1, 1))
+  tr = trainer_lib.PPOTrainer(c, policy_cfg=cfg, policy_params=policy, value_cfg=cfg,
+                              value_params=models.drop_heads(pm, ("score",)),
+                              reward_fn=lambda b: jnp.arange(8.0), mesh=mesh)
+  state = tr.init_state()
+  state, _, _ = tr.iteration(state, np.tile(PROMPT, (4, 1)), np.tile(PMASK, (4, 1)),
+                             jax.random.PRNGKey(0))
+  new = jax.device_get(state["policy"])
+  np.testing.assert_array_equal(new["embedding"], policy["embedding"])
+  np.testing.assert_array_equal(new["layers_0"]["mlp"]["up_kernel"],
+                                policy["layers_0"]["mlp"]["up_kernel"])
+  assert not np.allclose(new["layers_1"]["mlp"]["up_kernel"], policy["layers_1"]["mlp"]["up_kernel"])
+  assert not np.allclose(jax.device_get(state["value"]["score_kernel"]), pm["score_kernel"])

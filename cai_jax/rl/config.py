@@ -34,6 +34,8 @@ def ppo_section() -> ml_collections.ConfigDict:
   c.policy_optim.learning_rate = 1e-6
   c.value_optim = optim.default_optim_config()    # value optimizer
   c.value_optim.learning_rate = 1e-5
+  c.train_top_layers = -1       # -1 trains all of policy and value; k: only the top k blocks
+                                # + final norm + heads (saves optimizer memory)
   c.policy_init = ""            # policy / reference init: "" = WORKDIR/sft/final, else config.model
   c.pm_path = ""                # preference model: "" = WORKDIR/pm/final
   c.value_init = "pm"           # value model starts from "pm" or "policy" (new zero score head)

@@ -57,11 +57,15 @@ class PPOTrainer:
     policy_params = sharding.shard_params(policy_params, policy_cfg, mesh, rules)
     value_params = sharding.shard_params(value_params, value_cfg, mesh, rules)
     if ref_params is None:
-      ref_cfg, ref_params = policy_cfg, _copy_tree(policy_params)
+      # The reference keeps the initial sharded arrays; the train state gets
+      # copies (it is donated), so no extra copy lives beyond init_state.
+      ref_cfg, ref_params = policy_cfg, policy_params
     else:
       ref_params = sharding.shard_params(ref_params, ref_cfg, mesh, rules)
-    self.policy_tx = optim.make_optimizer(config.policy_optim)
-    self.value_tx = optim.make_optimizer(config.value_optim)
+    top = int(config.get("train_top_layers", -1))
+    mask = None if top < 0 else (lambda p: optim.trainable_mask(p, top, train_embeddings=False))
+    self.policy_tx = optim.make_optimizer(config.policy_optim, trainable=mask)
+    self.value_tx = optim.make_optimizer(config.value_optim, trainable=mask)
     self.rollout_hp, self.update_hp = hparams_from_config(config, eos_ids, stop_seqs)
     self.kl_ctl = control.make_kl_controller(config.kl.kind, config.kl.beta,
                                              config.kl.target, config.kl.horizon)
@@ -93,7 +97,8 @@ class PPOTrainer:
       # process, tests) share one compiled update.
       key = (self.policy_cfg, self.value_cfg, self.update_hp, self.mesh, self.batch_size,
              tuple(self.rules), self.config.policy_optim.to_json(),
-             self.config.value_optim.to_json(), jax.tree_util.tree_structure(shardings),
+             self.config.value_optim.to_json(), int(self.config.get("train_top_layers", -1)),
+             jax.tree_util.tree_structure(shardings),
              tuple(jax.tree_util.tree_leaves(shardings)))
       if key not in _UPDATE_CACHE:
         _UPDATE_CACHE[key] = update_lib.make_update_fn(

@@ -200,7 +200,8 @@ def run(config, workdir: str, reward_fn=None) -> dict:
   trainer = trainer_lib.PPOTrainer(pc, policy_cfg=pcfg, policy_params=pparams, value_cfg=vcfg,
                                    value_params=vparams, reward_fn=reward_fn, mesh=mesh,
                                    eos_ids=eos, stop_seqs=matcher, rules=rules)
-  del pparams, vparams
+  del pparams, vparams  # host copies; the trainer holds sharded ones
+  pm_params = None
   state = trainer.init_state()
   rng = jax.random.PRNGKey(seed)
 
