@@ -336,6 +336,7 @@ def test_bad_mask_is_rejected(tiny):
                     max_new_tokens=2)
 
 
+@pytest.mark.slow
 def test_smollm2_greedy_and_logprobs(smollm2):
   cfg, params, tok = smollm2
   msgs = [[{"role": "user", "content": "What is the capital of France?"}],

@@ -55,9 +55,9 @@ def compile_count(name: Optional[str] = None) -> int:
 
 
 def bucket_length(n: int) -> int:
-  """Padded length on a coarse grid: x32 to 256, x128 to 1024, then x512."""
+  """Padded length on a coarse grid: x16 to 128, x32 to 256, x128 to 1024, then x512."""
   n = max(int(n), 1)
-  for step, upto in ((32, 256), (128, 1024)):
+  for step, upto in ((16, 128), (32, 256), (128, 1024)):
     if n <= upto:
       return -(-n // step) * step
   return -(-n // 512) * 512

@@ -1,0 +1,169 @@
+"""Sampling throughput: cai_jax vs transformers `generate` on SmolLM2-135M-Instruct.
+
+  .venv/bin/python benchmarks/sampling.py [--batches 16,64] [--new_tokens 64] [--repeats 2]
+
+Both samplers run on the same GGUF weights in the same process, with chat-template
+prompts and `new_tokens` tokens sampled at T=1 (no top-k/top-p, EOS ignored so
+every row makes the full count). torch uses 2 threads. The machine's f32 matmul
+rate (best of XLA and torch on a large square matmul) gives the compute-bound
+ceiling of rate / (2 x parameters) tokens/s. Timings alternate between the two
+samplers and keep the best of `repeats` runs each, because the machine is shared.
+The last line printed is JSON.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from cai_jax import models, sampling  # noqa: E402
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Give me three tips for sleeping better.",
+    "How do I boil an egg?",
+    "Explain photosynthesis to a child.",
+    "Write a haiku about autumn leaves.",
+    "Why is the sky blue?",
+    "What should I pack for a weekend hiking trip?",
+    "Summarise the plot of a detective story in two sentences.",
+    "How can I politely decline a meeting invitation?",
+    "What are prime numbers?",
+    "Suggest a name for a friendly robot.",
+    "How do vaccines work?",
+    "What is a good way to start learning to paint?",
+    "Describe the taste of a lemon.",
+    "How far away is the Moon?",
+    "Tell me a fun fact about octopuses.",
+]
+
+
+def chat_prompts(tok, n):
+  out = []
+  for i in range(n):
+    msgs = [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
+    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    out.append(sampling.encode_prompt(tok, text))
+  return out
+
+
+def left_pad(rows, pad):
+  L = max(len(r) for r in rows)
+  t = np.full((len(rows), L), pad, np.int32)
+  m = np.zeros((len(rows), L), bool)
+  for i, r in enumerate(rows):
+    t[i, L - len(r):] = r
+    m[i, L - len(r):] = True
+  return t, m
+
+
+def matmul_rate(n=2048, reps=5):
+  """Best f32 GFLOP/s of XLA and torch on an n x n matmul."""
+  import torch
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(reps):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  xla = 2 * n ** 3 / best / 1e9
+  ta = torch.randn(n, n)
+  ta @ ta
+  best = float("inf")
+  for _ in range(reps):
+    t = time.perf_counter()
+    ta @ ta
+    best = min(best, time.perf_counter() - t)
+  return max(xla, 2 * n ** 3 / best / 1e9), xla, 2 * n ** 3 / best / 1e9
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--batches", default="16,64")
+  ap.add_argument("--new_tokens", type=int, default=64)
+  ap.add_argument("--repeats", type=int, default=2)
+  ap.add_argument("--skip_hf", action="store_true")
+  args = ap.parse_args()
+
+  import torch
+  import transformers
+  torch.set_num_threads(2)
+
+  path = models.smollm2_gguf_path()
+  cfg, params = models.load_pretrained(path)
+  tok = models.load_tokenizer(path)
+  n_params = models.count_params(params)
+  hf = None
+  if not args.skip_hf:
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+
+  N = args.new_tokens
+  result = {"model": "SmolLM2-135M-Instruct", "params": n_params, "new_tokens": N,
+            "devices": jax.device_count()}
+  for B in [int(b) for b in args.batches.split(",")]:
+    prompts = chat_prompts(tok, B)
+    t_np, m_np = left_pad(prompts, cfg.pad_token_id)
+
+    def run_jax(seed):
+      out = sampling.sample(cfg, params, t_np, m_np, jax.random.PRNGKey(seed), max_new_tokens=N,
+                            temperature=1.0, eos_ids=())
+      assert int(out.lengths_B.sum()) == B * N
+      return out
+
+    def run_hf(seed):
+      torch.manual_seed(seed)
+      with torch.no_grad():
+        out = hf.generate(input_ids=torch.tensor(t_np, dtype=torch.long),
+                          attention_mask=torch.tensor(m_np.astype(np.int64)),
+                          do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                          max_new_tokens=N, min_new_tokens=N, pad_token_id=cfg.pad_token_id)
+      assert out.shape[1] - t_np.shape[1] == N
+      return out
+
+    t0 = time.perf_counter()
+    run_jax(0)  # compile
+    compile_s = time.perf_counter() - t0
+    if hf is not None:
+      run_hf(0)  # warm up
+    jax_best = hf_best = float("inf")
+    for r in range(args.repeats):
+      t0 = time.perf_counter()
+      run_jax(r + 1)
+      jax_best = min(jax_best, time.perf_counter() - t0)
+      if hf is not None:
+        t0 = time.perf_counter()
+        run_hf(r + 1)
+        hf_best = min(hf_best, time.perf_counter() - t0)
+    jax_tps = B * N / jax_best
+    result[f"batch{B}_prompt_len"] = int(t_np.shape[1])
+    result[f"batch{B}_compile_s"] = round(compile_s, 2)
+    result[f"batch{B}_cai_jax_tokens_per_s"] = round(jax_tps, 1)
+    if hf is not None:
+      hf_tps = B * N / hf_best
+      result[f"batch{B}_hf_tokens_per_s"] = round(hf_tps, 1)
+      result[f"batch{B}_ratio_vs_hf"] = round(jax_tps / hf_tps, 3)
+    print(json.dumps({k: v for k, v in result.items() if k.startswith(f"batch{B}")}), flush=True)
+
+  rate, xla_rate, torch_rate = matmul_rate()
+  ceiling = rate * 1e9 / (2 * n_params)
+  result["matmul_gflops"] = round(rate, 1)
+  result["matmul_gflops_xla"] = round(xla_rate, 1)
+  result["matmul_gflops_torch"] = round(torch_rate, 1)
+  result["ceiling_tokens_per_s"] = round(ceiling, 1)
+  for B in [int(b) for b in args.batches.split(",")]:
+    result[f"batch{B}_fraction_of_ceiling"] = round(
+        result[f"batch{B}_cai_jax_tokens_per_s"] / ceiling, 3)
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  main()
