@@ -286,10 +286,11 @@ def test_resume_after_sigkill_tiny_model(tmp_path):
 def test_real_run_smollm2(tmp_path, smollm2_path):
   """SmolLM2 on 8 prompts with 2 rounds: complete records, valid principle
   ids, non-empty revisions, most of them different from the first answer."""
-  cfg = make_config(model=smollm2_path, num_red_team=8, num_helpful=0, helpful_samples=0, shard=False,
+  cfg = make_config(model=smollm2_path, num_red_team=8, num_helpful=0, helpful_samples=0,
+                    shard=False,
                     num_revisions=2, num_fewshot=1, chunk_size=8, batch_size=8,
-                    max_new_tokens=40, critique_max_new_tokens=40, revision_max_new_tokens=40,
-                    temperature=0.7)
+                    max_new_tokens=32, critique_max_new_tokens=32, revision_max_new_tokens=32,
+                    temperature=0.7, top_p=0.9)
   s = revise.run(cfg, str(tmp_path))
   recs = _read(tmp_path)
   const = C.load("harmlessness")
