@@ -121,6 +121,10 @@ def main(argv):
   config = _load_config()
   if not _WORKDIR.value:
     _fail("--workdir is required, e.g. --workdir=workdir/demo")
+  # Multi-host (CAI_JAX_DISTRIBUTED=1 or config.distributed.enabled): join the
+  # other hosts before anything touches a device.
+  from cai_jax import sharding
+  sharding.maybe_initialize_distributed(config)
   try:
     if _SWEEP.value:
       points = _sweep_points(_SWEEP.value)

@@ -272,3 +272,34 @@ def maybe_initialize_distributed(config=None) -> bool:
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
   return True
+
+
+
+def opt_state_shardings(tx, params, mesh: Mesh):
+  """NamedShardings for `tx.init(params)` on sharded params.
+
+  Every copy of a parameter inside the optimizer state (Adam's mu and nu,
+  accumulated gradients, also under masks) takes that parameter's sharding;
+  everything else (step counts) is replicated. Without this, `jax.jit(tx.init)`
+  leaves the moments replicated (zeros do not depend on the params' values, so
+  nothing propagates their sharding): two full model copies per device.
+  `params` may be arrays or ShapeDtypeStructs with shardings.
+  """
+  shapes = jax.eval_shape(tx.init, params)
+  by_path = {}
+  for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+    by_path[tuple(getattr(k, "key", None) for k in path)] = x
+  rep = replicated(mesh)
+
+  def one(path, x):
+    # The state path ends with the parameter's dict keys, e.g. .mu['layers_0']['attn']['q_kernel'].
+    keys = []
+    for k in reversed(path):
+      if not isinstance(k, jax.tree_util.DictKey):
+        break
+      keys.insert(0, k.key)
+    p = by_path.get(tuple(keys))
+    if p is not None and tuple(p.shape) == tuple(x.shape) and isinstance(p.sharding, NamedSharding):
+      return p.sharding
+    return rep
+  return jax.tree_util.tree_map_with_path(one, shapes)

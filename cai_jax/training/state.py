@@ -30,7 +30,11 @@ def create_train_state(params, tx: optax.GradientTransformation, cfg=None, mesh=
     params = shd.shard_params(params, cfg, mesh, rules)
   else:
     params = jax.tree_util.tree_map(jnp.asarray, params)
-  opt_state = jax.jit(tx.init)(params)
+  if mesh is not None:
+    # Moments take their params' shardings (plain jit(tx.init) replicates them).
+    opt_state = jax.jit(tx.init, out_shardings=shd.opt_state_shardings(tx, params, mesh))(params)
+  else:
+    opt_state = jax.jit(tx.init)(params)
   step = jnp.zeros((), jnp.int32)
   if mesh is not None:
     step = jax.device_put(step, shd.replicated(mesh))
@@ -49,3 +53,11 @@ def abstract_state(state: TrainState):
   """ShapeDtypeStructs with shardings: the restore target of a checkpoint."""
   return jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+def to_host(tree):
+  """Numpy copy of a (possibly multi-host sharded) tree; call on every process."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    tree = multihost_utils.process_allgather(tree, tiled=True)
+  return jax.device_get(tree)

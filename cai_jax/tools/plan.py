@@ -1,0 +1,374 @@
+"""Memory planner: per-device memory of the SFT and PPO train steps per mesh.
+
+  python -m cai_jax.tools.plan --config=configs/paper.py --model=llama2-7b
+  python -m cai_jax.tools.plan --model=llama3-8b --meshes='1,4,1;1,16,1;1,8,4' --remat
+
+Lowers and compiles the project's own jitted steps (`training.make_train_step`
+with `objectives.sft_loss_fn`, and `rl.update.make_update_fn`) for abstract
+inputs: ShapeDtypeStructs carrying NamedShardings, so no parameter is ever
+allocated. Meshes are built over simulated CPU devices (the planner sets
+`--xla_force_host_platform_device_count` itself when it starts JAX), and each
+row reports `compiled.memory_analysis()`: the per-device bytes of arguments,
+outputs not aliased to donated inputs, and temporaries. For PPO the frozen
+reference policy and preference model, resident during rollouts but not
+arguments of the update, are added from their shardings.
+
+The numbers come from the XLA CPU compiler. A TPU compile schedules and fuses
+differently, so treat them as a guide to which slice a run needs (leave
+headroom), not as a guarantee.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Optional, Sequence
+
+GiB = float(1 << 30)
+
+# Default meshes (data, fsdp, tensor): one per slice size the README walks through.
+DEFAULT_MESHES = ((1, 4, 1), (1, 8, 1), (1, 16, 1), (1, 4, 4), (1, 32, 1), (2, 16, 1))
+# HBM per chip (one JAX device), GiB.
+HBM_GIB = {"v5e": 16, "v4": 32, "v5p": 95}
+
+
+class PlanError(ValueError):
+  """Bad planner input (model, mesh); a one-line message."""
+
+
+def parse_meshes(text: str) -> tuple:
+  """'1,8,1;1,4,2' -> ((1, 8, 1), (1, 4, 2))."""
+  out = []
+  for part in text.split(";"):
+    part = part.strip()
+    if not part:
+      continue
+    try:
+      dims = tuple(int(x) for x in part.split(","))
+    except ValueError:
+      raise PlanError(f"--meshes: {part!r} is not data,fsdp,tensor integers; e.g. '1,8,1;1,4,2'")
+    if len(dims) != 3 or min(dims) < 1:
+      raise PlanError(f"--meshes: {part!r} needs three positive sizes (data,fsdp,tensor)")
+    out.append(dims)
+  if not out:
+    raise PlanError("--meshes: no mesh given; e.g. '1,8,1;1,4,2'")
+  return tuple(out)
+
+
+def ensure_devices(n: int) -> None:
+  """Makes JAX start with at least `n` CPU devices (before it is first used)."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  key = "--xla_force_host_platform_device_count="
+  have = 0
+  for f in flags.split():
+    if f.startswith(key):
+      have = int(f[len(key):])
+  if "jax" in sys.modules:
+    import jax
+    try:
+      started = jax._src.xla_bridge.backends_are_initialized()  # noqa: SLF001
+    except Exception:
+      started = True
+    if started:
+      if jax.device_count() < n:
+        raise PlanError(f"JAX already started with {jax.device_count()} devices, the meshes "
+                        f"need {n}; run the planner in a fresh process")
+      return
+  if have < n:
+    flags = " ".join(f for f in flags.split() if not f.startswith(key))
+    os.environ["XLA_FLAGS"] = (flags + f" {key}{n}").strip()
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def model_config(name: str, dtype: Optional[str] = None, remat: Optional[bool] = None):
+  """A ModelConfig from a preset name, "tiny", or an HF dir (config.json only)."""
+  from cai_jax import models
+  key = name.lower()
+  if key in models.PRESETS and key != "tiny":
+    cfg = models.PRESETS[key]()
+  elif key == "tiny":
+    from cai_jax.stages.common import tiny_config
+    cfg = tiny_config()
+  elif os.path.isfile(os.path.join(name, "config.json")):
+    with open(os.path.join(name, "config.json")) as f:
+      cfg = models.ModelConfig.from_hf_dict(json.load(f), source=os.path.join(name, "config.json"))
+  else:
+    raise PlanError(f"model {name!r}: not a preset ({', '.join(sorted(models.PRESETS))}) nor an "
+                    "HF directory with config.json; pass --model")
+  kw = {}
+  if dtype:
+    kw.update(dtype=dtype, param_dtype=dtype)
+  if remat is not None:
+    kw["remat"] = bool(remat)
+  return cfg.replace(**kw) if kw else cfg
+
+
+@dataclasses.dataclass
+class Shapes:
+  """The batch shapes the steps are compiled for (from the config's sections)."""
+  sft_batch: int = 64
+  sft_len: int = 1024
+  logits_chunk: int = 256
+  ppo_batch: int = 64
+  ppo_prompt: int = 256
+  ppo_response: int = 256
+  ppo_minibatches: int = 4
+  ppo_epochs: int = 1
+
+
+def shapes_from_config(config) -> Shapes:
+  s = Shapes()
+  if config is None:
+    return s
+  sft = config.get("sft", None)
+  if sft is not None:
+    s.sft_batch = int(sft.get("batch_size", s.sft_batch))
+    s.sft_len = int(sft.get("max_len", s.sft_len))
+    s.logits_chunk = int(sft.get("logits_chunk", s.logits_chunk))
+  ppo = config.get("ppo", None)
+  if ppo is not None:
+    s.ppo_batch = int(ppo.get("batch_size", s.ppo_batch))
+    s.ppo_prompt = int(ppo.get("max_prompt_tokens", s.ppo_prompt))
+    s.ppo_response = int(ppo.get("max_new_tokens", s.ppo_response))
+    s.ppo_minibatches = int(ppo.get("num_minibatches", s.ppo_minibatches))
+  return s
+
+
+# ------------------------------------------------------------ abstract inputs
+def _sds(shape, dtype, sharding):
+  import jax
+  return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
+
+
+def abstract_sharded_params(cfg, mesh, heads, rules):
+  """ShapeDtypeStructs with the shardings `sharding.shard_params` would give."""
+  import jax
+  from cai_jax import models, sharding
+  abstract, specs = models.abstract_params(cfg, heads)
+  shard = sharding.tree_shardings(abstract, specs, mesh, rules)
+  return jax.tree_util.tree_map(lambda a, s: _sds(a.shape, a.dtype, s), abstract, shard)
+
+
+def abstract_opt_state(tx, params_sds, mesh):
+  """Optimizer state as the train states place it (`sharding.opt_state_shardings`)."""
+  import jax
+  from cai_jax import sharding
+  shapes = jax.eval_shape(tx.init, params_sds)
+  shard = sharding.opt_state_shardings(tx, params_sds, mesh)
+  return jax.tree_util.tree_map(lambda x, s: _sds(x.shape, x.dtype, s), shapes, shard)
+
+
+def per_device_bytes(tree) -> int:
+  """Bytes one device holds of a tree of sharded ShapeDtypeStructs."""
+  import jax
+  import numpy as np
+  total = 0
+  for x in jax.tree_util.tree_leaves(tree):
+    shard = x.sharding.shard_shape(x.shape)
+    total += int(np.prod(shard, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+  return total
+
+
+# ---------------------------------------------------------------- the steps
+def lower_sft(cfg, mesh, shapes: Shapes, optim_config, rules):
+  """The SFT stage's train step, lowered for abstract state and batch."""
+  import jax
+  import jax.numpy as jnp
+  from cai_jax import sharding
+  from cai_jax.training import loop, objectives, optim
+  from cai_jax.training.state import TrainState
+  params = abstract_sharded_params(cfg, mesh, ("lm",), rules)
+  tx = optim.make_optimizer(optim_config)
+  rep = sharding.replicated(mesh)
+  state = TrainState(step=_sds((), jnp.int32, rep), params=params,
+                     opt_state=abstract_opt_state(tx, params, mesh))
+  B, L = shapes.sft_batch, shapes.sft_len
+  bs = sharding.batch_sharding(mesh, 2, rules)
+  batch = {"tokens_BxL": _sds((B, L), jnp.int32, bs), "targets_BxL": _sds((B, L), jnp.int32, bs),
+           "loss_mask_BxL": _sds((B, L), jnp.float32, bs), "mask_BxL": _sds((B, L), bool, bs)}
+  step = loop.make_train_step(objectives.sft_loss_fn(cfg, shapes.logits_chunk), tx, state,
+                              mesh, batch)
+  rng = _sds((2,), jnp.uint32, rep)
+  return step.lower(state, batch, rng), per_device_bytes(state), 0
+
+
+def lower_ppo(cfg, mesh, shapes: Shapes, policy_optim, value_optim, rules):
+  """The PPO update (K epochs of minibatch steps) for policy + value model."""
+  import jax.numpy as jnp
+  from cai_jax import sharding
+  from cai_jax.rl import update
+  from cai_jax.training import optim
+  policy = abstract_sharded_params(cfg, mesh, ("lm",), rules)
+  value = abstract_sharded_params(cfg, mesh, ("score",), rules)
+  ptx, vtx = optim.make_optimizer(policy_optim), optim.make_optimizer(value_optim)
+  rep = sharding.replicated(mesh)
+  state = {"step": _sds((), jnp.int32, rep), "policy": policy, "value": value,
+           "policy_opt": abstract_opt_state(ptx, policy, mesh),
+           "value_opt": abstract_opt_state(vtx, value, mesh)}
+  shardings = update.state_shardings(state, mesh)
+  hp = update.UpdateHParams(epochs=shapes.ppo_epochs, num_minibatches=shapes.ppo_minibatches)
+  B, N = shapes.ppo_batch, shapes.ppo_response
+  L = shapes.ppo_prompt + N
+  bs = sharding.batch_sharding(mesh, 2, rules)
+  batch = {"tokens": _sds((B, L), jnp.int32, bs), "mask": _sds((B, L), bool, bs),
+           "response_mask": _sds((B, N), bool, bs)}
+  for k in ("old_logprobs", "old_values", "advantages", "returns"):
+    batch[k] = _sds((B, N), jnp.float32, bs)
+  fn = update.make_update_fn(cfg, cfg, ptx, vtx, hp, mesh, shardings, B, rules)
+  # Frozen during the update but resident for rollouts: reference policy and PM.
+  frozen = per_device_bytes(abstract_sharded_params(cfg, mesh, ("lm",), rules)) + \
+      per_device_bytes(abstract_sharded_params(cfg, mesh, ("score",), rules))
+  return fn.lower(state, batch, _sds((2,), jnp.uint32, rep)), per_device_bytes(state), frozen
+
+
+@dataclasses.dataclass
+class Row:
+  step: str
+  mesh: tuple
+  devices: int
+  state_gib: float       # train state (params + optimizer) per device
+  argument_gib: float    # all arguments (state + batch)
+  output_gib: float      # outputs not aliased to donated arguments
+  temp_gib: float        # temporaries (activations, gradients, logits chunks)
+  frozen_gib: float      # PPO: reference + PM params resident beside the update
+  total_gib: float       # argument + output + temp + frozen
+  compile_s: float
+
+  def fits(self) -> str:
+    ok = [k for k, v in sorted(HBM_GIB.items(), key=lambda kv: kv[1]) if self.total_gib <= v]
+    return ",".join(ok) if ok else "none"
+
+
+def analyse(lowered, state_bytes, frozen_bytes, step, mesh_dims) -> Row:
+  t0 = time.perf_counter()
+  compiled = lowered.compile()
+  dt = time.perf_counter() - t0
+  m = compiled.memory_analysis()
+  if m is None:
+    raise PlanError("this backend reports no memory analysis")
+  arg = m.argument_size_in_bytes
+  out = max(m.output_size_in_bytes - m.alias_size_in_bytes, 0)
+  tmp = m.temp_size_in_bytes
+  total = arg + out + tmp + frozen_bytes
+  return Row(step, tuple(mesh_dims), math.prod(mesh_dims), state_bytes / GiB, arg / GiB,
+             out / GiB, tmp / GiB, frozen_bytes / GiB, total / GiB, dt)
+
+
+def plan(cfg, meshes: Sequence[tuple], shapes: Shapes, steps=("sft", "ppo"), config=None,
+         rules=None, progress=print) -> list[Row]:
+  """Compiles each step on each mesh; returns one Row per (step, mesh)."""
+  import jax
+  from cai_jax import sharding
+  from cai_jax.training import optim
+  rules = sharding.rules_from_config(config) if config is not None and rules is None else (
+      rules or sharding.DEFAULT_RULES)
+  def section_optim(section, name):
+    sec = config.get(section, None) if config is not None else None
+    return sec[name] if sec is not None and name in sec else optim.default_optim_config()
+  rows = []
+  for dims in meshes:
+    n = math.prod(dims)
+    if n > jax.device_count():
+      raise PlanError(f"mesh {dims} needs {n} devices, JAX has {jax.device_count()}")
+    mesh = sharding.make_mesh(dims, devices=jax.devices()[:n])
+    div = sharding.batch_divisor(mesh, rules)
+    for step in steps:
+      if step == "sft":
+        if shapes.sft_batch % div:
+          raise PlanError(f"sft batch {shapes.sft_batch} does not divide over mesh {dims} "
+                          f"(batch axes = {div}); change --sft_batch or the mesh")
+        lowered = lower_sft(cfg, mesh, shapes, section_optim("sft", "optim"), rules)
+      elif step == "ppo":
+        if shapes.ppo_batch % shapes.ppo_minibatches:
+          raise PlanError(f"ppo batch {shapes.ppo_batch} not divisible by "
+                          f"{shapes.ppo_minibatches} minibatches")
+        lowered = lower_ppo(cfg, mesh, shapes, section_optim("ppo", "policy_optim"),
+                            section_optim("ppo", "value_optim"), rules)
+      else:
+        raise PlanError(f"unknown step {step!r}; use sft and/or ppo")
+      row = analyse(*lowered, step, dims)
+      rows.append(row)
+      if progress:
+        progress(f"  {step} mesh={dims}: {row.total_gib:.2f} GiB/device "
+                 f"(compiled in {row.compile_s:.0f}s)")
+  return rows
+
+
+def format_table(rows: Sequence[Row], title: str = "") -> str:
+  head = ("| step | mesh (data,fsdp,tensor) | devices | state | args | out | temp | frozen "
+          "| total GiB/device | fits (HBM/chip: v5e 16, v4 32, v5p 95 GiB) |")
+  lines = [title] if title else []
+  lines += [head, "|" + "---|" * 10]
+  for r in rows:
+    lines.append(f"| {r.step} | {','.join(map(str, r.mesh))} | {r.devices} | "
+                 f"{r.state_gib:.2f} | {r.argument_gib:.2f} | {r.output_gib:.2f} | "
+                 f"{r.temp_gib:.2f} | {r.frozen_gib:.2f} | {r.total_gib:.2f} | {r.fits()} |")
+  return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  import argparse
+  p = argparse.ArgumentParser(prog="python -m cai_jax.tools.plan",
+                              description=__doc__.split("\n\n")[0])
+  p.add_argument("--config", default="", help="config file[:arg] (ml_collections get_config); "
+                 "batch shapes, dtype, optimizers and model come from it")
+  p.add_argument("--model", default="", help="preset (llama2-7b, llama3-8b, gemma-7b, ...) or "
+                 "HF dir; overrides config.model")
+  p.add_argument("--meshes", default=";".join(",".join(map(str, m)) for m in DEFAULT_MESHES),
+                 help="';'-separated data,fsdp,tensor meshes")
+  p.add_argument("--steps", default="sft,ppo", help="comma-separated: sft, ppo")
+  p.add_argument("--dtype", default="", help="param/compute dtype (default: config.dtype, "
+                 "else bfloat16)")
+  p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
+                 help="rematerialise blocks (default: the model config's)")
+  for f in dataclasses.fields(Shapes):
+    p.add_argument(f"--{f.name}", type=int, default=None, help=f"override {f.name}")
+  p.add_argument("--json", default="", help="also write the rows as JSON here")
+  a = p.parse_args(argv)
+  try:
+    meshes = parse_meshes(a.meshes)
+    ensure_devices(max(math.prod(m) for m in meshes))
+    config = load_config(a.config) if a.config else None
+    name = a.model or (config.get("model", "") if config is not None else "")
+    if not name:
+      raise PlanError("no model: pass --model PRESET (e.g. llama2-7b) or a --config with model")
+    dtype = a.dtype or (config.get("dtype", "") if config is not None else "") or "bfloat16"
+    cfg = model_config(name, dtype, a.remat)
+    shapes = shapes_from_config(config)
+    for f in dataclasses.fields(Shapes):
+      v = getattr(a, f.name)
+      if v is not None:
+        setattr(shapes, f.name, v)
+    steps = tuple(s.strip() for s in a.steps.split(",") if s.strip())
+    print(f"planning {name}: {cfg.num_params() / 1e9:.2f}B params, {cfg.dtype}, "
+          f"remat={cfg.remat}; {shapes}", flush=True)
+    rows = plan(cfg, meshes, shapes, steps, config)
+  except PlanError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(format_table(rows))
+  if a.json:
+    from cai_jax.utils import atomic_write_text
+    atomic_write_text(a.json, json.dumps([dataclasses.asdict(r) for r in rows], indent=1) + "\n")
+  return 0
+
+
+def load_config(spec: str):
+  """A config file path with an optional ':arg', as `main.py --config` takes."""
+  import importlib.util
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise PlanError(f"--config {path}: file not found")
+  mod_spec = importlib.util.spec_from_file_location("_plan_config", path)
+  mod = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(mod)
+  if not hasattr(mod, "get_config"):
+    raise PlanError(f"--config {path}: no get_config(arg) function")
+  return mod.get_config(arg) if arg else mod.get_config()
+
+
+if __name__ == "__main__":
+  sys.exit(main())
