@@ -228,3 +228,26 @@ def test_smollm2_subset_scores_match_full_rows(shared_data, smollm2):
   res = mc.evaluate(cfg, params, tok, items, progress=False)
   assert res["n"] == 3
   assert res["accuracy"] == np.mean([it.correct[int(np.argmax(a))] for it, a in zip(items, fast)])
+
+
+def test_subset_indices_score_as_in_full_run(tmp_path, tiny, monkeypatch):
+  cfg, params, tok = tiny
+  path = _write_jsonl(tmp_path / "s.jsonl", [_lettered(i, n=2, correct=i % 2) for i in range(6)])
+  items = mc.load_items(path)
+  seen = []
+
+  def fake(cfg_, params_, prompt_ids, option_ids, **kw):
+    seen.append([tok.decode(p) for p in prompt_ids])
+    return [np.array([_hash(t), _hash(t + "b")]) for t in seen[-1]]
+
+  def _hash(t):
+    return (sum(map(ord, t)) % 97) / 10.0
+
+  monkeypatch.setattr(option_scores, "option_logprobs", fake)
+  full = mc.evaluate(cfg, params, tok, items, few_shot=1, debias=True, progress=False)
+  sub = mc.evaluate(cfg, params, tok, items, few_shot=1, debias=True, progress=False,
+                    indices=[4, 1])
+  assert sub["n"] == 2
+  np.testing.assert_allclose(sub["probs"][0], full["probs"][4], atol=0)
+  np.testing.assert_allclose(sub["probs"][1], full["probs"][1], atol=0)
+  assert seen[1] == seen[0][8:10] + seen[0][2:4]

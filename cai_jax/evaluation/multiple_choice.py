@@ -272,18 +272,25 @@ def _progress(total: int, desc: str, enabled: bool):
 
 def evaluate(cfg, params, tokenizer, items: Sequence[Item], *, formulation: str = "mc",
              few_shot: int = 0, debias: bool = False, fmt: str = "raw", seed: int = 0,
-             max_tokens: int = 4096, progress: bool = True) -> dict:
-  """Accuracy, chance, ECE and per-item option probabilities."""
+             max_tokens: int = 4096, progress: bool = True,
+             indices: Optional[Sequence[int]] = None) -> dict:
+  """Accuracy, chance, ECE and per-item option probabilities.
+
+  indices: evaluate only these items (few-shot examples are still drawn from
+  all items, so a subset scores exactly as it would inside the full run).
+  """
   from cai_jax.evaluation import calibration, option_scores
   if formulation not in ("mc", "pm"):
     raise InputError(f"unknown formulation {formulation!r}; use 'mc' or 'pm'")
   if fmt not in ("raw", "chat"):
     raise InputError(f"unknown prompt format {fmt!r}; use 'raw' or 'chat'")
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  chosen = list(range(len(items))) if indices is None else [int(i) for i in indices]
   probs = []
   if formulation == "mc":
     prompts, options, owner, orders = [], [], [], []
-    for i, it in enumerate(items):
+    for i in chosen:
+      it = items[i]
       shots = _shots_for(items, i, few_shot, seed)
       n = len(it.options)
       if debias and it.listed is None:
@@ -302,12 +309,12 @@ def evaluate(cfg, params, tokenizer, items: Sequence[Item], *, formulation: str 
                                           pad_id=pad, progress=update)
     finally:
       close()
-    per_item: list = [([], []) for _ in items]
+    per_item: dict = {i: ([], []) for i in chosen}
     for i, lp, order in zip(owner, lps, orders):
       per_item[i][0].append(lp)
       per_item[i][1].append(order)
-    for lp_list, order_list in per_item:
-      lp = combine_orders(lp_list, order_list)
+    for i in chosen:
+      lp = combine_orders(*per_item[i])
       probs.append(np.exp(_log_softmax(lp)))
   else:
     if "score_kernel" not in params:
@@ -316,7 +323,8 @@ def evaluate(cfg, params, tokenizer, items: Sequence[Item], *, formulation: str 
     if few_shot or debias:
       logging.warning("pm formulation: --few_shot and --debias do not apply; ignored")
     rows, owner = [], []
-    for i, it in enumerate(items):
+    for i in chosen:
+      it = items[i]
       if it.responses is not None:
         texts = [it.context + " " + r.strip() for r in it.responses]
       else:
@@ -330,12 +338,12 @@ def evaluate(cfg, params, tokenizer, items: Sequence[Item], *, formulation: str 
     finally:
       close()
     owner = np.array(owner)
-    for i in range(len(items)):
+    for i in chosen:
       probs.append(np.exp(_log_softmax(r[owner == i])))
-  correct = [np.asarray(it.correct, bool) for it in items]
+  correct = [np.asarray(items[i].correct, bool) for i in chosen]
   conf, right = calibration.top_label(probs, correct)
   chance = float(np.mean([c.mean() for c in correct]))
-  return {"accuracy": float(np.mean(right)), "n": len(items), "chance": chance,
+  return {"accuracy": float(np.mean(right)), "n": len(chosen), "chance": chance,
           "ece": calibration.expected_calibration_error(conf, right),
           "probs": probs, "correct": correct}
 
