@@ -198,3 +198,28 @@ def test_bad_flags_exit_2_with_message(fake_path, name, args, needle):
   assert r.returncode == 2
   assert needle in r.stderr and r.stderr.count("\n") == 1
   assert gcloud_calls(log) == []
+
+
+def test_run_home_relative_workdir_expands_on_the_worker(fake_path, tmp_path):
+  env, _ = fake_path
+  (cmd,) = dry_lines("run.sh", *LOC, "--config", "c.py", "--workdir", "~/gcs/bkt/run 1", env=env)
+  remote = [a for a in cmd if a.startswith("--command=")][0][len("--command="):]
+  home = tmp_path / "home"
+  py = home / "cai_jax" / ".venv" / "bin" / "python"
+  py.parent.mkdir(parents=True)
+  py.write_text("#!/usr/bin/env python3\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n")
+  py.chmod(0o755)
+  r = subprocess.run(["bash", "-c", remote], cwd=home, capture_output=True, text=True,
+                     env=dict(env, HOME=str(home)), timeout=60)
+  assert r.returncode == 0, r.stderr
+  assert json.loads(r.stdout.splitlines()[-1])[-1] == f"--workdir={home}/gcs/bkt/run 1"
+
+
+def test_setup_bucket_mounts_with_gcsfuse(fake_path):
+  env, _ = fake_path
+  lines = dry_lines("setup.sh", *LOC, "--bucket", "gs://my-bucket", env=env)
+  remote = [a for a in lines[-1] if a.startswith("--command=")][0]
+  assert "--worker=all" in lines[-1]
+  assert "gcsfuse --implicit-dirs my-bucket $HOME/gcs/my-bucket" in remote
+  r = script("setup.sh", *LOC, "--bucket", "Bad Bucket!", "--dry-run", env=env)
+  assert r.returncode == 2 and "bad --bucket" in r.stderr

@@ -49,7 +49,11 @@ fi
 
 # The remote command is one string: quote every user-supplied word for the
 # remote shell.
-ARGS="--config=$(quote_word "$CONFIG") --workdir=$(quote_word "$WORKDIR")"
+# A leading ~/ means the worker's home directory (e.g. a gcsfuse mount from setup.sh).
+case "$WORKDIR" in
+  \~/*) ARGS="--config=$(quote_word "$CONFIG") --workdir=\"\$HOME\"/$(quote_word "${WORKDIR#\~/}")" ;;
+  *) ARGS="--config=$(quote_word "$CONFIG") --workdir=$(quote_word "$WORKDIR")" ;;
+esac
 for a in "${PASS[@]+"${PASS[@]}"}"; do
   ARGS+=" $(quote_word "$a")"
 done

