@@ -55,14 +55,15 @@ CLAMPS = {"0.4,0.6": (0.4, 0.6), "0.2,0.8": (0.2, 0.8), "none": None}
 def default_config() -> ml_collections.ConfigDict:
   """The `config.label` section."""
   c = ml_collections.ConfigDict()
-  c.policy = ""  # model sampling the 2 responses; "" = WORKDIR/sft/final if present, else config.model
+  # model sampling the 2 responses; "" = WORKDIR/sft/final if present, else config.model
+  c.policy = ""
   c.max_new_tokens = 128  # token budget of each sampled response
   c.temperature = 1.0  # sampling temperature of the responses
   c.top_p = 1.0  # nucleus threshold of the responses (1.0 = off)
   c.num_principles = 1  # principles per comparison; k > 1 averages the k soft labels (ensembling)
-  c.num_fewshot = -1  # few-shot labelling examples before each question (-1: all in the constitution)
+  c.num_fewshot = -1  # few-shot labelling examples before each question (-1: all)
   c.debias = True  # score both option orders and average, cancelling position bias
-  c.hard_labels = False  # ablation: p_a rounded to 0 or 1 (0.5 stays 0.5); soft value kept as p_a_soft
+  c.hard_labels = False  # ablation: p_a rounded to 0/1 (0.5 stays); soft value kept as p_a_soft
   c.cot = False  # chain-of-thought labels (reasoning sampled before the answer is read)
   c.cot_samples = 1  # reasoning chains per question; their probabilities are averaged
   c.cot_max_new_tokens = 128  # token budget of each chain of thought
