@@ -358,16 +358,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def load_config(spec: str):
   """A config file path with an optional ':arg', as `main.py --config` takes."""
-  import importlib.util
-  path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise PlanError(f"--config {path}: file not found")
-  mod_spec = importlib.util.spec_from_file_location("_plan_config", path)
-  mod = importlib.util.module_from_spec(mod_spec)
-  mod_spec.loader.exec_module(mod)
-  if not hasattr(mod, "get_config"):
-    raise PlanError(f"--config {path}: no get_config(arg) function")
-  return mod.get_config(arg) if arg else mod.get_config()
+  from cai_jax.tools import config_file
+  from cai_jax.utils import InputError
+  try:
+    return config_file.load(spec)
+  except InputError as e:
+    raise PlanError(f"--config {e}") from None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,36 @@
+"""Loads a config file ("path.py" or "path.py:arg") as `cai_jax.main --config` does.
+
+For notebooks and tools that run the pipeline from Python instead of the
+command line.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from cai_jax.utils import InputError
+
+
+def load(spec: str):
+  """The ConfigDict from `get_config(arg)` of the file named by `spec`."""
+  path, _, arg = str(spec).partition(":")
+  if not os.path.isfile(path):
+    raise InputError(f"{path}: config file not found; pass e.g. configs/tiny.py")
+  mod_spec = importlib.util.spec_from_file_location("_cai_jax_config_file", path)
+  mod = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(mod)
+  if not hasattr(mod, "get_config"):
+    raise InputError(f"{path}: no get_config(arg) function; a config file defines one")
+  return mod.get_config(arg) if arg else mod.get_config()
+
+
+def override(config, point: dict):
+  """A copy of `config` with dotted fields set, e.g. {"revise.num_revisions": 2}."""
+  c = config.copy_and_resolve_references()
+  for key, value in point.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
