@@ -189,7 +189,8 @@ def load(name_or_path) -> Constitution:
     with open(path, "rb") as f:
       raw = f.read().decode("utf-8")
   except UnicodeDecodeError as e:
-    raise ConstitutionError(f"{path}: not valid UTF-8 (byte {e.start}); re-encode as UTF-8") from None
+    raise ConstitutionError(
+        f"{path}: not valid UTF-8 (byte {e.start}); re-encode as UTF-8") from None
   try:
     data = json.loads(raw)
   except json.JSONDecodeError as e:
@@ -416,7 +417,8 @@ def import_paper(prompts_dir: str) -> Constitution:
       conv = _conversation(e["prompt"], f"{path}: entry {i}")
       good, bad = e["corrects"][0], e["incorrects"][0]
     except (KeyError, IndexError, TypeError):
-      raise ConstitutionError(f"{path}: entry {i}: expected {{prompt, corrects, incorrects}}") from None
+      raise ConstitutionError(
+          f"{path}: entry {i}: expected {{prompt, corrects, incorrects}}") from None
     if conv and conv[-1]["role"] == "assistant" and not conv[-1]["content"]:
       conv = conv[:-1]
     opts = (good.strip(), bad.strip()) if i % 2 == 0 else (bad.strip(), good.strip())

@@ -207,8 +207,8 @@ def test_slmadison_critique_prompt_layout(shared_data):
       rev_prompt = C.render_revision_prompt(
           C.revision_messages(conv, init, rounds, principle, "revision", critique=crit), "raw")
       assert rev_prompt.endswith(" " + crit.strip() + cst["cst_value"]["edit_request"])
-      expected = (expected + cst["cst_value"]["prompt"][0] + " " + crit.strip() + cst["cst_value"]["edit_request"] + " "
-                  + cst["revision"]["sample"].strip())
+      expected = (expected + cst["cst_value"]["prompt"][0] + " " + crit.strip()
+                  + cst["cst_value"]["edit_request"] + " " + cst["revision"]["sample"].strip())
       rounds.append({"principle": principle, "critique": crit,
                      "revision": cst["revision"]["sample"]})
       checked += 1

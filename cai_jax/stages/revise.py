@@ -48,8 +48,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.num_revisions = 4  # critique → revision rounds per red-team prompt (paper: 4)
   c.direct_revision = False  # ablation: ask for the revision directly, without a critique
   c.num_principles = -1  # ablation: keep only the first k principles in the pool (-1: all)
-  c.num_fewshot = 4  # few-shot critique/revision dialogues put in front (-1: all in the constitution)
-  c.history = True  # later rounds see all earlier critiques/revisions (False: only the latest revision)
+  c.num_fewshot = 4  # few-shot critique/revision dialogues in front (-1: all of the constitution's)
+  c.history = True  # later rounds see earlier critiques/revisions (False: only the latest revision)
   c.max_new_tokens = 128  # token budget of the initial response
   c.critique_max_new_tokens = 128  # token budget of each critique
   c.revision_max_new_tokens = 128  # token budget of each revision
@@ -60,7 +60,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.helpful_samples = 2  # responses sampled per helpfulness prompt (paper: 2; 0 = none)
   c.split = "train"  # prompt split to process ("train" | "eval" | "all")
   c.batch_size = 16  # sampler batch size
-  c.shard = True  # shard sampling over config.mesh; False = one device (faster for simulated CPU devices)
+  c.shard = True  # shard sampling over config.mesh (False: one device, faster on simulated CPUs)
   c.chunk_size = 64  # prompts per output chunk; the unit of resumption (keep fixed within a run)
   c.system_prompt = ""  # system message for chat rendering ("" = the template's default)
   c.write_tfds = True  # also write the records as an array_record TFDS dataset
