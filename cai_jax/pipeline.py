@@ -63,6 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.ici = (-1, 1, 1)      # (data, fsdp, tensor) within a slice; -1 fills the devices
   c.mesh.dcn = None            # same across slices (multi-slice pods); None = one slice
   c.logical_axis_rules = None  # None = cai_jax.sharding.DEFAULT_RULES
+  # Persistent XLA compilation cache: a resumed or repeated run skips recompiling.
+  c.compilation_cache = "~/.cache/cai_jax/xla"  # directory; "" disables
   # red_team / helpful ("builtin" or a path), num_red_team / num_helpful (-1 = all),
   # eval_fraction (share held out for evaluate): see cai_jax.data.prompts.
   c.data = prompts.default_config()
@@ -175,6 +177,20 @@ def _jsonable(x):
     return {k: str(v) for k, v in dict(x).items()} if isinstance(x, dict) else str(x)
 
 
+def _enable_compilation_cache(path: str) -> None:
+  if not path:
+    return
+  import jax
+  path = os.path.expanduser(path)
+  try:
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    # Only programs that took a while to compile are worth the disk.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+  except (OSError, AttributeError) as e:
+    logging.warning("compilation cache at %s disabled: %s", path, e)
+
+
 def resolve_stage(name: str) -> Callable:
   mod = _stage_module(name)
   if mod is None:
@@ -191,6 +207,7 @@ def run(config, workdir: str, registry: dict[str, Callable] | None = None,
   each comes from its module in cai_jax.stages.
   """
   stages = validate(config)
+  _enable_compilation_cache(config.get("compilation_cache", ""))
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   utils.atomic_write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2) + "\n")

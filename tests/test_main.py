@@ -87,7 +87,7 @@ def test_sweep_runs_each_point_and_reuses(tmp_path, monkeypatch, capsys):
       "  add(seed=2, reuse_stages='revise')\n")
   flags.FLAGS.unparse_flags()
   monkeypatch.setattr(sys, "argv", ["cai-jax", f"--config={cfg}", f"--workdir={tmp_path / 'w'}",
-                                    "--sweep=seeds"])
+                                    "--sweep=seeds", "--config.compilation_cache="])
   with pytest.raises(SystemExit) as e:
     main.run()
   flags.FLAGS.unparse_flags()

@@ -38,6 +38,7 @@ class FakeStages:
 
 def _config(**kw):
   c = pipeline.base_config()
+  c.compilation_cache = ""  # keep the test process's JAX configuration untouched
   for k, v in kw.items():
     setattr(c, k, v)
   return c
@@ -125,11 +126,13 @@ def test_tiny_pipeline_end_to_end_with_kill_and_resume(tmp_path):
   import time
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   w = tmp_path / "tiny"
-  cmd = [sys.executable, "-m", "cai_jax.main", "--config=configs/tiny.py", f"--workdir={w}"]
+  cmd = [sys.executable, "-m", "cai_jax.main", "--config=configs/tiny.py", f"--workdir={w}",
+         f"--config.compilation_cache={tmp_path / 'xla'}"]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)  # one device, as a user runs it
   p = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-  deadline = time.time() + 600
+  # Generous limits: on an idle 2-core machine the whole run takes ~2 minutes.
+  deadline = time.time() + 1500
   while not utils.is_done(str(w / "revise")) and p.poll() is None and time.time() < deadline:
     time.sleep(0.5)
   assert p.poll() is None, p.stdout.read().decode()[-3000:]
@@ -137,7 +140,7 @@ def test_tiny_pipeline_end_to_end_with_kill_and_resume(tmp_path):
   p.send_signal(signal.SIGKILL)
   p.wait()
   revise_done = os.path.getmtime(w / "revise" / "DONE")
-  r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+  r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=2400)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
   t = pipeline.read_timings(str(w))
   for s in pipeline.STAGES:
