@@ -26,7 +26,7 @@ STAGES = ("revise", "sft", "label", "pm", "ppo", "evaluate")
 HEADLINE = {"revise": ("frac_revision_changed", "num_red_team", "num_rounds"),
             "sft": ("final_loss", "steps", "num_examples"),
             "label": ("mean_p_a", "mean_confidence", "num_comparisons"),
-            "pm": ("eval.accuracy", "eval.ece", "final_loss", "steps"),
+            "pm": ("eval.ai_accuracy", "eval.ai_ece", "eval.human_accuracy", "final_loss", "steps"),
             "ppo": ("reward_first", "reward_last", "kl_last", "iterations"),
             "evaluate": ("snapshots", "red_team_prompts", "helpful_prompts")}
 SNAPSHOT_TITLES = {"helpful": "initial helpful", "sl_cai": "SL-CAI", "rl_cai": "RL-CAI"}
