@@ -303,3 +303,15 @@ def opt_state_shardings(tx, params, mesh: Mesh):
       return p.sharding
     return rep
   return jax.tree_util.tree_map_with_path(one, shapes)
+
+
+def init_opt_state(tx, params, mesh: Optional[Mesh]):
+  """`tx.init(params)` with the moments sharded like the params when the params
+  live on `mesh` (see opt_state_shardings); a plain jitted init otherwise."""
+  leaves = jax.tree_util.tree_leaves(params)
+  on_mesh = mesh is not None and leaves and all(
+      isinstance(getattr(x, "sharding", None), NamedSharding) and x.sharding.mesh == mesh
+      for x in leaves)
+  if on_mesh:
+    return jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params, mesh))(params)
+  return jax.jit(tx.init)(params)

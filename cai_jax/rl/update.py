@@ -83,8 +83,9 @@ def init_state(policy_params, value_params, policy_tx, value_tx, mesh) -> dict:
       "step": jnp.zeros((), jnp.int32),
       "policy": policy_params,
       "value": value_params,
-      "policy_opt": jax.jit(policy_tx.init)(policy_params),
-      "value_opt": jax.jit(value_tx.init)(value_params),
+      # Moments take their params' shardings (plain jit(tx.init) replicates them).
+      "policy_opt": sharding.init_opt_state(policy_tx, policy_params, mesh),
+      "value_opt": sharding.init_opt_state(value_tx, value_params, mesh),
   }
   return jax.device_put(state, state_shardings(state, mesh))
 

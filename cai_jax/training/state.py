@@ -30,11 +30,8 @@ def create_train_state(params, tx: optax.GradientTransformation, cfg=None, mesh=
     params = shd.shard_params(params, cfg, mesh, rules)
   else:
     params = jax.tree_util.tree_map(jnp.asarray, params)
-  if mesh is not None:
-    # Moments take their params' shardings (plain jit(tx.init) replicates them).
-    opt_state = jax.jit(tx.init, out_shardings=shd.opt_state_shardings(tx, params, mesh))(params)
-  else:
-    opt_state = jax.jit(tx.init)(params)
+  # Moments take their params' shardings (plain jit(tx.init) replicates them).
+  opt_state = shd.init_opt_state(tx, params, mesh)
   step = jnp.zeros((), jnp.int32)
   if mesh is not None:
     step = jax.device_put(step, shd.replicated(mesh))
