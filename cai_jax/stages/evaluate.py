@@ -213,32 +213,38 @@ def _pm_section(config, workdir, models, snaps, prompts, responses, results):
 
 
 def _feedback_section(config, models, snaps, prompts, responses, results):
+  """Elo judged by the feedback model through the label stage's machinery (few-shot
+  multiple-choice questions, principles drawn from the constitution, both orders)."""
+  import dataclasses
   from cai_jax import constitution as constitution_lib
-  ec = config.evaluate
+  from cai_jax.stages import label as label_stage
   path = config.feedback_model or config.model
   cfg, params, tok = models.get(path)
-  harm_principles = [p.text for p in constitution_lib.load(config.constitution).choice_principles]
+  const = constitution_lib.load(config.constitution)
+  lc = ml_collections.ConfigDict(config.label.to_dict())
+  lc.cot = False          # judge by the answer probabilities directly
+  lc.hard_labels = False  # soft outcomes feed the Bradley-Terry fit
+  helpful_const = dataclasses.replace(const, choice_principles=[
+      constitution_lib.ChoicePrinciple("helpfulness", judges.HELPFUL_PRINCIPLE)])
+  prompter = label_stage.Prompter(config.prompt_format, tok, str(lc.system_prompt),
+                                  limit=cfg.max_position_embeddings - 16)
   rng = np.random.default_rng(config.seed)
   players = list(snaps)
   out = {}
-  for kind, axis in (("red_team", "harmlessness"), ("helpful", "helpfulness")):
-    msgs, a_txt, b_txt, owners, princ = [], [], [], [], []
+  for kind, axis, c in (("red_team", "harmlessness", const), ("helpful", "helpfulness", helpful_const)):
+    items, owners = [], []
     for a, b in judges.pairs(players):
       m, ta, _ = _flat(prompts, responses[a], kind)
       _, tb, _ = _flat(prompts, responses[b], kind)
       for x, y, z in zip(m, ta, tb):
-        msgs.append(x)
-        a_txt.append(y)
-        b_txt.append(z)
+        items.append({"prompt": x, "response_a": y, "response_b": z})
         owners.append((a, b))
-        princ.append(harm_principles[rng.integers(len(harm_principles))] if axis == "harmlessness"
-                     else judges.HELPFUL_PRINCIPLE)
-    if not msgs:
+    if not items:
       continue
-    p = judges.feedback_probs(cfg, params, tok, msgs, a_txt, b_txt, princ,
-                              fmt=config.prompt_format, debias=ec.feedback_debias)
-    comps = [(a, b, float(q)) for (a, b), q in zip(owners, p)]
-    out[axis] = _fit(comps, players, ec.elo_method)
+    labeller = label_stage.Labeller(cfg, params, tok, prompter, c, lc)
+    labels = labeller(items, rng, config.seed)
+    comps = [(a, b, float(r["p_a"])) for (a, b), r in zip(owners, labels)]
+    out[axis] = _fit(comps, players, config.evaluate.elo_method)
     out["num_comparisons"] = len(comps)
   results["elo"]["feedback"] = out
   results["_feedback"] = path
