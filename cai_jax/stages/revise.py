@@ -104,7 +104,9 @@ class _Prompter:
     msgs = list(messages)
     if self.system and self.fmt == "chat":
       msgs = [{"role": "system", "content": self.system}] + msgs
-    return text_lib.render(msgs, self.fmt, self.tok, add_generation_prompt=True)
+    out = text_lib.render(msgs, self.fmt, self.tok, add_generation_prompt=True)
+    # Raw prompts carry the system text as a plain prefix, as revision prompts do.
+    return (self.system + out) if self.system and self.fmt == "raw" else out
 
   def step(self, messages, response, rounds, principle, step, critique=None) -> str:
     # Fewer few-shot examples first, then only the latest revision; the
