@@ -122,8 +122,7 @@ class JsonRecords(_LocalBuilder):
 def _build(cls, files, kind: str, data_dir: str):
   os.makedirs(data_dir, exist_ok=True)
   builder = cls(config=_config(files, kind), data_dir=data_dir, file_format="array_record")
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(verify_ssl=False))
+  builder.download_and_prepare()  # reads local files only; nothing is downloaded
   return builder.as_data_source()
 
 
