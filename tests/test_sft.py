@@ -109,3 +109,15 @@ def test_sft_resume_with_other_model_shape_is_input_error(tmp_path):
   with pytest.raises(InputError, match="another model shape") as e:
     sft.run(cfg2, wd)
   assert "\n" not in str(e.value)
+
+
+def test_sft_missing_init_from_is_input_error(tmp_path):
+  wd = str(tmp_path)
+  _write_revise(os.path.join(wd, "revise"))
+  cfg = _config()
+  cfg.sft.init_from = str(tmp_path / "no_such_model")
+  with pytest.raises(InputError, match="no_such_model: not found"):
+    sft.run(cfg, wd)
+  cfg.sft.init_from = os.path.join(wd, "revise")  # a directory that is no model
+  with pytest.raises(InputError, match="neither an HF checkpoint"):
+    sft.run(cfg, wd)

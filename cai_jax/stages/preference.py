@@ -278,7 +278,7 @@ def run(config, workdir: str) -> dict:
     pre = encode_pairs(tok, read_human_pairs(pc.pretrain_data), fmt, L, seed + 1)
     params, pres = _train_phase("pmp", cfg, params, tok, pre, {}, config, out,
                                 int(pc.pretrain_steps), float(pc.pretrain_lr), mesh, rules)
-    params = jax.device_get(params)
+    params = state_lib.to_host(params)
     summary["pretrain"] = {"steps": pres.step, "num_pairs": len(pre),
                            "final_loss": pres.history[-1]["loss"] if pres.history else None}
   steps = _steps(len(train), B, pc.num_epochs, pc.max_steps)
@@ -291,7 +291,7 @@ def run(config, workdir: str) -> dict:
   if res.evals:
     utils.atomic_write_text(os.path.join(out, "eval.json"), json.dumps(res.evals[-1], indent=2))
   logging.info("pm: %s", summary)
+  export_final(cfg, params, tok, os.path.join(out, "final"))
   if jax.process_index() == 0:
-    export_final(cfg, params, tok, os.path.join(out, "final"))
     utils.mark_done(out, summary)
   return summary

@@ -80,10 +80,14 @@ def split_eval(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarr
 
 
 def export_final(cfg, params, tok, out_dir: str) -> None:
-  """HF export written under a temporary name, then renamed."""
+  """HF export written under a temporary name, then renamed. Call on every
+  process (the params are gathered); process 0 writes."""
+  params = state_lib.to_host(params)
+  if jax.process_index() != 0:
+    return
   tmp = out_dir + ".tmp"
   shutil.rmtree(tmp, ignore_errors=True)
-  models.save_pretrained(cfg, jax.device_get(params), tmp, tokenizer=tok)
+  models.save_pretrained(cfg, params, tmp, tokenizer=tok)
   shutil.rmtree(out_dir, ignore_errors=True)
   os.replace(tmp, out_dir)
 
@@ -176,8 +180,7 @@ def run(config, workdir: str) -> dict:
     mngr.close()
     if writer is not None:
       writer.close()
-  if jax.process_index() == 0:
-    export_final(cfg, res.state.params, tok, os.path.join(out, "final"))
+  export_final(cfg, res.state.params, tok, os.path.join(out, "final"))
   summary = {"steps": res.step, "num_examples": len(raw), "num_train_rows": len(rows),
              "num_eval_examples": len(eval_ex),
              "final_loss": res.history[-1]["loss"] if res.history else None,
