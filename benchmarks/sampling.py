@@ -44,6 +44,10 @@ QUESTIONS = [
 ]
 
 
+def log(msg):
+  print(msg, file=sys.stderr, flush=True)
+
+
 def chat_prompts(tok, n):
   out = []
   for i in range(n):
@@ -132,17 +136,22 @@ def main():
     t0 = time.perf_counter()
     run_jax(0)  # compile
     compile_s = time.perf_counter() - t0
+    log(f"batch {B}: cai_jax compile + first run {compile_s:.1f}s")
     if hf is not None:
+      t0 = time.perf_counter()
       run_hf(0)  # warm up
+      log(f"batch {B}: transformers warm-up run {time.perf_counter() - t0:.1f}s")
     jax_best = hf_best = float("inf")
     for r in range(args.repeats):
       t0 = time.perf_counter()
       run_jax(r + 1)
       jax_best = min(jax_best, time.perf_counter() - t0)
+      log(f"batch {B}: cai_jax run {time.perf_counter() - t0:.1f}s")
       if hf is not None:
         t0 = time.perf_counter()
         run_hf(r + 1)
         hf_best = min(hf_best, time.perf_counter() - t0)
+        log(f"batch {B}: transformers run {time.perf_counter() - t0:.1f}s")
     jax_tps = B * N / jax_best
     result[f"batch{B}_prompt_len"] = int(t_np.shape[1])
     result[f"batch{B}_compile_s"] = round(compile_s, 2)
