@@ -298,7 +298,9 @@ def plan(cfg, meshes: Sequence[tuple], shapes: Shapes, steps=("sft", "ppo"), con
       row = analyse(*lowered, step, dims)
       rows.append(row)
       if progress:
-        progress(f"  {step} mesh={dims}: {row.total_gib:.2f} GiB/device "
+        progress(f"  {step} mesh={dims}: {row.total_gib:.2f} GiB/device = state "
+                 f"{row.state_gib:.2f} + temp {row.temp_gib:.2f} + frozen {row.frozen_gib:.2f} "
+                 f"+ other {row.total_gib - row.state_gib - row.temp_gib - row.frozen_gib:.2f} "
                  f"(compiled in {row.compile_s:.0f}s)")
   return rows
 
