@@ -39,3 +39,15 @@ def load_model(path: str, seed: int = 0, dtype: str | None = None, heads=("lm",)
     except models.CheckpointError as e:
       raise InputError(str(e)) from None
   return cfg, params, load_tokenizer(path)
+
+
+def stage_section(config, stage: str, defaults):
+  """The stage's config section over its defaults; an unknown field is an InputError."""
+  base = defaults
+  sec = config.get(stage, None) if hasattr(config, "get") else None
+  if sec is not None:
+    for k in sec.keys():
+      if k not in base:
+        raise InputError(f"config.{stage}.{k}: unknown field; known: {sorted(base.keys())}")
+      base[k] = sec[k]
+  return base

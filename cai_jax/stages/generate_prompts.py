@@ -33,6 +33,7 @@ import tqdm
 
 from cai_jax.data import prompts as prompts_lib
 from cai_jax.utils import InputError, atomic_write_text, is_done, mark_done, read_jsonl
+from cai_jax.stages.common import stage_section
 
 STAGE = "generate_prompts"
 _WORD = re.compile(r"[a-z0-9']+")
@@ -61,14 +62,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def _section(config):
-  base = default_config()
-  sec = config.get(STAGE, None) if hasattr(config, "get") else None
-  if sec is not None:
-    for k in sec.keys():
-      if k not in base:
-        raise InputError(f"config.{STAGE}.{k}: unknown field; known: {sorted(base.keys())}")
-      base[k] = sec[k]
-  return base
+  return stage_section(config, STAGE, default_config())
 
 
 # ----------------------------------------------------------------------------

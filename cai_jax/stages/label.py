@@ -44,6 +44,7 @@ from cai_jax.data import prompts as prompts_lib
 from cai_jax.evaluation import multiple_choice as mc
 from cai_jax.evaluation import option_scores
 from cai_jax.utils import InputError, atomic_write_text, is_done, mark_done, read_jsonl
+from cai_jax.stages.common import stage_section
 
 STAGE = "label"
 INTRO = "Consider the following conversation between a human and an assistant:"
@@ -82,14 +83,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def _section(config):
-  base = default_config()
-  sec = config.get(STAGE, None) if hasattr(config, "get") else None
-  if sec is not None:
-    for k in sec.keys():
-      if k not in base:
-        raise InputError(f"config.label.{k}: unknown field; known: {sorted(base.keys())}")
-      base[k] = sec[k]
-  return base
+  return stage_section(config, STAGE, default_config())
 
 
 def _top(config, key, default):

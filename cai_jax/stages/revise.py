@@ -34,6 +34,7 @@ from cai_jax import constitution as constitution_lib
 from cai_jax import text as text_lib
 from cai_jax.data import prompts as prompts_lib
 from cai_jax.utils import InputError, atomic_write_text, is_done, mark_done, read_jsonl
+from cai_jax.stages.common import stage_section
 
 STAGE = "revise"
 # Independent random streams of one run.
@@ -69,14 +70,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def _section(config):
-  base = default_config()
-  sec = config.get(STAGE, None) if hasattr(config, "get") else None
-  if sec is not None:
-    for k in sec.keys():
-      if k not in base:
-        raise InputError(f"config.revise.{k}: unknown field; known: {sorted(base.keys())}")
-      base[k] = sec[k]
-  return base
+  return stage_section(config, STAGE, default_config())
 
 
 def _top(config, key, default):
