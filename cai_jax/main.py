@@ -103,14 +103,8 @@ def _point_name(point: dict) -> str:
 
 
 def _apply(config, point: dict):
-  c = config.copy_and_resolve_references()
-  for key, value in point.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  from cai_jax.tools.config_file import override
+  return override(config, point)
 
 
 def main(argv):

@@ -86,8 +86,7 @@ def test_exact_resume_in_process(tmp_path):
 
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
 def test_mesh_shapes_match_single_device(mesh_shape):
-  if jax.device_count() < 8:
-    pytest.skip("needs 8 (simulated) devices")
+  assert jax.device_count() == 8, "tests/conftest.py sets 8 simulated devices"
   ref, _ = _run(None, 5, mesh_shape=(1, 1, 1))
   got, _ = _run(None, 5, mesh_shape=mesh_shape)
   np.testing.assert_allclose([h["loss"] for h in got.history], [h["loss"] for h in ref.history],

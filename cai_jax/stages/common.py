@@ -51,3 +51,29 @@ def stage_section(config, stage: str, defaults):
         raise InputError(f"config.{stage}.{k}: unknown field; known: {sorted(base.keys())}")
       base[k] = sec[k]
   return base
+
+
+def check_run_signature(stage_dir: str, sig: dict, stage: str, volatile=()) -> None:
+  """Records what a run's chunks depend on in STAGE_DIR/run.json; a resumed run
+  whose signature differs (ignoring the stage section's `volatile` fields, which
+  do not change what a chunk holds) is refused with an InputError."""
+  import json
+  import os
+  from cai_jax.utils import atomic_write_text
+  path = os.path.join(stage_dir, "run.json")
+  if not os.path.exists(path):
+    atomic_write_text(path, json.dumps(sig, indent=2, ensure_ascii=False) + "\n")
+    return
+  with open(path, encoding="utf-8") as f:
+    old = json.load(f)
+
+  def strip(d):
+    return {k: v for k, v in (d or {}).items() if k not in volatile}
+
+  for k in sorted(set(old) | set(sig)):
+    a, b = old.get(k), sig.get(k)
+    if k == stage:
+      a, b = strip(a), strip(b)
+    if a != b:
+      raise InputError(f"{path}: this workdir was started with a different {k!r}; "
+                       "resume with the same config or use a fresh --workdir")

@@ -44,7 +44,7 @@ from cai_jax.data import prompts as prompts_lib
 from cai_jax.evaluation import multiple_choice as mc
 from cai_jax.evaluation import option_scores
 from cai_jax.utils import InputError, atomic_write_text, is_done, mark_done, read_jsonl
-from cai_jax.stages.common import stage_section
+from cai_jax.stages.common import check_run_signature, stage_section
 
 STAGE = "label"
 INTRO = "Consider the following conversation between a human and an assistant:"
@@ -347,21 +347,9 @@ def policy_path(config, workdir: str, lc=None) -> str:
 
 
 def _check_signature(stage_dir: str, sig: dict) -> None:
-  path = os.path.join(stage_dir, "run.json")
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      old = json.load(f)
-    volatile = ("batch_size", "progress", "write_tfds", "score_tokens")
-    strip = lambda d: {k: v for k, v in (d or {}).items() if k not in volatile}
-    for k in sorted(set(old) | set(sig)):
-      a, b = old.get(k), sig.get(k)
-      if k == "label":
-        a, b = strip(a), strip(b)
-      if a != b:
-        raise InputError(f"{path}: this workdir was started with a different {k!r}; "
-                         "resume with the same config or use a fresh --workdir")
-    return
-  atomic_write_text(path, json.dumps(sig, indent=2, ensure_ascii=False) + "\n")
+  # Fields that do not change what a chunk holds may differ between attempts.
+  check_run_signature(stage_dir, sig, STAGE,
+                      volatile=("batch_size", "progress", "write_tfds", "score_tokens"))
 
 
 def run(config, workdir: str) -> dict:

@@ -34,7 +34,7 @@ from cai_jax import constitution as constitution_lib
 from cai_jax import text as text_lib
 from cai_jax.data import prompts as prompts_lib
 from cai_jax.utils import InputError, atomic_write_text, is_done, mark_done, read_jsonl
-from cai_jax.stages.common import stage_section
+from cai_jax.stages.common import check_run_signature, stage_section
 
 STAGE = "revise"
 # Independent random streams of one run.
@@ -232,23 +232,9 @@ def _run_signature(config, rc, const, red, helpful) -> dict:
 
 
 def _check_signature(stage_dir: str, sig: dict) -> None:
-  path = os.path.join(stage_dir, "run.json")
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      old = json.load(f)
-    # Fields that do not change what a chunk holds may differ between attempts
-    # (batch_size and shard do: the sampler's batches and numerics follow them).
-    volatile = ("progress", "write_tfds")
-    for k in sorted(set(old) | set(sig)):
-      a, b = old.get(k), sig.get(k)
-      if k == "revise":
-        a = {x: y for x, y in (a or {}).items() if x not in volatile}
-        b = {x: y for x, y in (b or {}).items() if x not in volatile}
-      if a != b:
-        raise InputError(f"{path}: this workdir was started with a different {k!r}; "
-                         "resume with the same config or use a fresh --workdir")
-    return
-  atomic_write_text(path, json.dumps(sig, indent=2, ensure_ascii=False) + "\n")
+  # Fields that do not change what a chunk holds may differ between attempts
+  # (batch_size and shard do: the sampler's batches and numerics follow them).
+  check_run_signature(stage_dir, sig, STAGE, volatile=("progress", "write_tfds"))
 
 
 def run(config, workdir: str) -> dict:
