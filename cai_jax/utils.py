@@ -70,6 +70,14 @@ def is_done(stage_dir: str) -> bool:
   return os.path.exists(done_path(stage_dir))
 
 
+def done_info(stage_dir: str) -> dict | None:
+  """The summary a finished stage wrote into its DONE marker; None if not done."""
+  if not is_done(stage_dir):
+    return None
+  with open(done_path(stage_dir), encoding="utf-8") as f:
+    return json.load(f)
+
+
 def mark_done(stage_dir: str, info: dict | None = None) -> None:
   """Written last by a stage; a stage that finds it is skipped."""
   atomic_write_text(done_path(stage_dir), json.dumps(info or {}, indent=2) + "\n")

@@ -32,7 +32,7 @@ import numpy as np
 import tqdm
 
 from cai_jax.data import prompts as prompts_lib
-from cai_jax.utils import InputError, atomic_write_text, is_done, mark_done, read_jsonl
+from cai_jax.utils import InputError, atomic_write_text, done_info, mark_done, read_jsonl
 from cai_jax.stages.common import stage_section
 
 STAGE = "generate_prompts"
@@ -179,9 +179,9 @@ def run(config, workdir: str) -> dict:
   """Runs (or resumes) prompt generation into WORKDIR/generate_prompts."""
   stage_dir = os.path.join(workdir, STAGE)
   gc = _section(config)
-  if is_done(stage_dir):
-    with open(os.path.join(stage_dir, "DONE"), encoding="utf-8") as f:
-      return json.load(f)
+  done = done_info(stage_dir)
+  if done is not None:
+    return done
   kind = str(gc.kind)
   if kind not in ("red_team", "helpful"):
     raise InputError(f"config.{STAGE}.kind={kind!r}; use 'red_team' or 'helpful'")

@@ -43,7 +43,7 @@ from cai_jax import text as text_lib
 from cai_jax.data import prompts as prompts_lib
 from cai_jax.evaluation import multiple_choice as mc
 from cai_jax.evaluation import option_scores
-from cai_jax.utils import InputError, atomic_write_text, is_done, mark_done, read_jsonl
+from cai_jax.utils import InputError, atomic_write_text, done_info, mark_done, read_jsonl
 from cai_jax.stages.common import check_run_signature, stage_section
 
 STAGE = "label"
@@ -358,10 +358,10 @@ def run(config, workdir: str) -> dict:
   from cai_jax.stages import common
   stage_dir = os.path.join(workdir, STAGE)
   lc = _section(config)
-  if is_done(stage_dir):
+  done = done_info(stage_dir)
+  if done is not None:
     logging.info("label: %s has DONE; skipping", stage_dir)
-    with open(os.path.join(stage_dir, "DONE"), encoding="utf-8") as f:
-      return json.load(f)
+    return done
   for k in ("chunk_size", "batch_size", "num_principles", "cot_samples", "score_tokens"):
     if int(lc[k]) < 1:
       raise InputError(f"config.label.{k}={lc[k]}: must be >= 1")

@@ -144,9 +144,9 @@ def run(config, workdir: str, reward_fn=None) -> dict:
   from tqdm.auto import tqdm
 
   out = os.path.join(workdir, "ppo")
-  if utils.is_done(out):
-    with open(utils.done_path(out)) as f:
-      return json.load(f)
+  done = utils.done_info(out)
+  if done is not None:
+    return done
   os.makedirs(out, exist_ok=True)
   pc = config.ppo
   mesh = sharding.mesh_from_config(config)

@@ -228,9 +228,9 @@ def _steps(n_pairs, B, epochs, cap):
 def run(config, workdir: str) -> dict:
   pc = config.pm
   out = os.path.join(workdir, "pm")
-  if utils.is_done(out):
-    with open(utils.done_path(out)) as f:
-      return json.load(f)
+  done = utils.done_info(out)
+  if done is not None:
+    return done
   fmt, L, seed = config.prompt_format, int(pc.max_len), int(config.seed)
   pref_path = pc.preferences or os.path.join(workdir, "label", "preferences.jsonl")
   ai = []

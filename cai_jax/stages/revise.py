@@ -33,7 +33,7 @@ import tqdm
 from cai_jax import constitution as constitution_lib
 from cai_jax import text as text_lib
 from cai_jax.data import prompts as prompts_lib
-from cai_jax.utils import InputError, atomic_write_text, is_done, mark_done, read_jsonl
+from cai_jax.utils import InputError, atomic_write_text, done_info, mark_done, read_jsonl
 from cai_jax.stages.common import check_run_signature, stage_section
 
 STAGE = "revise"
@@ -241,10 +241,10 @@ def run(config, workdir: str) -> dict:
   """Runs (or resumes) the revise stage into WORKDIR/revise; returns summary numbers."""
   stage_dir = os.path.join(workdir, STAGE)
   rc = _section(config)
-  if is_done(stage_dir):
+  done = done_info(stage_dir)
+  if done is not None:
     logging.info("revise: %s has DONE; skipping", stage_dir)
-    with open(os.path.join(stage_dir, "DONE"), encoding="utf-8") as f:
-      return json.load(f)
+    return done
   if int(rc.chunk_size) < 1 or int(rc.batch_size) < 1:
     raise InputError("config.revise.chunk_size and batch_size must be >= 1")
   if int(rc.num_revisions) < 1:

@@ -102,9 +102,9 @@ def tensorboard_writer(enabled: bool, logdir: str):
 def run(config, workdir: str) -> dict:
   sc = config.sft
   out = os.path.join(workdir, "sft")
-  if utils.is_done(out):
-    with open(utils.done_path(out)) as f:
-      return json.load(f)
+  done = utils.done_info(out)
+  if done is not None:
+    return done
   revise_dir = sc.revise_dir or os.path.join(workdir, "revise")
   _fail_missing(os.path.join(revise_dir, "records.jsonl"), "revise records")
   ckpt_dir = os.path.join(out, "checkpoints")
