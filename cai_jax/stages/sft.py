@@ -12,7 +12,6 @@ WORKDIR/sft/checkpoints/; an interrupted run resumes exactly.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
