@@ -1,12 +1,15 @@
 """Multi-host helpers: which work is this host's, and putting the pieces back.
 
-On a pod slice every host runs the same program. Generation stages (revise,
-label) split their prompts with `host_shard`, each host works on its own block,
-and the records come back together with `gather_records` (over the JAX
-collectives, any file system) or `write_host_shard` + `merge_host_shards`
-(through a shared directory such as gs://). Blocks are contiguous and assigned
-in process order, so the merged list is the single-host list: nothing twice,
-nothing lost, same order.
+On a pod slice every host runs the same program. Work is split in two ways:
+`host_shard` / `shard_range` give each host a contiguous block of a list, and
+`host_jobs` / `run_dealt` deal numbered jobs round robin (job j to host
+j % process_count). The generation stages (revise, label) deal their
+fixed-size chunks with `run_dealt`; every chunk's randomness comes from its
+index alone, so the records do not depend on which host made them. Results come
+back together with `gather_records` (over the JAX collectives, any file system)
+or `write_host_shard` + `merge_host_shards` (through a shared directory such as
+gs://), in job or process order, so the merged list is the single-host list:
+nothing twice, nothing lost, same order.
 
 With one process all of this degrades to the identity, so stages call it
 unconditionally. Start-up itself (`jax.distributed.initialize`) lives in
@@ -14,6 +17,7 @@ unconditionally. Start-up itself (`jax.distributed.initialize`) lives in
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any, Optional, Sequence
@@ -93,6 +97,81 @@ def gather_records(records: Sequence[Any]) -> list:
   out = []
   for chunk in allgather_bytes(payload):
     out.extend(json.loads(chunk.decode("utf-8")))
+  return out
+
+
+def from_main(obj: Any) -> Any:
+  """Process 0's (JSON-serialisable) `obj` on every host.
+
+  For decisions every host must take alike when only the main host can see the
+  evidence, e.g. a stage's DONE marker on a disk the other hosts do not share.
+  """
+  if jax.process_count() == 1:
+    return obj
+  return gather_records([obj])[0]
+
+
+def check_same(obj: Any, what: str) -> None:
+  """Raises InputError unless every host passes an equal (JSON-serialisable) `obj`.
+
+  Dealing work to hosts is only right when they agree on the work list.
+  """
+  if jax.process_count() == 1:
+    return
+  key = json.dumps(obj, sort_keys=True, ensure_ascii=False)
+  digest = hashlib.sha1(key.encode("utf-8")).hexdigest()
+  digests = gather_records([digest])
+  bad = [i for i, d in enumerate(digests) if d != digests[0]]
+  if bad:
+    raise InputError(f"host {bad[0]}: its {what} differs from host 0's; give every host the "
+                     "same config, data and model paths")
+
+
+def host_jobs(n: int, index: Optional[int] = None, count: Optional[int] = None) -> range:
+  """Job indices dealt to this host: j with j % count == index (all with one process).
+
+  Round robin rather than blocks, so kinds of work that follow each other in a
+  job list (expensive red-team chunks, then cheap helpfulness chunks) spread
+  over the hosts.
+  """
+  index, count = _index_count(index, count)
+  return range(index, int(n), count)
+
+
+def run_dealt(n: int, fn) -> list:
+  """Runs fn(j) for this host's `host_jobs(n)`; returns all n results in job order.
+
+  Results must be JSON-serialisable; they come back on every host through
+  `gather_records` (no shared file system needed). Each job index must arrive
+  exactly once: a duplicate or a gap is an error, never a silent loss. An
+  exception on one host is reported on every host (re-raised where it
+  happened) instead of leaving the others waiting in the collective.
+  """
+  if jax.process_count() == 1:
+    return [fn(j) for j in range(int(n))]
+  results, error = [], None
+  try:
+    for j in host_jobs(n):
+      results.append([j, fn(j)])
+  except Exception as e:  # reported to the other hosts, then re-raised below
+    error = e
+  pieces = gather_records([{"host": jax.process_index(), "results": results,
+                            "error": None if error is None else f"{type(error).__name__}: {error}"}])
+  if error is not None:
+    raise error
+  failed = [p for p in pieces if p["error"]]
+  if failed:
+    raise RuntimeError(f"host {failed[0]['host']} failed: {failed[0]['error']}")
+  out, seen = [None] * int(n), set()
+  for p in pieces:
+    for j, r in p["results"]:
+      if j in seen or not 0 <= j < n:
+        raise RuntimeError(f"job {j} returned twice or out of range (host {p['host']})")
+      seen.add(j)
+      out[j] = r
+  if len(seen) != n:
+    missing = sorted(set(range(int(n))) - seen)
+    raise RuntimeError(f"jobs {missing[:5]} returned by no host")
   return out
 
 

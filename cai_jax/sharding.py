@@ -89,6 +89,28 @@ def mesh_from_config(config) -> Mesh:
   return make_mesh(ici, dcn)
 
 
+def local_mesh_from_config(config) -> Mesh:
+  """A mesh over this host's devices only, for work each host does alone.
+
+  Generation stages deal whole chunks to hosts (see `multihost`), so a host
+  must not need the others in its sampler calls: the global mesh would put
+  every host into every call. The config's `mesh.ici` shape is the within-host
+  split, so it is used over `jax.local_devices()`; when it does not fit the
+  local device count, a 1-D data mesh over the local devices is used (logged).
+  With one process this is the same device set as `mesh_from_config`.
+  """
+  m = config.get("mesh", None) if hasattr(config, "get") else None
+  ici = tuple(m.get("ici", (-1, 1, 1))) if m is not None else (-1, 1, 1)
+  devices = jax.local_devices()
+  try:
+    shape = mesh_shape(ici, len(devices))
+  except ShardingError as e:
+    logging.warning("local mesh: config.mesh.ici=%s does not fit the %d local devices (%s); "
+                    "using a data mesh over them", list(ici), len(devices), e)
+    shape = (len(devices), 1, 1)
+  return make_mesh(shape, devices=devices)
+
+
 def rules_from_config(config) -> tuple:
   rules = config.get("logical_axis_rules", None) if hasattr(config, "get") else None
   if not rules:

@@ -1,7 +1,9 @@
-"""Model loading shared by the stages: presets, pretrained paths, tokenizers."""
+"""Shared by the stages: model loading (presets, pretrained paths, tokenizers),
+config sections, run signatures and the generation stages' sampler mesh."""
 from __future__ import annotations
 
 import functools
+import logging
 
 import jax
 
@@ -77,3 +79,27 @@ def check_run_signature(stage_dir: str, sig: dict, stage: str, volatile=()) -> N
     if a != b:
       raise InputError(f"{path}: this workdir was started with a different {k!r}; "
                        "resume with the same config or use a fresh --workdir")
+
+
+def generation_mesh(config, batch_size: int):
+  """(mesh, sampler batch size) for a generation stage (revise, label).
+
+  One process: the config's mesh and `batch_size` as given (unchanged
+  behaviour). Several processes: the stages deal whole chunks to hosts, so each
+  host samples on a mesh of its own devices (`sharding.local_mesh_from_config`),
+  with the batch size rounded up to the global mesh's batch divisor exactly as
+  the single-process sampler rounds it. Same batches, same per-batch random
+  streams: a chunk's records do not depend on the host that made it.
+  """
+  from cai_jax import sharding
+  mesh = sharding.mesh_from_config(config)
+  if jax.process_count() == 1:
+    return mesh, int(batch_size)
+  d = sharding.batch_divisor(mesh)
+  rounded = -(-int(batch_size) // d) * d
+  local = sharding.local_mesh_from_config(config)
+  if rounded % sharding.batch_divisor(local):
+    logging.warning("generation: sampler batch %d does not divide over the local mesh %s; "
+                    "records may differ from a single-process run", rounded,
+                    dict(local.shape))
+  return local, rounded
