@@ -25,6 +25,13 @@ Output in WORKDIR/label/:
   DONE               written last
 Chunk i draws all its randomness from fold_in(seed, i): a killed run resumes at
 the first missing chunk and ends with the output of an uninterrupted run.
+
+Several processes (a pod slice): chunk i goes to host i % process_count
+(`multihost.run_dealt`), which samples and scores it on a mesh of its own
+devices and writes it into its own chunks/. The records are gathered over the
+collectives (no shared disk needed); process 0 alone writes preferences.jsonl,
+tfds/ and DONE, the same files as one process writes, and every host returns
+the same summary.
 """
 from __future__ import annotations
 
@@ -39,6 +46,7 @@ import numpy as np
 import tqdm
 
 from cai_jax import constitution as constitution_lib
+from cai_jax import multihost
 from cai_jax import text as text_lib
 from cai_jax.data import prompts as prompts_lib
 from cai_jax.evaluation import multiple_choice as mc
@@ -205,7 +213,8 @@ def soft_label(logp_a: float, logp_b: float) -> float:
 class Labeller:
   """Turns (conversation, response_a, response_b) into labels with the feedback model."""
 
-  def __init__(self, cfg, params, tokenizer, prompter: Prompter, const, lc, mesh=None):
+  def __init__(self, cfg, params, tokenizer, prompter: Prompter, const, lc, mesh=None,
+               batch_size=None):
     self.cfg, self.params, self.tok, self.prompter, self.lc = cfg, params, tokenizer, prompter, lc
     self.principles = list(const.choice_principles)
     if not self.principles:
@@ -220,6 +229,7 @@ class Labeller:
     self.cot_examples = list(const.cot_examples if nc < 0 else const.cot_examples[:nc])
     self.clamp = parse_clamp(lc.cot_clamp)
     self.mesh = mesh
+    self.batch_size = int(lc.batch_size if batch_size is None else batch_size)
     self.options = [tokenizer(_letter(j), add_special_tokens=False)["input_ids"] for j in (0, 1)]
     self.pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
     self.first_position = []  # P((A)) of every scored question: the raw position preference
@@ -269,7 +279,7 @@ class Labeller:
           self.cfg, self.params, self.tok, [q[3] for q in qs for _ in range(K)],
           fmt=self.prompter.fmt, max_new_tokens=int(self.lc.cot_max_new_tokens),
           temperature=float(self.lc.cot_temperature), stop=stops, seed=seed,
-          batch_size=int(self.lc.batch_size), mesh=self.mesh, progress=False,
+          batch_size=self.batch_size, mesh=self.mesh, progress=False,
           truncate_long_prompts=True, desc="chain of thought")
       chains = [clean_reasoning(c.text) for c in comps]
       lps = self._score([Prompter.cot_answer(qs[j // K][3], chains[j]) for j in range(len(chains))])
@@ -354,11 +364,12 @@ def _check_signature(stage_dir: str, sig: dict) -> None:
 
 def run(config, workdir: str) -> dict:
   """Runs (or resumes) the label stage into WORKDIR/label; returns summary numbers."""
-  from cai_jax import sampling, sharding
+  from cai_jax import sampling
   from cai_jax.stages import common
   stage_dir = os.path.join(workdir, STAGE)
   lc = _section(config)
-  done = done_info(stage_dir)
+  # Only process 0 writes DONE; the other hosts may not share its disk.
+  done = multihost.from_main(done_info(stage_dir))
   if done is not None:
     logging.info("label: %s has DONE; skipping", stage_dir)
     return done
@@ -376,13 +387,15 @@ def run(config, workdir: str) -> dict:
   pol_path = policy_path(config, workdir, lc)
   fb_path = str(_top(config, "feedback_model", _top(config, "model", "tiny")))
   os.makedirs(os.path.join(stage_dir, "chunks"), exist_ok=True)
-  _check_signature(stage_dir, {
+  sig = {
       "seed": seed, "policy": pol_path, "feedback_model": fb_path, "dtype": str(dtype or ""),
       "prompt_format": fmt, "constitution": const.name,
       "choice_principles": const.choice_principle_ids, "label": lc.to_dict(),
-      "red_team_ids": [p["id"] for p in red]})
+      "red_team_ids": [p["id"] for p in red]}
+  multihost.check_same(sig, "label run signature (config, prompts, models)")
+  _check_signature(stage_dir, sig)
 
-  mesh = sharding.mesh_from_config(config)
+  mesh, batch_size = common.generation_mesh(config, int(lc.batch_size))
   pcfg, pparams, ptok = common.load_model(pol_path, seed=seed, dtype=dtype)
   if fb_path == pol_path:
     fcfg, fparams, ftok = pcfg, pparams, ptok
@@ -393,16 +406,21 @@ def run(config, workdir: str) -> dict:
   if int(lc.max_prompt_tokens) > 0:
     limit = min(limit, int(lc.max_prompt_tokens))
   prompter = Prompter(fmt, ftok, str(lc.system_prompt), limit)
-  labeller = Labeller(fcfg, fparams, ftok, prompter, const, lc, mesh)
+  labeller = Labeller(fcfg, fparams, ftok, prompter, const, lc, mesh, batch_size)
 
   root = jax.random.PRNGKey(seed)
   cs = int(lc.chunk_size)
-  done, resumed = [], 0
-  bar = tqdm.tqdm(total=len(red), unit="prompt", desc="label", disable=not lc.progress)
-  for i in range(-(-len(red) // cs)):
+  num_chunks = -(-len(red) // cs)
+  mine = multihost.host_jobs(num_chunks)
+  bar = tqdm.tqdm(total=sum(len(red[i * cs:(i + 1) * cs]) for i in mine), unit="prompt",
+                  desc="label", disable=not lc.progress)
+
+  def one_chunk(i: int) -> dict:
     items = red[i * cs:(i + 1) * cs]
     path = _chunk_path(stage_dir, i)
     recs = _read_chunk(path, [it["id"] for it in items])
+    resumed, shortened = recs is not None, prompter.shortened
+    first = len(labeller.first_position)
     if recs is None:
       key = jax.random.fold_in(root, i)
       k_resp, k_label, k_rng = jax.random.split(key, 3)
@@ -410,7 +428,7 @@ def run(config, workdir: str) -> dict:
       comps = sampling.generate(
           pcfg, pparams, ptok, [m for m in msgs for _ in range(2)], fmt=fmt,
           max_new_tokens=int(lc.max_new_tokens), temperature=float(lc.temperature),
-          top_p=float(lc.top_p), seed=_seed(k_resp), batch_size=int(lc.batch_size),
+          top_p=float(lc.top_p), seed=_seed(k_resp), batch_size=batch_size,
           mesh=mesh, progress=False, truncate_long_prompts=True, desc="responses")
       pairs = [{"id": it["id"], "prompt": it["messages"],
                 "response_a": comps[2 * j].text.strip(),
@@ -418,28 +436,37 @@ def run(config, workdir: str) -> dict:
       labels = labeller(pairs, np.random.default_rng(_seed(k_rng)), _seed(k_label))
       recs = [dict(p, **lab) for p, lab in zip(pairs, labels)]
       atomic_write_text(path, _jsonl(recs))
-    else:
-      resumed += len(recs)
-    done.extend(recs)
     bar.update(len(items))
+    return {"records": recs, "resumed": resumed, "shortened": prompter.shortened - shortened,
+            "first_position": labeller.first_position[first:]}
+
+  # Every chunk once, in chunk order, on every host (one process: this loop alone).
+  results = multihost.run_dealt(num_chunks, one_chunk)
   bar.close()
+  done = [rec for r in results for rec in r["records"]]
+  resumed = sum(len(r["records"]) for r in results if r["resumed"])
+  # In chunk order, as one process appends them, so the mean is the same number.
+  first_position = [x for r in results for x in r["first_position"]]
 
   out_path = os.path.join(stage_dir, "preferences.jsonl")
-  atomic_write_text(out_path, _jsonl(done))
-  if lc.write_tfds:
-    from cai_jax.data import preferences_tfds
-    preferences_tfds.build(out_path, os.path.join(stage_dir, "tfds"))
+  if multihost.is_main():
+    atomic_write_text(out_path, _jsonl(done))
+    if lc.write_tfds:
+      from cai_jax.data import preferences_tfds
+      preferences_tfds.build(out_path, os.path.join(stage_dir, "tfds"))
   p = np.array([r["p_a"] for r in done])
   summary = {
       "num_comparisons": len(done), "resumed_prompts": resumed,
       "mean_p_a": float(p.mean()), "frac_a_preferred": float(np.mean(p > 0.5)),
       "mean_confidence": float(np.mean(np.abs(p - 0.5)) + 0.5),
       "frac_identical_pairs": float(np.mean([r["response_a"] == r["response_b"] for r in done])),
-      "questions_shortened": prompter.shortened,
+      "questions_shortened": sum(r["shortened"] for r in results),
       "policy": pol_path, "feedback_model": fb_path,
   }
-  if labeller.first_position:
+  if first_position:
     # P((A)) averaged over every scored question: 0.5 means no raw position preference.
-    summary["mean_p_first_option"] = float(np.mean(labeller.first_position))
-  mark_done(stage_dir, summary)
+    summary["mean_p_first_option"] = float(np.mean(first_position))
+  if multihost.is_main():
+    mark_done(stage_dir, summary)
+  multihost.sync("label: DONE written")
   return summary

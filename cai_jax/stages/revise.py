@@ -16,6 +16,14 @@ Prompts are processed in fixed chunks of `chunk_size`; chunk i draws all its
 randomness from fold_in(seed, i). A run that is killed resumes at the first
 missing chunk, never rewrites a finished one, and ends with exactly the output
 of an uninterrupted run with the same config.
+
+Several processes (a pod slice): the chunks, red-team then helpful, are dealt
+round robin (chunk job j to host j % process_count, `multihost.run_dealt`).
+Each host samples its chunks on a mesh of its own devices and writes their
+files into its own chunks/; the records are gathered over the collectives (no
+shared disk needed) and process 0 alone writes records.jsonl, helpful.jsonl,
+tfds/ and DONE, the same files as one process writes. Every host returns the
+same summary.
 """
 from __future__ import annotations
 
@@ -31,6 +39,7 @@ import numpy as np
 import tqdm
 
 from cai_jax import constitution as constitution_lib
+from cai_jax import multihost
 from cai_jax import text as text_lib
 from cai_jax.data import prompts as prompts_lib
 from cai_jax.utils import InputError, atomic_write_text, done_info, mark_done, read_jsonl
@@ -133,6 +142,8 @@ class _Sampler:
   def __init__(self, cfg, params, tok, rc, fmt, stops_step, mesh):
     self.cfg, self.params, self.tok, self.rc, self.fmt = cfg, params, tok, rc, fmt
     self.stops_step, self.mesh = stops_step, mesh
+    # Set by the stage with several processes (common.generation_mesh).
+    self.batch_size = int(rc.batch_size)
 
   def __call__(self, prompts: list[str], key, max_new_tokens: int, step: bool) -> list[str]:
     from cai_jax import sampling
@@ -143,7 +154,7 @@ class _Sampler:
           self.cfg, self.params, self.tok, [prompts[i] for i in todo], fmt=self.fmt,
           max_new_tokens=max_new_tokens, temperature=float(self.rc.temperature),
           top_p=float(self.rc.top_p), stop=self.stops_step if step else None,
-          seed=_seed(jax.random.fold_in(key, attempt)), batch_size=int(self.rc.batch_size),
+          seed=_seed(jax.random.fold_in(key, attempt)), batch_size=self.batch_size,
           mesh=self.mesh, progress=False, truncate_long_prompts=True)
       for i, c in zip(todo, comps):
         out[i] = _clean(c.text)
@@ -241,7 +252,8 @@ def run(config, workdir: str) -> dict:
   """Runs (or resumes) the revise stage into WORKDIR/revise; returns summary numbers."""
   stage_dir = os.path.join(workdir, STAGE)
   rc = _section(config)
-  done = done_info(stage_dir)
+  # Only process 0 writes DONE; the other hosts may not share its disk.
+  done = multihost.from_main(done_info(stage_dir))
   if done is not None:
     logging.info("revise: %s has DONE; skipping", stage_dir)
     return done
@@ -261,14 +273,16 @@ def run(config, workdir: str) -> dict:
   helpful = prompts_lib.load_prompts(data_cfg, "helpful", str(rc.split)) \
       if int(rc.helpful_samples) > 0 else []
   os.makedirs(os.path.join(stage_dir, "chunks"), exist_ok=True)
-  _check_signature(stage_dir, _run_signature(config, rc, const, red, helpful))
+  sig = _run_signature(config, rc, const, red, helpful)
+  multihost.check_same(sig, "revise run signature (config, prompts, model)")
+  _check_signature(stage_dir, sig)
 
-  from cai_jax import sharding
   from cai_jax.stages import common
   seed = int(_top(config, "seed", 0))
   cfg, params, tok = common.load_model(str(_top(config, "model", "tiny")), seed=seed,
                                        dtype=_top(config, "dtype", None))
-  mesh = sharding.mesh_from_config(config) if rc.shard else None
+  mesh, batch_size = common.generation_mesh(config, int(rc.batch_size)) if rc.shard else \
+      (None, int(rc.batch_size))
   budget = max(int(rc.max_new_tokens), int(rc.critique_max_new_tokens),
                int(rc.revision_max_new_tokens))
   # A few tokens of slack for the BOS the sampler may add.
@@ -278,18 +292,21 @@ def run(config, workdir: str) -> dict:
   prompter = _Prompter(const, fmt, tok, examples, bool(rc.history), str(rc.system_prompt),
                        limit)
   sample = _Sampler(cfg, params, tok, rc, fmt, constitution_lib.stop_strings(fmt, tok), mesh)
+  sample.batch_size = batch_size
 
   root = jax.random.PRNGKey(seed)
   cs = int(rc.chunk_size)
   jobs = [("red_team", i, red[i * cs:(i + 1) * cs]) for i in range(-(-len(red) // cs))]
   jobs += [("helpful", i, helpful[i * cs:(i + 1) * cs]) for i in range(-(-len(helpful) // cs))]
-  done_red, done_helpful = [], []
-  bar = tqdm.tqdm(total=len(red) + len(helpful), unit="prompt", desc="revise",
+  mine = multihost.host_jobs(len(jobs))
+  bar = tqdm.tqdm(total=sum(len(jobs[j][2]) for j in mine), unit="prompt", desc="revise",
                   disable=not rc.progress)
-  resumed = 0
-  for kind, i, items in jobs:
+
+  def one_job(j: int) -> dict:
+    kind, i, items = jobs[j]
     path = _chunk_path(stage_dir, kind, i)
     recs = _read_chunk(path, [it["id"] for it in items])
+    resumed, shortened = recs is not None, prompter.shortened
     if recs is None:
       stream = _STREAM_RED if kind == "red_team" else _STREAM_HELPFUL
       key = jax.random.fold_in(jax.random.fold_in(root, stream), i)
@@ -298,27 +315,34 @@ def run(config, workdir: str) -> dict:
       else:
         recs = _helpful_chunk(items, key, prompter, sample, rc)
       _write_once(path, _jsonl(recs))
-    else:
-      resumed += len(recs)
-    (done_red if kind == "red_team" else done_helpful).extend(recs)
     bar.update(len(items))
+    return {"records": recs, "resumed": resumed, "shortened": prompter.shortened - shortened}
+
+  # Every chunk once, in job order, on every host (one process: this loop alone).
+  results = multihost.run_dealt(len(jobs), one_job)
   bar.close()
+  done_red, done_helpful = [], []
+  resumed = sum(len(r["records"]) for r in results if r["resumed"])
+  shortened = sum(r["shortened"] for r in results)
+  for (kind, _, _), r in zip(jobs, results):
+    (done_red if kind == "red_team" else done_helpful).extend(r["records"])
 
   records_path = os.path.join(stage_dir, "records.jsonl")
   helpful_path = os.path.join(stage_dir, "helpful.jsonl")
-  _write_once(records_path, _jsonl(done_red))
-  _write_once(helpful_path, _jsonl(done_helpful))
-  if rc.write_tfds:
-    from cai_jax.data import builders
-    files = {"red_team": records_path}
-    if done_helpful:
-      files["helpful"] = helpful_path
-    builders.build_records(files, os.path.join(stage_dir, "tfds"))
+  if multihost.is_main():
+    _write_once(records_path, _jsonl(done_red))
+    _write_once(helpful_path, _jsonl(done_helpful))
+    if rc.write_tfds:
+      from cai_jax.data import builders
+      files = {"red_team": records_path}
+      if done_helpful:
+        files["helpful"] = helpful_path
+      builders.build_records(files, os.path.join(stage_dir, "tfds"))
   revs = [r for rec in done_red for r in rec["rounds"]]
   summary = {
       "num_red_team": len(done_red), "num_helpful": len(done_helpful),
       "num_rounds": int(rc.num_revisions), "resumed_prompts": resumed,
-      "prompts_shortened": prompter.shortened,
+      "prompts_shortened": shortened,
       "frac_revision_changed": float(np.mean(
           [rec["rounds"][-1]["revision"].strip() != rec["initial_response"].strip()
            for rec in done_red])) if done_red else 0.0,
@@ -326,5 +350,7 @@ def run(config, workdir: str) -> dict:
       "principle_counts": {pid: sum(r["principle_id"] == pid for r in revs)
                            for pid in const.principle_ids},
   }
-  mark_done(stage_dir, summary)
+  if multihost.is_main():
+    mark_done(stage_dir, summary)
+  multihost.sync("revise: DONE written")
   return summary
