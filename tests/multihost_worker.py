@@ -140,6 +140,69 @@ def records_roundtrip(directory):
           "written": written}
 
 
+def stage_config():
+  """Tiny-model revise and label runs: 6 red-team prompts in chunks of 2 (3 chunks),
+  2 helpfulness prompts (1 chunk), so both hosts get chunks of both stages.
+
+  batch_size 16 gives every device at least 2 sampler rows in both runs (16 rows
+  over 8 devices here, over each host's 4 there): XLA's CPU path for a single
+  row rounds differently from its path for several, and the random model's flat
+  distribution turns such 1e-6 differences into other tokens.
+  """
+  import ml_collections
+  from cai_jax.data import prompts as prompts_lib
+  from cai_jax.stages import label, revise
+  c = ml_collections.ConfigDict()
+  c.seed = 3
+  c.model = "tiny"
+  c.feedback_model = ""
+  c.dtype = "float32"
+  c.prompt_format = "raw"
+  c.constitution = "harmlessness"
+  c.mesh = ml_collections.ConfigDict({"ici": (-1, 1, 1), "dcn": None})
+  c.data = prompts_lib.default_config()
+  c.data.num_red_team = 6
+  c.data.num_helpful = 2
+  c.revise = revise.default_config()
+  c.revise.update(dict(num_revisions=1, max_new_tokens=6, critique_max_new_tokens=6,
+                       revision_max_new_tokens=6, num_fewshot=1, helpful_samples=1,
+                       chunk_size=2, batch_size=16, progress=False, write_tfds=False))
+  c.label = label.default_config()
+  c.label.update(dict(max_new_tokens=6, num_fewshot=1, chunk_size=2, batch_size=16,
+                      progress=False, write_tfds=False))
+  return c
+
+
+def _read_text(path):
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return f.read()
+
+
+def run_stages(workdir):
+  """The revise and label stages into this process's own workdir (no disk shared
+  between hosts, so the records must travel over the collectives), run twice:
+  the second run finds process 0's DONE. Returns summaries and the files each
+  process holds (name -> text)."""
+  from cai_jax.stages import common, label, revise
+  c = stage_config()
+  mesh, batch_size = common.generation_mesh(c, c.revise.batch_size)
+  out = {"mesh": {"shape": dict(mesh.shape), "batch_size": batch_size,
+                  "local": all(d.process_index == jax.process_index() for d in mesh.devices.flat)}}
+  out.update(revise=revise.run(c, workdir), label=label.run(c, workdir))
+  out["revise_again"] = revise.run(c, workdir)
+  out["label_again"] = label.run(c, workdir)
+  files = {}
+  for stage in ("revise", "label"):
+    for dirpath, _, names in os.walk(os.path.join(workdir, stage)):
+      for name in names:
+        path = os.path.join(dirpath, name)
+        files[os.path.relpath(path, workdir)] = _read_text(path)
+  out["files"] = files
+  return out
+
+
 def run_all(workdir):
   """Everything both runs compute; returns (arrays dict, json-able dict)."""
   cfg = tiny_cfg()
@@ -158,6 +221,7 @@ def run_all(workdir):
   for path, leaf in jax.tree_util.tree_flatten_with_path(multihost.to_host(restored))[0]:
     arrays["restored/" + jax.tree_util.keystr(path)] = leaf
   info["records"] = records_roundtrip(workdir)
+  info["stages"] = run_stages(os.path.join(workdir, f"stages-{jax.process_index()}"))
   from cai_jax.training import objectives
   mesh = meshes["dp2_fsdp2_tp2"]
   info["sft_metrics"], sft_params = train_steps(cfg, host_params, mesh,

@@ -4,7 +4,8 @@ The two-process test starts tests/multihost_worker.py twice, joined by
 jax.distributed.initialize on 127.0.0.1 with gloo CPU collectives, and compares
 what they compute (sharded forward passes on a global batch assembled from
 per-host rows, an Orbax save/restore across both processes, host-sharded record
-writing) with the same code run here on this process's 8 simulated devices.
+writing, the revise and label stages with their chunks dealt to the hosts) with
+the same code run here on this process's 8 simulated devices.
 """
 import json
 import os
@@ -71,6 +72,42 @@ def test_merge_with_a_missing_shard_fails(tmp_path):
   with pytest.raises(InputError, match="records-00001-of-00002.jsonl: host shard missing"):
     multihost.merge_host_shards(path, count=2)
   assert not os.path.exists(path)
+
+
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_host_jobs_deal_round_robin(count):
+  for n in range(0, 9):
+    dealt = [list(multihost.host_jobs(n, i, count)) for i in range(count)]
+    assert sorted(j for d in dealt for j in d) == list(range(n))  # each job on one host
+    for i, d in enumerate(dealt):
+      assert all(j % count == i for j in d)
+
+
+def test_run_dealt_and_from_main_single_process():
+  calls = []
+  out = multihost.run_dealt(4, lambda j: calls.append(j) or {"job": j})
+  assert out == [{"job": j} for j in range(4)] and calls == [0, 1, 2, 3]
+  assert multihost.from_main({"a": 1}) == {"a": 1}
+  multihost.check_same({"a": 1}, "anything")  # one host always agrees with itself
+
+
+def test_local_mesh_from_config(caplog):
+  import ml_collections
+  from cai_jax import sharding
+  from cai_jax.stages import common
+  c = ml_collections.ConfigDict({"mesh": {"ici": (2, 2, -1), "dcn": None}})
+  mesh = sharding.local_mesh_from_config(c)
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert set(mesh.devices.flat) == set(jax.local_devices())
+  c.mesh.ici = (3, 1, 1)  # does not fit 8 devices: a data mesh over them, logged
+  with caplog.at_level("WARNING"):
+    mesh = sharding.local_mesh_from_config(c)
+  assert dict(mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+  assert "does not fit the 8 local devices" in caplog.text
+  # One process: the generation stages keep the config's mesh and batch size.
+  c.mesh.ici = (-1, 1, 1)
+  mesh, bs = common.generation_mesh(c, 3)
+  assert bs == 3 and dict(mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
 
 
 def test_host_batch_slice_single_process_is_all_rows():
@@ -214,3 +251,49 @@ def test_two_process_records_no_duplicates_nothing_lost(two_process_results, ref
   files = two_process_results[0][1]["files"]
   assert files["records.jsonl"] == infos[0]["merged"]
   assert files["gathered.jsonl"] == infos[0]["gathered"]
+
+
+def _jsonl_ids(text):
+  return [json.loads(line)["id"] for line in text.splitlines()]
+
+
+@pytest.mark.slow
+def test_two_process_stages_deal_chunks_merge_on_main(two_process_results, reference_results):
+  """revise and label with each host writing its own chunks into its own workdir:
+  process 0's merged files equal a single-process run's, byte for byte, with every
+  prompt once; the other host holds only its chunks and returns the same summary."""
+  from cai_jax.data import prompts as prompts_lib
+  ref = reference_results[1]["stages"]
+  got = [info["stages"] for _, info in two_process_results]
+  for g in got:
+    for stage in ("revise", "label"):
+      assert g[stage] == ref[stage], stage
+      assert g[stage + "_again"] == ref[stage]  # process 0's DONE, seen by both hosts
+    # Each host samples on its own 4 devices, in the 16-row batches of the 8-device run.
+    assert g["mesh"] == {"shape": {"data": 4, "fsdp": 1, "tensor": 1}, "batch_size": 16,
+                         "local": True}
+  assert ref["mesh"] == {"shape": {"data": 8, "fsdp": 1, "tensor": 1}, "batch_size": 16,
+                         "local": True}
+  main, other = got[0]["files"], got[1]["files"]
+  merged = ["revise/records.jsonl", "revise/helpful.jsonl", "label/preferences.jsonl",
+            "revise/DONE", "label/DONE"]
+  for name in merged:
+    assert main[name] == ref["files"][name], name
+    assert name not in other, name
+  data = multihost_worker.stage_config().data
+  red = [p["id"] for p in prompts_lib.load_prompts(data, "red_team", "train")]
+  helpful = [p["id"] for p in prompts_lib.load_prompts(data, "helpful", "train")]
+  assert len(red) == len(set(red)) == 6 and len(helpful) == len(set(helpful)) == 2
+  assert _jsonl_ids(main["revise/records.jsonl"]) == red  # none twice, none lost, in order
+  assert _jsonl_ids(main["label/preferences.jsonl"]) == red
+  assert _jsonl_ids(main["revise/helpful.jsonl"]) == helpful
+  chunks = lambda files: {k: v for k, v in files.items() if "/chunks/" in k}
+  # Jobs dealt round robin: revise red 0, 1, 2 then helpful 0; label 0, 1, 2.
+  assert sorted(chunks(main)) == ["label/chunks/preferences-00000.jsonl",
+                                  "label/chunks/preferences-00002.jsonl",
+                                  "revise/chunks/red_team-00000.jsonl",
+                                  "revise/chunks/red_team-00002.jsonl"]
+  assert sorted(chunks(other)) == ["label/chunks/preferences-00001.jsonl",
+                                   "revise/chunks/helpful-00000.jsonl",
+                                   "revise/chunks/red_team-00001.jsonl"]
+  assert {**chunks(main), **chunks(other)} == chunks(ref["files"])

@@ -89,7 +89,11 @@ def generation_mesh(config, batch_size: int):
   host samples on a mesh of its own devices (`sharding.local_mesh_from_config`),
   with the batch size rounded up to the global mesh's batch divisor exactly as
   the single-process sampler rounds it. Same batches, same per-batch random
-  streams: a chunk's records do not depend on the host that made it.
+  streams: a chunk's records do not depend on the host that made it, and equal
+  a single-process run's wherever the float numerics agree. Each device holds
+  more rows than on the global mesh; XLA may round a one-row matmul differently
+  from a several-row one, so a near-tie in sampling can then pick another token,
+  as a different config.mesh on one host can.
   """
   from cai_jax import sharding
   mesh = sharding.mesh_from_config(config)

@@ -30,8 +30,8 @@ Several processes (a pod slice): chunk i goes to host i % process_count
 (`multihost.run_dealt`), which samples and scores it on a mesh of its own
 devices and writes it into its own chunks/. The records are gathered over the
 collectives (no shared disk needed); process 0 alone writes preferences.jsonl,
-tfds/ and DONE, the same files as one process writes, and every host returns
-the same summary.
+tfds/ and DONE, the same files as one process writes (common.generation_mesh
+says when they are also bit-identical), and every host returns the same summary.
 """
 from __future__ import annotations
 

@@ -22,8 +22,8 @@ round robin (chunk job j to host j % process_count, `multihost.run_dealt`).
 Each host samples its chunks on a mesh of its own devices and writes their
 files into its own chunks/; the records are gathered over the collectives (no
 shared disk needed) and process 0 alone writes records.jsonl, helpful.jsonl,
-tfds/ and DONE, the same files as one process writes. Every host returns the
-same summary.
+tfds/ and DONE, the same files as one process writes (common.generation_mesh
+says when they are also bit-identical). Every host returns the same summary.
 """
 from __future__ import annotations
 
