@@ -303,6 +303,34 @@ def test_compile_count_bounded(tiny_text):
                                                    for p in prompts]
 
 
+def test_small_calls_run_at_a_fitted_batch_size(tiny_text):
+  from cai_jax.sampling import api
+  assert [api.fit_batch_size(n, 16) for n in (1, 3, 5, 8, 9, 16, 17, 200)] == \
+      [1, 4, 8, 8, 16, 16, 16, 16]
+  assert api.fit_batch_size(3, 16, divisor=8) == 8 and api.fit_batch_size(5, 12, 4) == 8
+  # A call of 5 prompts runs one batch of 8 rows, not the configured 16, and
+  # gives what an explicit batch_size=8 gives.
+  cfg, params, tok = tiny_text
+  prompts = ["the cat sat", "on a mat", "rain fell over quiet hills", "and", "rivers ran"]
+  seen = []
+  orig = sampling.sample
+
+  def spy(cfg_, params_, tokens, mask, *a, **kw):
+    seen.append(tokens.shape[0])
+    return orig(cfg_, params_, tokens, mask, *a, **kw)
+
+  api.sample = spy
+  try:
+    comps = sampling.generate(cfg, params, tok, prompts, fmt="raw", max_new_tokens=4,
+                              batch_size=16, stop=[], progress=False, greedy=True)
+  finally:
+    api.sample = orig
+  assert seen == [8]
+  eight = sampling.generate(cfg, params, tok, prompts, fmt="raw", max_new_tokens=4,
+                            batch_size=8, stop=[], progress=False, greedy=True)
+  assert [c.tokens.tolist() for c in comps] == [c.tokens.tolist() for c in eight]
+
+
 def test_choose_buckets_limits_distinct_lengths():
   needs = [3, 40, 70, 100, 130, 200, 300, 500, 900, 1500]
   got = sampling.choose_buckets(needs, 4)
