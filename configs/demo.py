@@ -25,7 +25,8 @@ def get_config(arg=None):
   c.data.eval_fraction = 0.2   # 9 of the 45 built-in prompts of each kind are held out
 
   c.revise.num_revisions = 2   # critique -> revision rounds (paper: 4)
-  c.revise.num_fewshot = 2     # few-shot critique dialogues in front (shorter prompts)
+  c.revise.num_fewshot = 1     # one few-shot critique dialogue in front (prompts ~400-650 tokens)
+  c.revise.temperature = 0.7   # a 135M model at T=1 (the paper's setting) writes mostly noise
   # One token budget for all three steps: the sampler compiles once per budget.
   c.revise.max_new_tokens = 48           # initial response budget
   c.revise.critique_max_new_tokens = 48  # critique budget
@@ -34,9 +35,9 @@ def get_config(arg=None):
   c.revise.chunk_size = 5       # prompts per resumable chunk: an interrupt loses little
 
   c.sft.max_len = 256            # tokens per row (the demo's records are short)
-  c.sft.batch_size = 8           # rows per step; one epoch over ~36 examples
+  c.sft.batch_size = 4           # rows per step; one epoch over ~36 examples is ~4 steps
   c.sft.packing = True           # several short examples per row: fewer, fuller steps
-  c.sft.optim.learning_rate = 2e-5  # constant rate (paper: 0.5x pretraining; SmolLM2 used 3e-3
+  c.sft.optim.learning_rate = 5e-5  # constant rate (paper: 0.5x pretraining; SmolLM2 used 3e-3
                                  # peak with decay, but 135M weights drift fast at that rate)
   c.sft.eval_fraction = 0.0      # no held-out loss (too few examples)
   c.sft.checkpoint_every = 4     # a checkpoint every few steps so an interrupt loses little
@@ -46,10 +47,10 @@ def get_config(arg=None):
   c.label.debias = True          # both option orders, averaged
   c.label.chunk_size = 5         # prompts per resumable chunk
 
-  c.pm.max_len = 256             # tokens per response sequence
+  c.pm.max_len = 160             # tokens per conversation (prompt + a 48-token response fit)
   c.pm.batch_size = 4            # pairs per step
-  c.pm.num_epochs = 2.0          # two passes over the ~12 AI comparisons
-  c.pm.optim.learning_rate = 2e-5
+  c.pm.num_epochs = 2.0          # two passes over the ~8 training comparisons
+  c.pm.optim.learning_rate = 1e-4  # few steps: a larger rate so the scalar head moves at all
   c.pm.eval_fraction = 0.2       # held-out AI comparisons for accuracy / calibration
   c.pm.checkpoint_every = 4
 
@@ -59,18 +60,20 @@ def get_config(arg=None):
   c.ppo.epochs = 2               # passes over each rollout batch
   c.ppo.max_new_tokens = 40      # response budget
   c.ppo.policy_optim.learning_rate = 2e-6  # small steps: 4 iterations only
-  c.ppo.checkpoint_every = 1     # checkpoint each iteration (interrupt-safe)
+  c.ppo.checkpoint_every = 2     # checkpoint every other iteration (a save costs ~10 s here)
   c.ppo.log_samples_every = 2    # sample responses in the log / report
 
-  c.evaluate.num_prompts = 8         # held-out prompts per kind
-  c.evaluate.samples_per_prompt = 2  # two responses per prompt and snapshot for Elo
-  c.evaluate.max_new_tokens = 64     # response budget
+  c.evaluate.num_prompts = 6         # held-out prompts per kind
+  c.evaluate.samples_per_prompt = 1  # one response per prompt and snapshot for Elo
+  c.evaluate.max_new_tokens = 48     # response budget
+  c.evaluate.pm_max_len = 256        # tokens of a PM-scored conversation
   # The paper's multiple-choice evals, when ../shared/data is present (optional input).
   evals = os.path.join(shared_data_dir(), "cai_paper", "evals")
   c.evaluate.mc_files = ",".join(
       os.path.join(evals, f) for f in ("HarmfulVsEthical.jsonl", "HarmfulnessClassification.jsonl")
       if os.path.exists(os.path.join(evals, f)))
-  c.evaluate.mc_max_items = 30       # items per eval file (the full files take ~10 min here)
+  c.evaluate.mc_max_items = 8        # items per eval file, both formulations (full files:
+                                     # python -m cai_jax.evaluation.multiple_choice, ~1 s/item)
   return c
 
 
