@@ -216,11 +216,13 @@ def run(config, workdir: str, registry: dict[str, Callable] | None = None,
   for name in stages:
     if fns[name] is None:
       fns[name] = resolve_stage(name)
+  from cai_jax import multihost
   results = {}
   t_start = time.time()
   for name in stages:
     d = stage_dir(workdir, name)
-    if utils.is_done(d):
+    # Process 0's marker decides for every host: hosts need not share its disk.
+    if multihost.from_main(utils.is_done(d)):
       logging.info("stage %s: DONE marker found in %s, skipping", name, d)
       _record(workdir, name, 0.0, "skipped")
       results[name] = {"status": "skipped"}
@@ -236,7 +238,7 @@ def run(config, workdir: str, registry: dict[str, Callable] | None = None,
       _record(workdir, name, dt, status, summary if status == "done" else None,
               cpu_seconds=time.process_time() - c0)
       logging.info("stage %s: %s after %.1f s", name, status, dt)
-    if not utils.is_done(d):
+    if multihost.is_main() and not utils.is_done(d):
       # Stages write DONE last themselves; this covers stages with nothing to store.
       utils.mark_done(d, _jsonable(summary))
     results[name] = {"status": "done", "seconds": dt, "summary": summary}
