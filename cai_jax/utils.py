@@ -17,7 +17,29 @@ def atomic_write_text(path: str, text: str) -> None:
   atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def is_url(path: str) -> bool:
+  """gs://, s3:// and other object-store paths (handled through etils.epath)."""
+  return "://" in str(path)
+
+
+def resolve_dir(path: str) -> str:
+  """An absolute local path, or an object-store URL unchanged."""
+  return str(path) if is_url(path) else os.path.abspath(path)
+
+
+def epath(path: str):
+  """etils.epath.Path (the path layer Orbax uses): gs:// and local paths alike."""
+  from etils import epath as _epath
+  return _epath.Path(path)
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
+  if is_url(path):
+    # An object store publishes an object whole when its upload completes.
+    p = epath(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(data)
+    return
   d = os.path.dirname(os.path.abspath(path))
   os.makedirs(d, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-" + os.path.basename(path) + "-")

@@ -297,3 +297,33 @@ def test_two_process_stages_deal_chunks_merge_on_main(two_process_results, refer
                                    "revise/chunks/helpful-00000.jsonl",
                                    "revise/chunks/red_team-00001.jsonl"]
   assert {**chunks(main), **chunks(other)} == chunks(ref["files"])
+
+
+def test_checkpoint_paths_pass_gs_urls_to_epath(tmp_path):
+  """Pod runs keep checkpoints on gs://: our path layer must not turn a URL into a
+  local path (os.path.abspath would), and must read and write through etils.epath.
+  epath's gs:// calls are redirected to tmp_path here (no network)."""
+  from etils.epath import testing as epath_testing
+  from cai_jax import models, utils
+  from cai_jax.training import checkpoint
+
+  assert utils.resolve_dir("gs://bucket/run/pm") == "gs://bucket/run/pm"
+  assert utils.resolve_dir("rel/dir") == os.path.abspath("rel/dir")
+  local = lambda p: str(tmp_path / str(p).split("://", 1)[1])  # noqa: E731
+  seen = []
+
+  def redirect(fn, path, *a, **kw):
+    seen.append(str(path))
+    return fn(local(path) if "://" in str(path) else path, *a, **kw)
+
+  cfg = models.tiny()
+  with epath_testing.mock_epath(open=redirect, exists=redirect, isdir=redirect,
+                                makedirs=redirect, mkdir=redirect, stat=redirect):
+    checkpoint.write_model_config("gs://bucket/run/pm/checkpoints", cfg, {"stage": "pm"})
+    assert checkpoint.find_checkpoint_dir("gs://bucket/run/pm") == \
+        "gs://bucket/run/pm/checkpoints"
+    assert checkpoint.find_checkpoint_dir("gs://bucket/run/sft") is None
+  on_disk = tmp_path / "bucket/run/pm/checkpoints" / checkpoint.MODEL_CONFIG_FILE
+  saved = json.loads(on_disk.read_text())
+  assert saved["stage"] == "pm" and saved["hidden_size"] == cfg.hidden_size
+  assert any(s.startswith("gs://bucket/run/pm") for s in seen)

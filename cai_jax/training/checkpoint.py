@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from cai_jax.utils import InputError, atomic_write_text
+from cai_jax.utils import InputError, atomic_write_text, epath, resolve_dir
 
 MODEL_CONFIG_FILE = "model_config.json"
 
@@ -27,8 +27,9 @@ class Manager:
 
   def __init__(self, directory: str, max_to_keep: int = 3, save_interval_steps: int = 1,
                async_save: bool = True, read_only: bool = False):
-    self.directory = os.path.abspath(directory)
-    if read_only and not os.path.isdir(self.directory):
+    # Local paths are made absolute; gs:// URLs go to Orbax (tensorstore) unchanged.
+    self.directory = resolve_dir(directory)
+    if read_only and not epath(self.directory).is_dir():
       raise InputError(f"{self.directory}: checkpoint directory not found")
     opts = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, save_interval_steps=max(int(save_interval_steps), 1),
@@ -146,7 +147,7 @@ def write_model_config(directory: str, cfg, extra: Optional[dict] = None) -> Non
 def find_checkpoint_dir(path: str) -> Optional[str]:
   """The Orbax directory of a stage (its dir, its checkpoints/ dir), else None."""
   for d in (os.path.join(path, "checkpoints"), path):
-    if os.path.isfile(os.path.join(d, MODEL_CONFIG_FILE)):
+    if epath(os.path.join(d, MODEL_CONFIG_FILE)).is_file():
       return d
   return None
 
@@ -157,8 +158,7 @@ def load_params_from_stage(path: str, **overrides):
   d = find_checkpoint_dir(path)
   if d is None:
     raise InputError(f"{path}: not a stage checkpoint directory (no {MODEL_CONFIG_FILE})")
-  with open(os.path.join(d, MODEL_CONFIG_FILE)) as f:
-    hf = json.load(f)
+  hf = json.loads(epath(os.path.join(d, MODEL_CONFIG_FILE)).read_text())
   cfg = models.ModelConfig.from_hf_dict(hf, source=os.path.join(d, MODEL_CONFIG_FILE), **overrides)
   mngr = Manager(d, read_only=True)
   step = mngr.latest_step()
