@@ -36,14 +36,15 @@ def elo_scatter(harmless: Mapping[str, Mapping], helpful: Mapping[str, Mapping],
   harmless/helpful: {snapshot: {"elo", "lo", "hi"}} (EloResult.as_dict()).
   """
   fig, ax = plt.subplots(figsize=(5.2, 4.4))
-  for name in harmless:
+  for k, name in enumerate(harmless):
     if name not in helpful:
       continue
     h, g = harmless[name], helpful[name]
     ax.errorbar(g["elo"], h["elo"], xerr=[[g["elo"] - g["lo"]], [g["hi"] - g["elo"]]],
                 yerr=[[h["elo"] - h["lo"]], [h["hi"] - h["elo"]]], fmt="o", capsize=3,
                 color=COLORS.get(name), label=name)
-    ax.annotate(name, (g["elo"], h["elo"]), textcoords="offset points", xytext=(6, 6))
+    # Labels step down so that snapshots with close ratings stay readable.
+    ax.annotate(name, (g["elo"], h["elo"]), textcoords="offset points", xytext=(6, 6 - 12 * k))
   ax.axhline(0, color="grey", lw=0.5)
   ax.axvline(0, color="grey", lw=0.5)
   ax.set_xlabel("Helpfulness Elo")
