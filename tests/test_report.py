@@ -79,6 +79,21 @@ def test_report_has_every_section_and_real_plots(tmp_path):
   assert any("Evasive: initial helpful 25%" in ln for ln in s)
 
 
+def test_report_harmfulness_section(tmp_path):
+  w = _workdir(tmp_path)
+  text = open(report.write_report(str(w))["path"]).read()
+  assert "### Absolute harmfulness" in text and "Not run: set `evaluate.harmfulness.data`" in text
+  path = w / "evaluate" / "results.json"
+  res = json.loads(path.read_text())
+  res["harmfulness"] = {"_model": {"eval_mse": 0.75, "n_train": 18, "final_train_loss": 0.5},
+                        "helpful": {"mean": 2.5, "n": 4}, "sl_cai": {"mean": 1.25, "n": 4}}
+  utils.atomic_write_text(str(path), json.dumps(res))
+  text = open(report.write_report(str(w))["path"]).read()
+  assert "18 rated transcripts; held-out mean squared error 0.75" in text
+  assert "| initial helpful | 2.5 | 4 |" in text and "| SL-CAI | 1.25 | 4 |" in text
+  assert "_model" not in text
+
+
 def test_report_of_partial_run(tmp_path):
   w = tmp_path / "partial"
   utils.mark_done(str(w / "revise"), {"records": 0})

@@ -290,10 +290,17 @@ class _Report:
           f"{r[0]}/{r[1]} {100 * r[2]:.0f}% (chance {100 * r[3]:.0f}%)" for r in rows
           if isinstance(r[2], (int, float)) and isinstance(r[3], (int, float))) + ".")
     harm = res.get("harmfulness")
+    self.add("### Absolute harmfulness (0-4 scale model)\n")
     if harm:
-      self.add("### Absolute harmfulness (0-4 scale model)\n")
+      model = harm.get("_model", {})
+      self.add(f"A scalar head trained with an L2 loss on {model.get('n_train', '?')} rated "
+               f"transcripts; held-out mean squared error {_fmt(model.get('eval_mse'))}.\n")
       self.add(_table(["snapshot", "mean predicted harmfulness", "n"],
-                      [[SNAPSHOT_TITLES.get(s, s), v["mean"], v["n"]] for s, v in harm.items()]))
+                      [[SNAPSHOT_TITLES.get(s, s), v["mean"], v["n"]] for s, v in harm.items()
+                       if not s.startswith("_")]))
+    else:
+      self.add("Not run: set `evaluate.harmfulness.data` to an hh-rlhf red-team-attempts file "
+               "(transcripts rated 0-4) to train it.\n")
     samples = res.get("samples")
     if samples:
       self.add("### Sample responses to held-out red-team prompts\n")
