@@ -86,7 +86,7 @@ def reliability_diagram(confidences, correct, path: str, num_bins: int = 10,
          edgecolor="black", label="accuracy")
   ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
   ax.plot(b["confidence"][used], b["accuracy"][used], "o", color="tab:red", ms=4,
-          label="mean confidence")
+          label="bin at its mean confidence")
   ax.set_ylim(0, 1)
   ax.set_ylabel("accuracy")
   ax.set_title(f"{title}  ECE={ece:.3f}" if title else f"ECE={ece:.3f}")
