@@ -23,6 +23,8 @@ def shared_data():
   if not os.path.isdir(d):
     if os.environ.get("CI") == "true":
       pytest.fail(f"shared data directory {d} is missing (required under CI)")
+    # Outside CI (a user's checkout without ../shared) the data tests cannot run;
+    # under CI the branch above fails instead, so no missing data hides there.
     pytest.skip(f"shared data directory {d} is missing")
   return d
 

@@ -3,12 +3,14 @@ config sections, run signatures and the generation stages' sampler mesh."""
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import os
 
 import jax
 
 from cai_jax import models
-from cai_jax.utils import InputError
+from cai_jax.utils import InputError, atomic_write_text
 
 # The tokenizer every "tiny" random model uses: SmolLM2's (a real BPE vocabulary
 # with a chat template), so tiny runs exercise the same text paths as real ones.
@@ -59,9 +61,6 @@ def check_run_signature(stage_dir: str, sig: dict, stage: str, volatile=()) -> N
   """Records what a run's chunks depend on in STAGE_DIR/run.json; a resumed run
   whose signature differs (ignoring the stage section's `volatile` fields, which
   do not change what a chunk holds) is refused with an InputError."""
-  import json
-  import os
-  from cai_jax.utils import atomic_write_text
   path = os.path.join(stage_dir, "run.json")
   if not os.path.exists(path):
     atomic_write_text(path, json.dumps(sig, indent=2, ensure_ascii=False) + "\n")
@@ -94,6 +93,12 @@ def generation_mesh(config, batch_size: int):
   more rows than on the global mesh; XLA may round a one-row matmul differently
   from a several-row one, so a near-tie in sampling can then pick another token,
   as a different config.mesh on one host can.
+
+  Small calls: `sampling.generate` shrinks a call of n < batch_size prompts to
+  the next power of two rounded up to the *passed* mesh's batch divisor. When
+  that power of two is below the global divisor, a host's call then pads fewer
+  rows than a single process would, so its random streams (and records) differ
+  from a single-process run's; they stay deterministic per host count.
   """
   from cai_jax import sharding
   mesh = sharding.mesh_from_config(config)
