@@ -8,9 +8,11 @@ so e.g. SmolLM2's 9 heads still run on tensor=2.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import threading
 from typing import Any, Optional, Sequence
 
 import jax
@@ -147,6 +149,40 @@ def logical_to_mesh_spec(logical: Sequence[Optional[str]], shape: Sequence[int],
     used.update(axes)
     out.append(axes[0] if len(axes) == 1 else axes)
   return P(*out)
+
+
+_ACTIVATIONS = threading.local()
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules=DEFAULT_RULES):
+  """Inside this context (while tracing), `constrain` pins activations to `mesh`.
+
+  Without such constraints GSPMD may meet an FSDP-sharded weight by moving the
+  batch off its axis instead of all-gathering the weight: it then computes
+  full-batch partial sums (a B x T x mlp buffer per device) and reduce-scatters
+  them, which costs far more memory and traffic than gathering the weight.
+  """
+  prev = getattr(_ACTIVATIONS, "ctx", None)
+  _ACTIVATIONS.ctx = (mesh, rules)
+  try:
+    yield
+  finally:
+    _ACTIVATIONS.ctx = prev
+
+
+def constrain(x, logical: Sequence[Optional[str]]):
+  """`x` with a sharding constraint from logical names; a no-op outside
+  `activation_sharding` or on a one-device mesh."""
+  ctx = getattr(_ACTIVATIONS, "ctx", None)
+  if ctx is None:
+    return x
+  mesh, rules = ctx
+  if mesh.size == 1:
+    return x
+  spec = logical_to_mesh_spec(tuple(logical) + (None,) * (x.ndim - len(logical)), x.shape,
+                              mesh, rules)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def _is_spec(x):

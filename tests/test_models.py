@@ -130,6 +130,37 @@ def test_kv_cache_matches_full_forward():
     np.testing.assert_allclose(np.asarray(out["logits"][:, 0])[r], full[:, t][r], atol=1e-5)
 
 
+@pytest.mark.parametrize("remat", [False, True])
+def test_scan_layers_matches_unrolled(remat):
+  """The layer-stacked (nn.scan) layout computes the unrolled model's logits and
+  gradients; its params have a leading layer axis named "layers"."""
+  cfg = models.tiny("qwen2").replace(num_layers=3, remat=remat)
+  scfg = cfg.replace(scan_layers=True)
+  params = models.init_params(cfg, jax.random.PRNGKey(3))
+  stacked = models.stack_layers(cfg, params)
+  shapes, specs = models.abstract_params(scfg)
+  assert jax.tree_util.tree_structure(shapes) == jax.tree_util.tree_structure(stacked)
+  q = stacked["layers_stack"]["attn"]["q_kernel"]
+  assert q.shape == (3,) + params["layers_0"]["attn"]["q_kernel"].shape
+  assert tuple(specs["layers_stack"]["attn"]["q_kernel"])[0] == "layers"
+  toks, mask = _batch(seed=4, V=cfg.vocab_size)
+  want = np.asarray(models.logits(cfg, params, toks, mask))
+  got = np.asarray(models.logits(scfg, stacked, toks, mask))
+  np.testing.assert_allclose(got, want, atol=1e-5)
+
+  def loss(c):
+    return lambda p: jnp.mean(models.logits(c, p, toks, mask)[mask] ** 2)
+  g_unrolled = jax.grad(loss(cfg))(params)
+  g_scanned = models.unstack_layers(cfg, jax.grad(loss(scfg))(stacked))
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
+                         g_scanned, g_unrolled)
+  back = models.unstack_layers(cfg, stacked)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, back, params)
+  with pytest.raises(ValueError, match="unstack_layers"):
+    models.forward(scfg, stacked, toks, np.zeros_like(toks), mask,
+                   cache=models.init_cache(cfg, toks.shape[0], toks.shape[1]), cache_index=0)
+
+
 def test_scalar_head_reads_last_real_token():
   cfg = models.tiny()
   params = models.add_score_head(cfg, models.init_params(cfg, jax.random.PRNGKey(0)),

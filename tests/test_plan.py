@@ -98,6 +98,25 @@ def test_sft_memory_equals_real_step_compile():
     assert getattr(planned, field) == getattr(real, field), field
 
 
+def test_scanned_layers_hold_one_layer_of_gathered_weights():
+  """Under FSDP the unrolled layout lets the CPU schedule gather every layer's
+  weights at once; the scanned layout (the planner's default) holds the same
+  state but needs temporaries for about one layer, so its temp is smaller and
+  grows far less with depth."""
+  shapes = plan.Shapes(sft_batch=8, sft_len=32, logits_chunk=16)
+  temp, state = {}, {}
+  for layers in (2, 8):
+    for scan in (False, True):
+      cfg = models.tiny(vocab_size=256, hidden_size=256, intermediate_size=1024,
+                        num_layers=layers, num_heads=4, num_kv_heads=4, head_dim=64,
+                        scan_layers=scan)
+      (row,) = plan.plan(cfg, [(1, 8, 1)], shapes, steps=("sft",), progress=None)
+      temp[layers, scan], state[layers, scan] = row.temp_gib, row.state_gib
+  assert state[8, True] == pytest.approx(state[8, False], rel=1e-3)
+  assert temp[8, True] < temp[8, False]
+  assert temp[8, True] - temp[2, True] < 0.5 * (temp[8, False] - temp[2, False])
+
+
 def test_bigger_mesh_means_less_state_per_device():
   """Arithmetic on shardings only: fsdp=8 holds under half of what fsdp=2 holds."""
   from cai_jax import training

@@ -48,6 +48,13 @@ class ModelConfig:
   pad_token_id: Optional[int] = None
   # Rematerialise each block in the backward pass (saves activation memory).
   remat: bool = False
+  # Run the blocks as one `nn.scan` over layer-stacked params ("layers_stack",
+  # leading axis of size num_layers) instead of unrolled layers_0.. modules.
+  # Training-only layout: it compiles in a time independent of depth and lets
+  # a compiler hold one layer's gathered weights at a time; the memory planner
+  # uses it. The sampler's per-layer KV cache needs unrolled layers
+  # (`models.unstack_layers`).
+  scan_layers: bool = False
 
   def __post_init__(self):
     if self.model_type not in SUPPORTED_MODEL_TYPES:

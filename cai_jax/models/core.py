@@ -140,3 +140,20 @@ def cache_logical_axes(cfg: ModelConfig):
 
 def cast_params(params, dtype):
   return jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
+
+
+def stack_layers(cfg: ModelConfig, params):
+  """Unrolled params (layers_0..) -> the `scan_layers` layout (layers_stack)."""
+  p = dict(params)
+  layers = [p.pop(f"layers_{i}") for i in range(cfg.num_layers)]
+  p["layers_stack"] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)
+  return p
+
+
+def unstack_layers(cfg: ModelConfig, params):
+  """The `scan_layers` layout -> unrolled params (layers_0..), e.g. for sampling."""
+  p = dict(params)
+  stacked = p.pop("layers_stack")
+  for i in range(cfg.num_layers):
+    p[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], stacked)
+  return p

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cai_jax import sharding as shd
 from cai_jax.models.config import ModelConfig
 
 Array = jax.Array
@@ -86,9 +87,11 @@ class Attention(nn.Module):
     wv = _param(self, "v_kernel", (D, K, H), ("embed", "kv_heads", "head_dim"), kinit, pd)
     wo = _param(self, "o_kernel", (N, H, D), ("heads", "head_dim", "embed"), kinit, pd)
     x = x_BxTxD.astype(cd)
-    q = jnp.einsum("btd,dnh->btnh", x, wq.astype(cd))
-    k = jnp.einsum("btd,dkh->btkh", x, wk.astype(cd))
-    v = jnp.einsum("btd,dkh->btkh", x, wv.astype(cd))
+    q = shd.constrain(jnp.einsum("btd,dnh->btnh", x, wq.astype(cd)), ("batch", "length", "heads"))
+    k = shd.constrain(jnp.einsum("btd,dkh->btkh", x, wk.astype(cd)),
+                      ("batch", "length", "kv_heads"))
+    v = shd.constrain(jnp.einsum("btd,dkh->btkh", x, wv.astype(cd)),
+                      ("batch", "length", "kv_heads"))
     if cfg.qkv_bias:
       zinit = nn.initializers.zeros
       q = q + _param(self, "q_bias", (N, H), ("heads", "head_dim"), zinit, pd).astype(cd)
@@ -150,8 +153,8 @@ class MLP(nn.Module):
     wu = _param(self, "up_kernel", (D, F), ("embed", "mlp"), kinit, pd)
     wd = _param(self, "down_kernel", (F, D), ("mlp", "embed"), kinit, pd)
     x = x.astype(cd)
-    g = x @ wg.astype(cd)
-    u = x @ wu.astype(cd)
+    g = shd.constrain(x @ wg.astype(cd), ("batch", "length", "mlp"))
+    u = shd.constrain(x @ wu.astype(cd), ("batch", "length", "mlp"))
     if cfg.activation == "silu":
       h = jax.nn.silu(g) * u
     else:
@@ -164,11 +167,12 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, sin, cos, allowed, cache=None, cache_index=None):
+    x = shd.constrain(x, ("batch",))
     h, new_cache = Attention(self.cfg, name="attn")(
         RMSNorm(self.cfg, name="attn_norm")(x), sin, cos, allowed, cache, cache_index)
-    x = x + h
+    x = shd.constrain(x + h, ("batch",))
     x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x))
-    return x, new_cache
+    return shd.constrain(x, ("batch",)), new_cache
 
 
 class Transformer(nn.Module):
@@ -212,12 +216,23 @@ class Transformer(nn.Module):
       qpos = cache_index + jnp.arange(T)[:, None]
       allowed = (slot <= qpos)[None] & mask[:, None, :]
 
-    block_cls = nn.remat(Block) if cfg.remat else Block
     new_cache = []
-    for i in range(cfg.num_layers):
-      layer_cache = None if cache is None else cache[i]
-      x, c = block_cls(cfg, name=f"layers_{i}")(x, sin, cos, allowed, layer_cache, cache_index)
-      new_cache.append(c)
+    if cfg.scan_layers:
+      if cache is not None:
+        raise ValueError("a scan_layers model runs without a KV cache; convert its params "
+                         "with models.unstack_layers and sample with scan_layers=False")
+      block_cls = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
+      stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=(nn.broadcast,) * 5, length=cfg.num_layers,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = stack(cfg, name="layers_stack")(x, sin, cos, allowed, None, None)
+    else:
+      block_cls = nn.remat(Block) if cfg.remat else Block
+      for i in range(cfg.num_layers):
+        layer_cache = None if cache is None else cache[i]
+        x, c = block_cls(cfg, name=f"layers_{i}")(x, sin, cos, allowed, layer_cache,
+                                                  cache_index)
+        new_cache.append(c)
     x = RMSNorm(cfg, name="final_norm")(x)
     out: dict[str, Any] = {"cache": None if cache is None else new_cache}
     h = x[:, -1:] if last_only else x

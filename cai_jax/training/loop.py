@@ -35,26 +35,37 @@ class TrainingDivergedError(RuntimeError):
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, state: TrainState,
-                    mesh, batch_example: dict, trainable=None, donate: bool = True):
+                    mesh, batch_example: dict, trainable=None, donate: bool = True,
+                    rules=shd.DEFAULT_RULES):
   """Jitted `(state, batch, rng) -> (state, metrics)` with explicit shardings.
 
   `trainable`: optional bool tree; frozen params enter the loss behind
-  stop_gradient so XLA skips their backward pass entirely.
+  stop_gradient so XLA skips their backward pass entirely. The loss is traced
+  under `sharding.activation_sharding`, so the model's activations stay on the
+  batch axes.
   """
   def step(st: TrainState, batch, rng):
+    with shd.activation_sharding(mesh, rules):
+      return _step(st, batch, rng)
+
+  def _step(st: TrainState, batch, rng):
     def f(params):
       if trainable is not None:
         params = jax.tree_util.tree_map(
             lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
       return loss_fn(params, batch, rng)
     (loss, aux), grads = jax.value_and_grad(f, has_aux=True)(st.params)
+    # Gradients take their parameters' shardings at once (a reduce-scatter on
+    # FSDP axes), rather than staying whole until the optimizer reads them.
+    grads = jax.lax.with_sharding_constraint(grads, param_sh)
     updates, opt_state = tx.update(grads, st.opt_state, st.params)
     params = optax.apply_updates(st.params, updates)
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
     return TrainState(step=st.step + 1, params=params, opt_state=opt_state), metrics
 
   st_sh = state_shardings(state)
-  b_sh = jax.tree_util.tree_map(lambda x: shd.batch_sharding(mesh, max(np.ndim(x), 1)),
+  param_sh = st_sh.params
+  b_sh = jax.tree_util.tree_map(lambda x: shd.batch_sharding(mesh, max(np.ndim(x), 1), rules),
                                 batch_example)
   rep = shd.replicated(mesh)
   return jax.jit(step, in_shardings=(st_sh, b_sh, rep), out_shardings=(st_sh, rep),
