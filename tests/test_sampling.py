@@ -331,6 +331,26 @@ def test_small_calls_run_at_a_fitted_batch_size(tiny_text):
   assert [c.tokens.tolist() for c in comps] == [c.tokens.tolist() for c in eight]
 
 
+def test_sampled_rows_do_not_depend_on_batch_padding(tiny_text):
+  """Each row draws from its own key: padding the batch to more rows (a bigger
+  fitted batch, a mesh's batch divisor) leaves every real row's sample unchanged."""
+  cfg, params, tok = tiny_text
+  rows = [tok.encode(t) for t in ("the cat sat", "on a mat", "rain fell")]
+  P = max(len(r) for r in rows)
+  outs = []
+  for B in (3, 4, 16):
+    t = np.zeros((B, P), np.int32)
+    m = np.zeros((B, P), bool)
+    m[:, -1] = True
+    for i, r in enumerate(rows):
+      t[i, P - len(r):], m[i, P - len(r):] = r, True
+    o = sampling.sample(cfg, params, t, m, 7, max_new_tokens=6, eos_ids=(-1,))
+    outs.append((o.tokens_BxN[:3], o.logprobs_BxN[:3]))
+  for toks, lps in outs[1:]:
+    np.testing.assert_array_equal(toks, outs[0][0])
+    np.testing.assert_allclose(lps, outs[0][1], atol=1e-5)
+
+
 def test_choose_buckets_limits_distinct_lengths():
   needs = [3, 40, 70, 100, 130, 200, 300, 500, 900, 1500]
   got = sampling.choose_buckets(needs, 4)

@@ -87,8 +87,12 @@ def _inverse_cdf(weights_BxV, key):
   w = jnp.pad(weights_BxV, ((0, 0), (0, C * _BLOCK - V))).reshape(B, C, _BLOCK)
   block_sum_BxC = w.sum(-1)
   cum_BxC = _cumsum_mm(block_sum_BxC)
-  # u in (0, total]: a zero-weight index can never be chosen.
-  u_B = (1.0 - jax.random.uniform(key, (B,), jnp.float32)) * cum_BxC[:, -1]
+  # u in (0, total]: a zero-weight index can never be chosen. Each row draws
+  # from its own key (fold_in of its batch index), so a row's sample does not
+  # depend on how many rows the batch was padded to or how it is sharded.
+  u01_B = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i), (), jnp.float32))(
+      jnp.arange(B))
+  u_B = (1.0 - u01_B) * cum_BxC[:, -1]
   blk_B = _first_true_or_last(cum_BxC >= u_B[:, None], block_sum_BxC > 0)
   before_B = jnp.take_along_axis(cum_BxC, blk_B[:, None], 1)[:, 0] - \
       jnp.take_along_axis(block_sum_BxC, blk_B[:, None], 1)[:, 0]

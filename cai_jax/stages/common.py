@@ -95,10 +95,10 @@ def generation_mesh(config, batch_size: int):
   as a different config.mesh on one host can.
 
   Small calls: `sampling.generate` shrinks a call of n < batch_size prompts to
-  the next power of two rounded up to the *passed* mesh's batch divisor. When
-  that power of two is below the global divisor, a host's call then pads fewer
-  rows than a single process would, so its random streams (and records) differ
-  from a single-process run's; they stay deterministic per host count.
+  the next power of two rounded up to the *passed* mesh's batch divisor, so a
+  host may pad fewer rows than a single process would. Every row samples from
+  its own key (fold_in of its row index), so that padding does not change the
+  real rows' random streams; only the float-rounding caveat above applies.
   """
   from cai_jax import sharding
   mesh = sharding.mesh_from_config(config)
