@@ -57,7 +57,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, state: Tr
     (loss, aux), grads = jax.value_and_grad(f, has_aux=True)(st.params)
     # Gradients take their parameters' shardings at once (a reduce-scatter on
     # FSDP axes), rather than staying whole until the optimizer reads them.
-    grads = jax.lax.with_sharding_constraint(grads, param_sh)
+    if mesh.size > 1:
+      grads = jax.lax.with_sharding_constraint(grads, param_sh)
     updates, opt_state = tx.update(grads, st.opt_state, st.params)
     params = optax.apply_updates(st.params, updates)
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
