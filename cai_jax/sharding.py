@@ -157,6 +157,7 @@ _ACTIVATIONS = threading.local()
 @contextlib.contextmanager
 def activation_sharding(mesh: Mesh, rules=DEFAULT_RULES):
   """Inside this context (while tracing), `constrain` pins activations to `mesh`.
+  Also a decorator: `@activation_sharding(mesh)` on the function to be jitted.
 
   Without such constraints GSPMD may meet an FSDP-sharded weight by moving the
   batch off its axis instead of all-gathering the weight: it then computes
@@ -180,8 +181,7 @@ def constrain(x, logical: Sequence[Optional[str]]):
   mesh, rules = ctx
   if mesh.size == 1:
     return x
-  spec = logical_to_mesh_spec(tuple(logical) + (None,) * (x.ndim - len(logical)), x.shape,
-                              mesh, rules)
+  spec = logical_to_mesh_spec(logical, x.shape, mesh, rules)  # unnamed trailing dims: replicated
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 

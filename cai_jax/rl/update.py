@@ -129,11 +129,8 @@ def make_update_fn(policy_cfg, value_cfg, policy_tx, value_tx, hp: UpdateHParams
              "policy_opt": popt, "value_opt": vopt}
     return state, metrics
 
+  @sharding.activation_sharding(mesh, rules)
   def update(state, batch, rng):
-    with sharding.activation_sharding(mesh, rules):
-      return _update(state, batch, rng)
-
-  def _update(state, batch, rng):
     def epoch(state, key):
       perm = jax.random.permutation(key, batch_size)
       shuffled = jax.tree_util.tree_map(

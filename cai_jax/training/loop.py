@@ -44,11 +44,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, state: Tr
   under `sharding.activation_sharding`, so the model's activations stay on the
   batch axes.
   """
+  @shd.activation_sharding(mesh, rules)
   def step(st: TrainState, batch, rng):
-    with shd.activation_sharding(mesh, rules):
-      return _step(st, batch, rng)
-
-  def _step(st: TrainState, batch, rng):
     def f(params):
       if trainable is not None:
         params = jax.tree_util.tree_map(
