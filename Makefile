@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat setup.py | md5sum | cut -c1-12)
 WORKDIR ?= workdir/demo
 PYTEST_ARGS ?=
+# glibc malloc set-up for XLA:CPU's large per-step buffers (see cai_jax/runtime.py).
+export GLIBC_TUNABLES ?= glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.hugetlb=1
 
 .PHONY: venv demo test test-fast bench clean
 

@@ -13,6 +13,15 @@ option), one option set per batch. Response sampling is not timed (the
 sampler benchmark covers it). One warm-up pass compiles every shape and is not
 timed. Ours must be at least as fast as the peer. The last line is JSON.
 """
+import os as _os
+import sys as _sys
+
+_sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
+from cai_jax import runtime as _runtime  # noqa: E402
+
+# Same allocator set-up for every framework measured here (see cai_jax/runtime.py).
+_runtime.reexec_with_malloc_tunables()
+
 import argparse
 import json
 import os

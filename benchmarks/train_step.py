@@ -3,7 +3,9 @@
   .venv/bin/python benchmarks/train_step.py [--batch 8] [--seq 256] [--repeats 3]
       [--logits_chunk 0] [--layers 30]
 
-Both frameworks run the same step on the same weights in one process: forward,
+Both frameworks run the same step on the same weights in one process, under
+the same glibc malloc settings (cai_jax/runtime.py; the script re-executes
+itself with them): forward,
 masked next-token cross-entropy on the second half of each row (the
 "response"), backward and an AdamW update, batch 8 x 256 tokens. MFU is the
 model's training FLOPs (3 x forward: matmuls + attention scores) per second
@@ -12,6 +14,15 @@ and torch on 2048^3). Timings alternate between the frameworks and keep the
 best of `repeats` runs each, because the machine is shared. The last line
 printed is JSON.
 """
+import os as _os
+import sys as _sys
+
+_sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
+from cai_jax import runtime as _runtime  # noqa: E402
+
+# Same allocator set-up for every framework measured here (see cai_jax/runtime.py).
+_runtime.reexec_with_malloc_tunables()
+
 import argparse
 import json
 import os
@@ -155,6 +166,7 @@ def main():
       "compile_s": compile_s, "batch": B, "seq": L, "layers": cfg.num_layers,
       "logits_chunk": args.logits_chunk, "jax_times": jt, "torch_times": tt,
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "malloc_tunables": _runtime.malloc_tunables_active(),
   }
   print(json.dumps(res))
 

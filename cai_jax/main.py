@@ -161,6 +161,8 @@ def _on_sigterm(signum, frame):
 
 def run():
   """Console script `cai-jax`."""
+  from cai_jax import runtime
+  runtime.reexec_with_malloc_tunables(module="cai_jax.main" if __name__ == "__main__" else None)
   import signal
   signal.signal(signal.SIGTERM, _on_sigterm)
   logging.set_verbosity(logging.INFO)

@@ -10,6 +10,7 @@ copying a stacked cache every step.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -43,6 +44,45 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     is_mid = (wavelen >= hi_wl) & (wavelen <= lo_wl)
     inv = np.where(is_mid, mid, scaled)
   return inv.astype(np.float32)
+
+
+def dense(x: Array, w: Array) -> Array:
+  """x[..., K] @ w[K, M] as one 2-D matmul over the flattened leading dims.
+
+  A 3-D [B, T, K] dot_general makes autodiff contract the weight gradient over
+  two dims (b, t); XLA:CPU then wrote the (recomputed) activation gradient
+  transposed before the matmul, which cost ~20% of a SmolLM2 train step.
+  """
+  lead = x.shape[:-1]
+  return (x.reshape(-1, x.shape[-1]) @ w).reshape(*lead, w.shape[-1])
+
+
+_ROPE_TABLE_MAX = 1 << 21  # elements per table; longer contexts compute sin/cos in-graph
+
+
+@functools.lru_cache(maxsize=8)
+def _rope_tables(cfg: ModelConfig):
+  # The angle is rounded to float32 first, as a float32 in-graph computation
+  # (and the reference implementation) does; sin/cos of it are then exact.
+  pos = np.arange(cfg.max_position_embeddings, dtype=np.float32)[:, None]
+  ang = (pos * rope_inv_freq(cfg)[None, :]).astype(np.float64)
+  return np.sin(ang).astype(np.float32), np.cos(ang).astype(np.float32)
+
+
+def rope_sin_cos(cfg: ModelConfig, positions_BxT: Array):
+  """(sin, cos), each BxTx(head_dim/2), for integer positions.
+
+  Read from a per-position table when it is small: computed in-graph, XLA:CPU
+  fuses sin/cos into every layer's RoPE fusion and recomputes them per head,
+  per layer, forward and backward (~5% of a SmolLM2 train step).
+  """
+  half = cfg.head_dim // 2
+  if cfg.max_position_embeddings * half <= _ROPE_TABLE_MAX:
+    sin_t, cos_t = _rope_tables(cfg)
+    idx = jnp.clip(positions_BxT, 0, cfg.max_position_embeddings - 1)
+    return jnp.take(jnp.asarray(sin_t), idx, axis=0), jnp.take(jnp.asarray(cos_t), idx, axis=0)
+  ang = positions_BxT.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
+  return jnp.sin(ang), jnp.cos(ang)
 
 
 def apply_rope(x_BxTxNxH: Array, sin_BxTxH: Array, cos_BxTxH: Array) -> Array:
@@ -87,10 +127,12 @@ class Attention(nn.Module):
     wv = _param(self, "v_kernel", (D, K, H), ("embed", "kv_heads", "head_dim"), kinit, pd)
     wo = _param(self, "o_kernel", (N, H, D), ("heads", "head_dim", "embed"), kinit, pd)
     x = x_BxTxD.astype(cd)
-    q = shd.constrain(jnp.einsum("btd,dnh->btnh", x, wq.astype(cd)), ("batch", "length", "heads"))
-    k = shd.constrain(jnp.einsum("btd,dkh->btkh", x, wk.astype(cd)),
+    B, T = x.shape[:2]
+    q = shd.constrain(dense(x, wq.reshape(D, N * H).astype(cd)).reshape(B, T, N, H),
+                      ("batch", "length", "heads"))
+    k = shd.constrain(dense(x, wk.reshape(D, K * H).astype(cd)).reshape(B, T, K, H),
                       ("batch", "length", "kv_heads"))
-    v = shd.constrain(jnp.einsum("btd,dkh->btkh", x, wv.astype(cd)),
+    v = shd.constrain(dense(x, wv.reshape(D, K * H).astype(cd)).reshape(B, T, K, H),
                       ("batch", "length", "kv_heads"))
     if cfg.qkv_bias:
       zinit = nn.initializers.zeros
@@ -99,17 +141,20 @@ class Attention(nn.Module):
       v = v + _param(self, "v_bias", (K, H), ("kv_heads", "head_dim"), zinit, pd).astype(cd)
     q = apply_rope(q, sin, cos)
     k = apply_rope(k, sin, cos)
-    B, T = q.shape[:2]
     if cache is not None:
       return self._cached(q, k, v, wo, allowed_BxTxS, cache, cache_index)
-    q = q.reshape(B, T, K, G, H)
-    s = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
-    s = s * (1.0 / np.sqrt(H))
+    # Head-major layouts, with a KV head's G query heads stacked along the
+    # query axis, so both attention dots are plain batched [G*T, H] matmuls.
+    q = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+    k = k.transpose(0, 2, 1, 3)
+    v = v.transpose(0, 2, 1, 3)
+    s = jnp.einsum("bkmh,bksh->bkms", q, k, preferred_element_type=jnp.float32)
+    s = s.reshape(B, K, G, T, -1) * (1.0 / np.sqrt(H))
     s = jnp.where(allowed_BxTxS[:, None, None, :, :], s, _NEG)
-    p = jax.nn.softmax(s, axis=-1).astype(cd)
-    o = jnp.einsum("bkgts,bskh->btkgh", p, v).reshape(B, T, N, H)
-    out = jnp.einsum("btnh,nhd->btd", o, wo.astype(cd))
-    return out, None
+    p = jax.nn.softmax(s, axis=-1).astype(cd).reshape(B, K, G * T, -1)
+    o = jnp.einsum("bkms,bksh->bkmh", p, v).reshape(B, K, G, T, H)
+    o = o.transpose(0, 3, 1, 2, 4).reshape(B, T, N * H)
+    return dense(o, wo.reshape(N * H, -1).astype(cd)), None
 
   def _cached(self, q, k, v, wo, allowed_BxTxS, cache, cache_index):
     """Attention over a BxKxSxH cache after writing the T new keys/values.
@@ -136,8 +181,7 @@ class Attention(nn.Module):
     # One merged (n, h) contraction: einsum orders the two contracting dims
     # (h, n), which made XLA transpose o_kernel at every decode step.
     o = o.transpose(0, 3, 1, 2, 4).reshape(B, T, N * H)
-    out = jnp.einsum("btf,fd->btd", o, wo.reshape(N * H, -1).astype(cd))
-    return out, {"k": k_all, "v": v_all}
+    return dense(o, wo.reshape(N * H, -1).astype(cd)), {"k": k_all, "v": v_all}
 
 
 class MLP(nn.Module):
@@ -153,13 +197,13 @@ class MLP(nn.Module):
     wu = _param(self, "up_kernel", (D, F), ("embed", "mlp"), kinit, pd)
     wd = _param(self, "down_kernel", (F, D), ("mlp", "embed"), kinit, pd)
     x = x.astype(cd)
-    g = shd.constrain(x @ wg.astype(cd), ("batch", "length", "mlp"))
-    u = shd.constrain(x @ wu.astype(cd), ("batch", "length", "mlp"))
+    g = shd.constrain(dense(x, wg.astype(cd)), ("batch", "length", "mlp"))
+    u = shd.constrain(dense(x, wu.astype(cd)), ("batch", "length", "mlp"))
     if cfg.activation == "silu":
       h = jax.nn.silu(g) * u
     else:
       h = jax.nn.gelu(g, approximate=True) * u
-    return h @ wd.astype(cd)
+    return dense(h, wd.astype(cd))
 
 
 class Block(nn.Module):
@@ -200,9 +244,7 @@ class Transformer(nn.Module):
     if cfg.scale_embeddings:
       x = x * jnp.asarray(np.sqrt(D), dtype=cd)
 
-    inv = jnp.asarray(rope_inv_freq(cfg))
-    ang = positions_BxT.astype(jnp.float32)[..., None] * inv
-    sin, cos = jnp.sin(ang), jnp.cos(ang)
+    sin, cos = rope_sin_cos(cfg, positions_BxT)
 
     T = tokens_BxT.shape[1]
     mask = mask.astype(bool)
@@ -242,8 +284,10 @@ class Transformer(nn.Module):
       else:
         w = _param(self, "lm_head", (D, V), ("embed", "vocab"),
                    nn.initializers.normal(0.02), pd)
-      out["logits"] = jnp.einsum("btd,dv->btv", h, w.astype(cd),
-                                 preferred_element_type=jnp.float32).astype(jnp.float32)
+      lead = h.shape[:-1]
+      out["logits"] = jax.lax.dot(h.reshape(-1, D), w.astype(cd),
+                                  preferred_element_type=jnp.float32
+                                  ).astype(jnp.float32).reshape(*lead, -1)
     if "score" in self.heads:
       ws = _param(self, "score_kernel", (D,), ("embed",), nn.initializers.normal(0.02), pd)
       bs = _param(self, "score_bias", (), (), nn.initializers.zeros, pd)

@@ -27,8 +27,10 @@ def chunked_nll(hidden_BxLxD, w_DxV, targets_BxL, chunk: int = 0):
   """
   B, L, D = hidden_BxLxD.shape
   def one(h_BxCxD, t_BxC):
-    logits = jnp.einsum("bcd,dv->bcv", h_BxCxD, w_DxV.astype(h_BxCxD.dtype),
-                        preferred_element_type=jnp.float32)
+    b, c, d = h_BxCxD.shape
+    # One 2-D matmul: a 3-D one made XLA copy a transposed B*C x V gradient.
+    logits = jax.lax.dot(h_BxCxD.reshape(b * c, d), w_DxV.astype(h_BxCxD.dtype),
+                         preferred_element_type=jnp.float32).reshape(b, c, -1)
     return -losses.token_logprobs(logits, t_BxC)
   if not chunk or chunk >= L or L % chunk:
     return one(hidden_BxLxD, targets_BxL)
