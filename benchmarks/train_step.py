@@ -1,6 +1,6 @@
 """SFT train step on SmolLM2-135M-Instruct: cai_jax vs PyTorch + transformers.
 
-  .venv/bin/python benchmarks/train_step.py [--batch 8] [--seq 256] [--repeats 3]
+  .venv/bin/python benchmarks/train_step.py [--batch 8] [--seq 256] [--repeats 4] [--warmup 2]
       [--logits_chunk 0] [--layers 30]
 
 Both frameworks run the same step on the same weights in one process, under
@@ -91,7 +91,9 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--seq", type=int, default=256)
-  ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--repeats", type=int, default=4)
+  ap.add_argument("--warmup", type=int, default=2,
+                  help="untimed steps per framework first (allocator heaps reach steady state)")
   ap.add_argument("--logits_chunk", type=int, default=0)
   ap.add_argument("--layers", type=int, default=0, help="keep only the first k layers (quick runs)")
   ap.add_argument("--no_torch", action="store_true")
@@ -133,8 +135,12 @@ def main():
     st, m = compiled(st, dev_batch, rng)
     return float(jax.device_get(m["loss"]))
 
-  jax_loss0 = j_step()  # warm-up (first run allocates)
+  jax_loss0 = j_step()  # warm-up: the first runs grow the heaps to their steady size
   torch_loss0 = t_steps() if t_steps else None
+  for _ in range(args.warmup - 1):
+    j_step()
+    if t_steps:
+      t_steps()
   jt, tt, mm_j, mm_t = [], [], [], []
   for _ in range(args.repeats):
     # The matmul yardstick is re-measured beside every step (the machine is shared).
@@ -163,7 +169,7 @@ def main():
       "torch_mfu": (step_flops / min(tt) / peak) if tt else None,
       "matmul_gflops_jax": mm_jax / 1e9, "matmul_gflops_torch": mm_torch / 1e9,
       "step_tflop": step_flops / 1e12, "loss_jax": jax_loss0, "loss_torch": torch_loss0,
-      "compile_s": compile_s, "batch": B, "seq": L, "layers": cfg.num_layers,
+      "compile_s": compile_s, "warmup_steps": args.warmup, "batch": B, "seq": L, "layers": cfg.num_layers,
       "logits_chunk": args.logits_chunk, "jax_times": jt, "torch_times": tt,
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "malloc_tunables": _runtime.malloc_tunables_active(),

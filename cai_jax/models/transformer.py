@@ -57,7 +57,19 @@ def dense(x: Array, w: Array) -> Array:
   return (x.reshape(-1, x.shape[-1]) @ w).reshape(*lead, w.shape[-1])
 
 
-_ROPE_TABLE_MAX = 1 << 21  # elements per table; longer contexts compute sin/cos in-graph
+# Query block length of uncached (causal) attention: each block attends to the
+# keys up to its own end, skipping the masked upper triangle.
+ATTN_QUERY_BLOCK = 128
+ATTN_MAX_QUERY_BLOCKS = 8
+_ROPE_TABLE_MAX = 1 << 21
+
+
+def _query_blocks(T: int) -> int:
+  """Most blocks (at most ATTN_MAX_QUERY_BLOCKS) of >= ATTN_QUERY_BLOCK queries dividing T."""
+  for n in range(min(ATTN_MAX_QUERY_BLOCKS, T // ATTN_QUERY_BLOCK), 1, -1):
+    if T % n == 0:
+      return n
+  return 1  # elements per table; longer contexts compute sin/cos in-graph
 
 
 @functools.lru_cache(maxsize=8)
@@ -144,17 +156,26 @@ class Attention(nn.Module):
     if cache is not None:
       return self._cached(q, k, v, wo, allowed_BxTxS, cache, cache_index)
     # Head-major layouts, with a KV head's G query heads stacked along the
-    # query axis, so both attention dots are plain batched [G*T, H] matmuls.
-    q = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+    # query axis, so both attention dots are plain batched [G*Tq, H] matmuls.
+    q = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)
     k = k.transpose(0, 2, 1, 3)
     v = v.transpose(0, 2, 1, 3)
-    s = jnp.einsum("bkmh,bksh->bkms", q, k, preferred_element_type=jnp.float32)
-    s = s.reshape(B, K, G, T, -1) * (1.0 / np.sqrt(H))
-    s = jnp.where(allowed_BxTxS[:, None, None, :, :], s, _NEG)
-    p = jax.nn.softmax(s, axis=-1).astype(cd).reshape(B, K, G * T, -1)
-    o = jnp.einsum("bkms,bksh->bkmh", p, v).reshape(B, K, G, T, H)
-    o = o.transpose(0, 3, 1, 2, 4).reshape(B, T, N * H)
-    return dense(o, wo.reshape(N * H, -1).astype(cd)), None
+    # Without a cache attention is causal, so query block i needs keys up to
+    # the end of block i only: blocks skip the masked upper triangle.
+    n_blk = _query_blocks(T)
+    tq = T // n_blk
+    outs = []
+    for i in range(n_blk):
+      ts = (i + 1) * tq
+      qi = q[:, :, :, i * tq:ts].reshape(B, K, G * tq, H)
+      s = jnp.einsum("bkmh,bksh->bkms", qi, k[:, :, :ts], preferred_element_type=jnp.float32)
+      s = s.reshape(B, K, G, tq, ts) * (1.0 / np.sqrt(H))
+      s = jnp.where(allowed_BxTxS[:, None, None, i * tq:ts, :ts], s, _NEG)
+      p = jax.nn.softmax(s, axis=-1).astype(cd).reshape(B, K, G * tq, ts)
+      o = jnp.einsum("bkms,bksh->bkmh", p, v[:, :, :ts]).reshape(B, K, G, tq, H)
+      outs.append(o.transpose(0, 3, 1, 2, 4))
+    o = outs[0] if n_blk == 1 else jnp.concatenate(outs, axis=1)
+    return dense(o.reshape(B, T, N * H), wo.reshape(N * H, -1).astype(cd)), None
 
   def _cached(self, q, k, v, wo, allowed_BxTxS, cache, cache_index):
     """Attention over a BxKxSxH cache after writing the T new keys/values.
