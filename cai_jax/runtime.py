@@ -9,13 +9,19 @@ same. The settings below keep freed memory in one brk heap (no per-request
 mmap, no trimming) on transparent huge pages, so steady-state steps fault
 nothing. The cost: the process keeps its peak heap until it exits.
 
+The single arena costs compile-bound work: the test suite's sampler and
+train-loop tests ran ~10% slower with it (lock contention among XLA's compile
+threads), and accelerator hosts gain nothing, as device buffers do not come
+from malloc.
+
 glibc reads GLIBC_TUNABLES only at start-up, so `reexec_with_malloc_tunables()`
-re-executes the current command with them set (once; a no-op when they are
-already set, off Linux, or with CAI_JAX_MALLOC_TUNABLES=0). `make demo`,
-`make test` and `make bench` export them directly.
+re-executes the current command with them set: once, and only on a Linux host
+without TPU/GPU device files. CAI_JAX_MALLOC_TUNABLES=0 turns it off, =1 forces
+it. `make demo` and `make bench` export the tunables; `make test` turns them off.
 """
 from __future__ import annotations
 
+import glob
 import os
 import sys
 from typing import Optional, Sequence
@@ -28,6 +34,15 @@ _OPT_OUT = "CAI_JAX_MALLOC_TUNABLES"
 def malloc_tunables_active(env=None) -> bool:
   env = os.environ if env is None else env
   return "glibc.malloc.mmap_max=0" in env.get("GLIBC_TUNABLES", "")
+
+
+def has_accelerator() -> bool:
+  """TPU (/dev/accel*, /dev/vfio) or NVIDIA device files, or JAX_PLATFORMS naming one."""
+  platforms = os.environ.get("JAX_PLATFORMS", "").lower()
+  if platforms:
+    return any(p in platforms for p in ("tpu", "cuda", "gpu", "rocm"))
+  return bool(glob.glob("/dev/accel*") or glob.glob("/dev/nvidia[0-9]*")
+              or os.path.exists("/dev/vfio/0"))
 
 
 def tunables_env(env=None) -> dict:
@@ -47,8 +62,9 @@ def reexec_with_malloc_tunables(module: Optional[str] = None,
   otherwise the script in sys.argv[0] is re-run. Returns only when nothing is
   to be done.
   """
-  if (not sys.platform.startswith("linux") or malloc_tunables_active()
-      or os.environ.get(_OPT_OUT, "1") == "0"):
+  choice = os.environ.get(_OPT_OUT, "")
+  if (not sys.platform.startswith("linux") or malloc_tunables_active() or choice == "0"
+      or (choice != "1" and has_accelerator())):
     return
   args = list(sys.argv[1:] if argv is None else argv)
   if module:

@@ -46,10 +46,12 @@ def _probe(tmp_path, **env_overrides):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc tunables are Linux-only")
 def test_reexec_sets_tunables_and_stops_refaulting(tmp_path):
-  active, faults = _probe(tmp_path)
+  active, faults = _probe(tmp_path, CAI_JAX_MALLOC_TUNABLES="1")
   assert active
   off_active, off_faults = _probe(tmp_path, CAI_JAX_MALLOC_TUNABLES="0")
   assert not off_active
+  # Accelerator hosts keep the default allocator unless forced.
+  assert _probe(tmp_path, JAX_PLATFORMS="tpu")[0] is False
   # 3 x 256 MB freshly mapped = ~196k faults of 4 KiB pages (384 of 2 MiB ones
   # where transparent huge pages are always on); with the tunables the freed
   # heap is reused and nothing faults again.
@@ -63,3 +65,10 @@ def test_tunables_env_appends_to_existing_settings():
   assert runtime.malloc_tunables_active(env)
   assert runtime.tunables_env(env)["GLIBC_TUNABLES"] == env["GLIBC_TUNABLES"]  # idempotent
   assert env["X"] == "1"
+
+
+def test_has_accelerator_follows_jax_platforms(monkeypatch):
+  monkeypatch.setenv("JAX_PLATFORMS", "tpu")
+  assert runtime.has_accelerator()
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  assert not runtime.has_accelerator()
