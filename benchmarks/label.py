@@ -13,15 +13,6 @@ option), one option set per batch. Response sampling is not timed (the
 sampler benchmark covers it). One warm-up pass compiles every shape and is not
 timed. Ours must be at least as fast as the peer. The last line is JSON.
 """
-import os as _os
-import sys as _sys
-
-_sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
-from cai_jax import runtime as _runtime  # noqa: E402
-
-# Same allocator set-up for every framework measured here (see cai_jax/runtime.py).
-_runtime.reexec_with_malloc_tunables()
-
 import argparse
 import json
 import os
@@ -33,6 +24,10 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cai_jax import runtime  # noqa: E402
+
+# Same allocator set-up for every framework measured here (see cai_jax/runtime.py).
+runtime.reexec_with_malloc_tunables()
 
 from cai_jax import constitution as constitution_lib  # noqa: E402
 from cai_jax import sampling  # noqa: E402

@@ -13,15 +13,6 @@ CPU budget: sequences keep their last `max_len` tokens and only the top
 the same run it reports the "shorter reply is more harmless" heuristic on the
 same held-out pairs. The last line printed is JSON.
 """
-import os as _os
-import sys as _sys
-
-_sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
-from cai_jax import runtime as _runtime  # noqa: E402
-
-# Same allocator set-up for every framework measured here (see cai_jax/runtime.py).
-_runtime.reexec_with_malloc_tunables()
-
 import argparse
 import json
 import math
@@ -34,6 +25,10 @@ import ml_collections
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cai_jax import runtime  # noqa: E402
+
+# Same allocator set-up for every framework measured here (see cai_jax/runtime.py).
+runtime.reexec_with_malloc_tunables()
 
 from cai_jax import utils  # noqa: E402
 from cai_jax.stages import preference, sft  # noqa: E402

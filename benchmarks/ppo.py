@@ -10,15 +10,6 @@ the policy with a random scalar head (this benchmark measures speed, not
 learning). One warm-up iteration compiles everything and is not timed. The
 overhead must stay at or below 15% of the wall time. The last line is JSON.
 """
-import os as _os
-import sys as _sys
-
-_sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
-from cai_jax import runtime as _runtime  # noqa: E402
-
-# Same allocator set-up for every framework measured here (see cai_jax/runtime.py).
-_runtime.reexec_with_malloc_tunables()
-
 import argparse
 import json
 import os
@@ -32,6 +23,10 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cai_jax import runtime  # noqa: E402
+
+# Same allocator set-up for every framework measured here (see cai_jax/runtime.py).
+runtime.reexec_with_malloc_tunables()
 
 from cai_jax import models, sharding  # noqa: E402
 from cai_jax.data import prompts as prompts_lib  # noqa: E402

@@ -10,15 +10,6 @@ ceiling of rate / (2 x parameters) tokens/s. Timings alternate between the two
 samplers and keep the best of `repeats` runs each, because the machine is shared.
 The last line printed is JSON.
 """
-import os as _os
-import sys as _sys
-
-_sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
-from cai_jax import runtime as _runtime  # noqa: E402
-
-# Same allocator set-up for every framework measured here (see cai_jax/runtime.py).
-_runtime.reexec_with_malloc_tunables()
-
 import argparse
 import json
 import os
@@ -30,6 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cai_jax import runtime  # noqa: E402
+
+# Same allocator set-up for every framework measured here (see cai_jax/runtime.py).
+runtime.reexec_with_malloc_tunables()
 
 from cai_jax import models, sampling  # noqa: E402
 
@@ -177,7 +172,7 @@ def main():
   result["matmul_gflops_xla"] = round(xla_rate, 1)
   result["matmul_gflops_torch"] = round(torch_rate, 1)
   result["ceiling_tokens_per_s"] = round(ceiling, 1)
-  result["malloc_tunables"] = _runtime.malloc_tunables_active()
+  result["malloc_tunables"] = runtime.malloc_tunables_active()
   for B in [int(b) for b in args.batches.split(",")]:
     result[f"batch{B}_fraction_of_ceiling"] = round(
         result[f"batch{B}_cai_jax_tokens_per_s"] / ceiling, 3)

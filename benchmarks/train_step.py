@@ -14,15 +14,6 @@ and torch on 2048^3). Timings alternate between the frameworks and keep the
 best of `repeats` runs each, because the machine is shared. The last line
 printed is JSON.
 """
-import os as _os
-import sys as _sys
-
-_sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
-from cai_jax import runtime as _runtime  # noqa: E402
-
-# Same allocator set-up for every framework measured here (see cai_jax/runtime.py).
-_runtime.reexec_with_malloc_tunables()
-
 import argparse
 import json
 import os
@@ -35,6 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cai_jax import runtime  # noqa: E402
+
+# Same allocator set-up for every framework measured here (see cai_jax/runtime.py).
+runtime.reexec_with_malloc_tunables()
 
 from cai_jax import models, sharding as shd  # noqa: E402
 from cai_jax.training import flops as flops_lib, loop, objectives, optim  # noqa: E402
@@ -172,7 +167,7 @@ def main():
       "compile_s": compile_s, "warmup_steps": args.warmup, "batch": B, "seq": L, "layers": cfg.num_layers,
       "logits_chunk": args.logits_chunk, "jax_times": jt, "torch_times": tt,
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "malloc_tunables": _runtime.malloc_tunables_active(),
+      "malloc_tunables": runtime.malloc_tunables_active(),
   }
   print(json.dumps(res))
 

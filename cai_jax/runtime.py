@@ -24,7 +24,7 @@ from __future__ import annotations
 import glob
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Optional
 
 MALLOC_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
                    "glibc.malloc.trim_threshold=68719476736:glibc.malloc.hugetlb=1")
@@ -48,14 +48,13 @@ def has_accelerator() -> bool:
 def tunables_env(env=None) -> dict:
   """`env` (default: this process's) with MALLOC_TUNABLES added to GLIBC_TUNABLES."""
   env = dict(os.environ if env is None else env)
-  current = env.get("GLIBC_TUNABLES", "")
-  if "glibc.malloc.mmap_max=0" not in current:
+  if not malloc_tunables_active(env):
+    current = env.get("GLIBC_TUNABLES", "")
     env["GLIBC_TUNABLES"] = f"{current}:{MALLOC_TUNABLES}" if current else MALLOC_TUNABLES
   return env
 
 
-def reexec_with_malloc_tunables(module: Optional[str] = None,
-                                argv: Optional[Sequence[str]] = None) -> None:
+def reexec_with_malloc_tunables(module: Optional[str] = None) -> None:
   """Re-executes this process with MALLOC_TUNABLES unless they are active.
 
   `module`: re-run as `python -m module` (for `python -m` entry points);
@@ -66,7 +65,7 @@ def reexec_with_malloc_tunables(module: Optional[str] = None,
   if (not sys.platform.startswith("linux") or malloc_tunables_active() or choice == "0"
       or (choice != "1" and has_accelerator())):
     return
-  args = list(sys.argv[1:] if argv is None else argv)
+  args = sys.argv[1:]
   if module:
     cmd = [sys.executable, "-m", module, *args]
   else:

@@ -46,7 +46,7 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
   return inv.astype(np.float32)
 
 
-def dense(x: Array, w: Array) -> Array:
+def dense(x: Array, w: Array, preferred_element_type=None) -> Array:
   """x[..., K] @ w[K, M] as one 2-D matmul over the flattened leading dims.
 
   A 3-D [B, T, K] dot_general makes autodiff contract the weight gradient over
@@ -54,14 +54,15 @@ def dense(x: Array, w: Array) -> Array:
   transposed before the matmul, which cost ~20% of a SmolLM2 train step.
   """
   lead = x.shape[:-1]
-  return (x.reshape(-1, x.shape[-1]) @ w).reshape(*lead, w.shape[-1])
+  y = jax.lax.dot(x.reshape(-1, x.shape[-1]), w, preferred_element_type=preferred_element_type)
+  return y.reshape(*lead, w.shape[-1])
 
 
 # Query block length of uncached (causal) attention: each block attends to the
 # keys up to its own end, skipping the masked upper triangle.
 ATTN_QUERY_BLOCK = 128
 ATTN_MAX_QUERY_BLOCKS = 8
-_ROPE_TABLE_MAX = 1 << 21
+_ROPE_TABLE_MAX = 1 << 21  # elements per table; longer contexts compute sin/cos in-graph
 
 
 def _query_blocks(T: int) -> int:
@@ -69,7 +70,7 @@ def _query_blocks(T: int) -> int:
   for n in range(min(ATTN_MAX_QUERY_BLOCKS, T // ATTN_QUERY_BLOCK), 1, -1):
     if T % n == 0:
       return n
-  return 1  # elements per table; longer contexts compute sin/cos in-graph
+  return 1
 
 
 @functools.lru_cache(maxsize=8)
@@ -305,10 +306,7 @@ class Transformer(nn.Module):
       else:
         w = _param(self, "lm_head", (D, V), ("embed", "vocab"),
                    nn.initializers.normal(0.02), pd)
-      lead = h.shape[:-1]
-      out["logits"] = jax.lax.dot(h.reshape(-1, D), w.astype(cd),
-                                  preferred_element_type=jnp.float32
-                                  ).astype(jnp.float32).reshape(*lead, -1)
+      out["logits"] = dense(h, w.astype(cd), preferred_element_type=jnp.float32)
     if "score" in self.heads:
       ws = _param(self, "score_kernel", (D,), ("embed",), nn.initializers.normal(0.02), pd)
       bs = _param(self, "score_bias", (), (), nn.initializers.zeros, pd)

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from cai_jax import models
+from cai_jax.models.transformer import dense
 from cai_jax.training import losses
 from cai_jax.training.data import segment_attention_mask
 
@@ -27,10 +28,7 @@ def chunked_nll(hidden_BxLxD, w_DxV, targets_BxL, chunk: int = 0):
   """
   B, L, D = hidden_BxLxD.shape
   def one(h_BxCxD, t_BxC):
-    b, c, d = h_BxCxD.shape
-    # One 2-D matmul: a 3-D one made XLA copy a transposed B*C x V gradient.
-    logits = jax.lax.dot(h_BxCxD.reshape(b * c, d), w_DxV.astype(h_BxCxD.dtype),
-                         preferred_element_type=jnp.float32).reshape(b, c, -1)
+    logits = dense(h_BxCxD, w_DxV.astype(h_BxCxD.dtype), preferred_element_type=jnp.float32)
     return -losses.token_logprobs(logits, t_BxC)
   if not chunk or chunk >= L or L % chunk:
     return one(hidden_BxLxD, targets_BxL)
