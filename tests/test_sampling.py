@@ -107,6 +107,43 @@ def test_sampled_logprobs_match_one_forward(tiny, kw):
   assert (out.tokens_BxN != other.tokens_BxN).any()
 
 
+SHARED = list(range(40, 60))  # 20 tokens every prompt below starts with
+PREFIXED = [SHARED + [5, 6, 7], SHARED + [8, 9, 10, 11, 12, 13, 14], SHARED + [100],
+            SHARED + [300, 301, 302, 303, 20]]
+
+
+def test_shared_prefix_len():
+  t, m = _left_padded(PREFIXED)
+  assert sampler_lib.shared_prefix_len(t, m) == 16  # 20 common, floored to the bucket grid
+  assert sampler_lib.shared_prefix_len(t, m, bucket=False) == 20
+  # Every row keeps at least one token of its own, even when one row is the prefix.
+  t, m = _left_padded([SHARED, SHARED + [1, 2]])
+  assert sampler_lib.shared_prefix_len(t, m, bucket=False) == 19
+  t, m = _left_padded([SHARED[:10] + [1], SHARED[:10] + [2]])
+  assert sampler_lib.shared_prefix_len(t, m) == 0  # below MIN_SHARED_PREFIX
+  t, m = _left_padded([SHARED + [1]])
+  assert sampler_lib.shared_prefix_len(t, m) == 0  # one row: nothing to share
+  assert [sampler_lib.bucket_floor(n) for n in (15, 16, 130, 200, 300, 1100)] == \
+      [0, 16, 128, 192, 256, 1024]
+
+
+def test_shared_prefix_matches_full_recompute(tiny):
+  cfg, params = tiny
+  t, m = _left_padded(PREFIXED)
+  out = sampling.sample(cfg, params, t, m, 0, max_new_tokens=12, greedy=True, eos_ids=())
+  ref = _greedy_reference(cfg, params, PREFIXED, 12)
+  np.testing.assert_array_equal(out.tokens_BxN, ref)
+  lp = _full_logprobs(cfg, params, PREFIXED, list(ref))
+  np.testing.assert_allclose(out.logprobs_BxN, np.stack(lp), atol=1e-4)
+  for kw in (dict(temperature=1.0), dict(temperature=1.3, top_p=0.8)):
+    on = sampling.sample(cfg, params, t, m, 9, max_new_tokens=12, eos_ids=(), **kw)
+    off = sampling.sample(cfg, params, t, m, 9, max_new_tokens=12, eos_ids=(),
+                          share_prefix=False, **kw)
+    np.testing.assert_array_equal(on.tokens_BxN, off.tokens_BxN)
+    lp = _full_logprobs(cfg, params, PREFIXED, list(on.tokens_BxN))
+    np.testing.assert_allclose(on.logprobs_BxN, np.stack(lp), atol=1e-4)
+
+
 def test_top_k_and_top_p_restrict_the_support(tiny):
   cfg, params = tiny
   t, m = _left_padded(PROMPTS)
@@ -281,6 +318,13 @@ def test_sharded_matches_single_device(tiny):
     np.testing.assert_array_equal(one.tokens_BxN, many.tokens_BxN)
     np.testing.assert_allclose(one.logprobs_BxN, many.logprobs_BxN, atol=1e-5)
     np.testing.assert_array_equal(one.lengths_B, many.lengths_B)
+  # A prefix shared by the batch: batch-sharded rows read one replicated prefix KV.
+  t, m = _left_padded(PREFIXED * 2)
+  one = sampling.sample(cfg, params, t, m, 3, max_new_tokens=8, temperature=0.9, eos_ids=())
+  many = sampling.sample(cfg, sp, t, m, 3, max_new_tokens=8, temperature=0.9, eos_ids=(),
+                         mesh=mesh)
+  np.testing.assert_array_equal(one.tokens_BxN, many.tokens_BxN)
+  np.testing.assert_allclose(one.logprobs_BxN, many.logprobs_BxN, atol=1e-5)
   c_ids = [[1, 2, 3], [4], [5, 6], [7, 8, 9, 10]] * 2
   a = sampling.score_tokens(cfg, params, rows, c_ids, batch_size=8)
   b = sampling.score_tokens(cfg, sp, rows, c_ids, batch_size=8, mesh=mesh)

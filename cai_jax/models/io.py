@@ -12,6 +12,8 @@ import struct
 import tempfile
 from typing import Optional
 
+import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
@@ -136,8 +138,8 @@ def params_from_hf_tensors(cfg: ModelConfig, t: dict, source: str):
   def get(name, shape):
     return np.asarray(_expect(name, t.get(name), shape, source), dtype=np.float32)
 
-  def cast(a):
-    return np.asarray(a, dtype=np.float32).astype(dt)
+  def cast(a):  # C order: a transposed view would be re-laid-out at every device transfer
+    return np.asarray(a, dtype=np.float32).astype(dt, order="C")
 
   params = {"embedding": cast(get("embed_tokens.weight", (V, D)))}
   for i in range(cfg.num_layers):
@@ -349,14 +351,17 @@ def resolve_path(path: str) -> str:
 def load_pretrained(path: str, **overrides):
   """(ModelConfig, params) from an HF directory or a .gguf file.
 
-  `overrides` replace config fields, e.g. dtype="bfloat16".
+  `overrides` replace config fields, e.g. dtype="bfloat16". The params are
+  device arrays: host arrays would be copied to the device at every jitted call.
   """
   path = resolve_path(path)
   if path.endswith(".gguf") or (os.path.isfile(path) and _is_gguf(path)):
-    return load_gguf(path, **overrides)
-  if os.path.isdir(path):
-    return load_hf(path, **overrides)
-  raise CheckpointError(f"{path}: not found (expected an HF checkpoint directory or a .gguf file)")
+    cfg, params = load_gguf(path, **overrides)
+  elif os.path.isdir(path):
+    cfg, params = load_hf(path, **overrides)
+  else:
+    raise CheckpointError(f"{path}: not found (expected an HF checkpoint directory or a .gguf file)")
+  return cfg, jax.tree_util.tree_map(jnp.asarray, params)
 
 
 def _is_gguf(path: str) -> bool:

@@ -198,12 +198,23 @@ class Attention(nn.Module):
     s = jnp.einsum("bkgth,bksh->bkgts", q, k_all.astype(cd), preferred_element_type=jnp.float32)
     s = s * (1.0 / np.sqrt(H))
     s = jnp.where(allowed_BxTxS[:, None, None, :, :], s, _NEG)
+    pk, pv = cache.get("prefix_k"), cache.get("prefix_v")
+    if pk is not None:
+      # A prefix shared by every row (KxLxH, before all row slots, always
+      # visible) is stored and read once for the batch instead of per row.
+      sp = jnp.einsum("bkgth,klh->bkgtl", q, pk.astype(cd), preferred_element_type=jnp.float32)
+      s = jnp.concatenate([sp * (1.0 / np.sqrt(H)), s], axis=-1)
     p = jax.nn.softmax(s, axis=-1).astype(cd)
-    o = jnp.einsum("bkgts,bksh->bkgth", p, v_all.astype(cd))
+    if pk is None:
+      o = jnp.einsum("bkgts,bksh->bkgth", p, v_all.astype(cd))
+    else:
+      Lp = pk.shape[1]
+      o = (jnp.einsum("bkgtl,klh->bkgth", p[..., :Lp], pv.astype(cd))
+           + jnp.einsum("bkgts,bksh->bkgth", p[..., Lp:], v_all.astype(cd)))
     # One merged (n, h) contraction: einsum orders the two contracting dims
     # (h, n), which made XLA transpose o_kernel at every decode step.
     o = o.transpose(0, 3, 1, 2, 4).reshape(B, T, N * H)
-    return dense(o, wo.reshape(N * H, -1).astype(cd)), {"k": k_all, "v": v_all}
+    return dense(o, wo.reshape(N * H, -1).astype(cd)), dict(cache, k=k_all, v=v_all)
 
 
 class MLP(nn.Module):
@@ -249,7 +260,9 @@ class Transformer(nn.Module):
   a BxTxT `mask` gives the allowed query/key pairs directly (packed rows).
   With a cache (a list of per-layer {"k","v"} of shape BxKxSxH), the T new
   tokens are written at slot `cache_index` and `mask_BxT` must be the BxS mask
-  of valid slots after the write.
+  of valid slots after the write. A layer's cache may also hold "prefix_k" and
+  "prefix_v" (KxLxH): the keys/values of a prefix shared by every row, which
+  comes before all row slots (positions must count it).
   """
   cfg: ModelConfig
   heads: tuple = ("lm",)

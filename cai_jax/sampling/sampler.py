@@ -36,6 +36,9 @@ TRACE_COUNTS: collections.Counter = collections.Counter()
 
 # Vocabulary block width of the two-level inverse-CDF sampler.
 _BLOCK = 256
+# Shortest prompt prefix common to a whole batch that is run once and shared
+# (its KV stored once) instead of per row; few-shot CAI prompts share long ones.
+MIN_SHARED_PREFIX = 16
 
 
 class PromptTooLongError(InputError):
@@ -61,6 +64,37 @@ def bucket_length(n: int) -> int:
     if n <= upto:
       return -(-n // step) * step
   return -(-n // 512) * 512
+
+
+def bucket_floor(n: int) -> int:
+  """The largest `bucket_length` grid value <= n (0 below the first)."""
+  n = max(int(n), 0)
+  for step, upto in ((16, 128), (32, 256), (128, 1024)):
+    if n < upto + step:
+      return n // step * step
+  return n // 512 * 512
+
+
+def shared_prefix_len(tokens_BxP: np.ndarray, mask_BxP: np.ndarray, *, bucket: bool = True,
+                      min_len: int = MIN_SHARED_PREFIX) -> int:
+  """Length of the prompt prefix that every row of a left-padded batch starts with.
+
+  At most one less than the shortest prompt (each row keeps a token of its own),
+  rounded down to the bucket grid when `bucket`; 0 if shorter than `min_len` or
+  the batch has one row.
+  """
+  B, P = tokens_BxP.shape
+  lens = mask_BxP.sum(1)
+  shortest = int(lens.min()) if B else 0
+  if B < 2 or shortest - 1 < min_len:
+    return 0
+  start = P - lens
+  aligned = tokens_BxP[np.arange(B)[:, None], start[:, None] + np.arange(shortest)[None, :]]
+  differs = np.nonzero((aligned != aligned[:1]).any(0))[0]
+  n = min(int(differs[0]) if len(differs) else shortest, shortest - 1)
+  if bucket:
+    n = bucket_floor(n)
+  return n if n >= min_len else 0
 
 
 def _cumsum_mm(x_BxW):
@@ -155,31 +189,50 @@ def _pick(logits_BxV, key, temperature, top_p, *, greedy, top_k, use_top_p, unit
 
 
 def _cache_constraint(cfg, cache, mesh):
+  """Shards the per-row k/v of each layer (a shared prefix is left as is)."""
   if mesh is None:
     return cache
   spec = models.cache_logical_axes(cfg)[0]["k"]
   shape = cache[0]["k"].shape
   s = NamedSharding(mesh, sharding_lib.logical_to_mesh_spec(spec, shape, mesh))
-  return jax.lax.with_sharding_constraint(cache, jax.tree_util.tree_map(lambda _: s, cache))
+  return [dict(c, **{n: jax.lax.with_sharding_constraint(c[n], s) for n in ("k", "v")})
+          for c in cache]
+
+
+def _prefix_kv(cfg, params, prefix_1xL):
+  """Per-layer {"prefix_k", "prefix_v"} (KxLxH) of one prompt prefix."""
+  L = prefix_1xL.shape[1]
+  pos = jnp.arange(L, dtype=jnp.int32)[None, :]
+  out = models.forward(cfg, params, prefix_1xL, pos, jnp.ones((1, L), bool),
+                       cache=models.init_cache(cfg, 1, L), cache_index=0, last_only=True,
+                       heads=())
+  return [{"prefix_k": c["k"][0], "prefix_v": c["v"][0]} for c in out["cache"]]
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "greedy", "top_k",
                                              "use_top_p", "unit_temp", "mesh"))
-def _sample_jit(params, tokens_BxP, mask_BxP, rng, temperature, top_p, eos_E, stop_next_SxV,
-                pad_id, *, cfg, max_new_tokens, greedy, top_k, use_top_p, unit_temp, mesh):
+def _sample_jit(params, tokens_BxP, mask_BxP, prefix_1xL, rng, temperature, top_p, eos_E,
+                stop_next_SxV, pad_id, *, cfg, max_new_tokens, greedy, top_k, use_top_p,
+                unit_temp, mesh):
+  """prefix_1xL (or None): tokens every row starts with, run once for the batch;
+  tokens_BxP then hold each row's remaining (left-padded) prompt tokens."""
   TRACE_COUNTS["sample"] += 1
   B, P = tokens_BxP.shape
   N = max_new_tokens
+  Lp = 0 if prefix_1xL is None else prefix_1xL.shape[1]
   pick = functools.partial(_pick, temperature=temperature, top_p=top_p, greedy=greedy,
                            top_k=top_k, use_top_p=use_top_p, unit_temp=unit_temp)
   mask_BxP = mask_BxP.astype(bool)
   # Slots past the prompt are valid once written; the model's causal rule
   # (slot <= write index) hides the ones not written yet.
   mask_BxS = jnp.concatenate([mask_BxP, jnp.ones((B, N), bool)], axis=1)
-  prompt_len_B = mask_BxP.sum(-1).astype(jnp.int32)
-  cache = _cache_constraint(cfg, models.init_cache(cfg, B, P + N), mesh)
-  out = models.forward(cfg, params, tokens_BxP, models.positions_from_mask(mask_BxP), mask_BxS,
-                       cache=cache, cache_index=0, last_only=True, heads=("lm",))
+  prompt_len_B = Lp + mask_BxP.sum(-1).astype(jnp.int32)
+  cache = models.init_cache(cfg, B, P + N)
+  if Lp:
+    cache = [dict(c, **pc) for c, pc in zip(cache, _prefix_kv(cfg, params, prefix_1xL))]
+  cache = _cache_constraint(cfg, cache, mesh)
+  out = models.forward(cfg, params, tokens_BxP, Lp + models.positions_from_mask(mask_BxP),
+                       mask_BxS, cache=cache, cache_index=0, last_only=True, heads=("lm",))
   cache = _cache_constraint(cfg, out["cache"], mesh)
 
   def advance(tok_B, state_B, done_B):
@@ -241,14 +294,17 @@ def sample(cfg, params, prompt_tokens_BxP, prompt_mask_BxP, rng, *, max_new_toke
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
            eos_ids: Sequence[int] = (2,),
            stop_seqs: Union[Sequence[Sequence[int]], stops_lib.StopMatcher] = (),
-           mesh=None, pad_id: Optional[int] = None, bucket: bool = True) -> SampleOutput:
+           mesh=None, pad_id: Optional[int] = None, bucket: bool = True,
+           share_prefix: bool = True) -> SampleOutput:
   """Samples continuations of a left-padded batch of prompts.
 
   stop_seqs: token-id sequences that end a row when generated, or a
   `StopMatcher` (e.g. from `stops.from_strings`) for exact stop strings.
   bucket: pad the prompt length to `bucket_length` so that different lengths
-  share compiled code. With a mesh, params should be sharded on it (they are
-  placed if not) and the batch is split over its batch axes.
+  share compiled code. share_prefix: run a prompt prefix common to all rows
+  (`shared_prefix_len`, e.g. a system or few-shot prompt) once and keep one
+  copy of its KV for the batch. With a mesh, params should be sharded on it
+  (they are placed if not) and the batch is split over its batch axes.
   """
   tokens = np.asarray(prompt_tokens_BxP, np.int32)
   mask = np.asarray(prompt_mask_BxP).astype(bool)
@@ -271,6 +327,19 @@ def sample(cfg, params, prompt_tokens_BxP, prompt_mask_BxP, rng, *, max_new_toke
         f"sample: a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds "
         f"the context of {ctx}; shorten the prompt or lower max_new_tokens")
   pad_id = (cfg.pad_token_id if cfg.pad_token_id is not None else 0) if pad_id is None else pad_id
+  Lp = shared_prefix_len(tokens, mask, bucket=bucket) if share_prefix else 0
+  prefix = None
+  if Lp:
+    lens = mask.sum(1)
+    start = tokens.shape[1] - int(lens.max())
+    prefix = tokens[int(np.argmax(lens)), start:start + Lp][None, :].copy()
+    keep = tokens.shape[1] - start - Lp  # columns left after dropping each row's prefix
+    rest_t = np.full((tokens.shape[0], keep), pad_id, np.int32)
+    rest_m = np.zeros((tokens.shape[0], keep), bool)
+    for i, n in enumerate(lens):
+      rest_t[i, keep - (n - Lp):] = tokens[i, tokens.shape[1] - (n - Lp):]
+      rest_m[i, keep - (n - Lp):] = True
+    tokens, mask = rest_t, rest_m
   B0, P0 = tokens.shape
   P = bucket_length(P0) if bucket else P0
   B = B0
@@ -293,7 +362,7 @@ def sample(cfg, params, prompt_tokens_BxP, prompt_mask_BxP, rng, *, max_new_toke
     params = sharding_lib.shard_params(params, cfg, mesh)
     tok_in, mask_in = sharding_lib.shard_batch((tokens, mask), mesh)
   toks, lps, lengths, done = _sample_jit(
-      params, tok_in, mask_in, _as_key(rng), jnp.float32(temperature if not greedy else 1.0),
+      params, tok_in, mask_in, None if prefix is None else jnp.asarray(prefix), _as_key(rng), jnp.float32(temperature if not greedy else 1.0),
       jnp.float32(top_p), jnp.asarray(eos), jnp.asarray(matcher.next_SxV), jnp.int32(pad_id),
       cfg=cfg, max_new_tokens=int(max_new_tokens), greedy=bool(greedy), top_k=int(top_k),
       use_top_p=bool(top_p < 1.0) and not greedy,
