@@ -1,16 +1,20 @@
 """SFT train step on SmolLM2-135M-Instruct: cai_jax vs PyTorch + transformers.
 
   .venv/bin/python benchmarks/train_step.py [--batch 8] [--seq 256] [--repeats 4] [--warmup 2]
-      [--logits_chunk 0] [--layers 30]
+      [--logits_chunk 0] [--layers 30] [--loss_on_all_tokens]
 
 Both frameworks run the same step on the same weights in one process, under
 the same glibc malloc settings (cai_jax/runtime.py; the script re-executes
 itself with them): forward,
 masked next-token cross-entropy on the second half of each row (the
-"response"), backward and an AdamW update, batch 8 x 256 tokens. MFU is the
-model's training FLOPs (3 x forward: matmuls + attention scores) per second
-over the machine's float32 matmul rate measured in the same run (best of XLA
-and torch on 2048^3). Timings alternate between the frameworks and keep the
+"response"), backward and an AdamW update, batch 8 x 256 tokens. cai_jax
+applies the LM head only to blocks of positions that carry loss (the response
+half here); torch/transformers applies it to every position. MFU is the
+training FLOPs cai_jax executes (3 x forward: matmuls + attention scores, with
+the LM head on the positions it covers) per second over the machine's float32
+matmul rate measured in the same run (best of XLA and torch on 2048^3);
+`mfu_all_position_logits` counts the LM head at every position instead.
+`--loss_on_all_tokens` puts every position in the loss, for both frameworks. Timings alternate between the frameworks and keep the
 best of `repeats` runs each, because the machine is shared. The last line
 printed is JSON.
 """
@@ -49,11 +53,11 @@ def matmul_rates(n=2048, reps=3):
   return jr, 2.0 * n ** 3 / best
 
 
-def make_batch(B, L, vocab, seed=0):
+def make_batch(B, L, vocab, seed=0, all_tokens=False):
   rng = np.random.default_rng(seed)
   seq = rng.integers(3, vocab, size=(B, L + 1)).astype(np.int32)
   loss_mask = np.zeros((B, L), np.float32)
-  loss_mask[:, L // 2:] = 1.0  # second half is the "response"
+  loss_mask[:, 0 if all_tokens else L // 2:] = 1.0  # second half is the "response"
   return {"tokens_BxL": seq[:, :-1], "targets_BxL": seq[:, 1:], "loss_mask_BxL": loss_mask,
           "mask_BxL": np.ones((B, L), bool)}
 
@@ -92,6 +96,7 @@ def main():
   ap.add_argument("--logits_chunk", type=int, default=0)
   ap.add_argument("--layers", type=int, default=0, help="keep only the first k layers (quick runs)")
   ap.add_argument("--no_torch", action="store_true")
+  ap.add_argument("--loss_on_all_tokens", action="store_true")
   args = ap.parse_args()
   import torch
   torch.set_num_threads(os.cpu_count() or 2)
@@ -102,7 +107,7 @@ def main():
               if not k.startswith("layers_") or int(k.split("_")[1]) < args.layers}
     cfg = cfg.replace(num_layers=args.layers)
   B, L = args.batch, args.seq
-  batch = make_batch(B, L, cfg.vocab_size)
+  batch = make_batch(B, L, cfg.vocab_size, all_tokens=args.loss_on_all_tokens)
   lr = 1e-5
 
   t_steps = None
@@ -151,17 +156,23 @@ def main():
       tt.append(time.perf_counter() - t)
   mm_jax, mm_torch = max(mm_j), max(mm_t)
   peak = max(mm_jax, mm_torch)
-  step_flops = flops_lib.train_flops_per_token(cfg, L) * B * L
+  all_flops = flops_lib.train_flops_per_token(cfg, L) * B * L
+  # Positions the LM head covers: whole blocks up to the row with the most loss tokens.
+  blk = min(args.logits_chunk or objectives.LM_HEAD_BLOCK, L)
+  head_pos = B * min(-(-int((batch["loss_mask_BxL"] != 0).sum(1).max()) // blk) * blk, L)
+  step_flops = all_flops - 3 * 2.0 * cfg.vocab_size * cfg.hidden_size * (B * L - head_pos)
   j_best = min(jt)
   res = {
       "mfu": step_flops / j_best / peak,
+      "mfu_all_position_logits": all_flops / j_best / peak,
+      "lm_head_positions": head_pos, "loss_on_all_tokens": args.loss_on_all_tokens,
       "ratio_vs_torch": (min(tt) / j_best) if tt else None,
       "jax_step_s": j_best, "torch_step_s": min(tt) if tt else None,
       "jax_tokens_per_s": B * L / j_best,
       "torch_tokens_per_s": (B * L / min(tt)) if tt else None,
       "jax_gflops": step_flops / j_best / 1e9,
-      "torch_gflops": (step_flops / min(tt) / 1e9) if tt else None,
-      "torch_mfu": (step_flops / min(tt) / peak) if tt else None,
+      "torch_gflops": (all_flops / min(tt) / 1e9) if tt else None,
+      "torch_mfu": (all_flops / min(tt) / peak) if tt else None,
       "matmul_gflops_jax": mm_jax / 1e9, "matmul_gflops_torch": mm_torch / 1e9,
       "step_tflop": step_flops / 1e12, "loss_jax": jax_loss0, "loss_torch": torch_loss0,
       "compile_s": compile_s, "warmup_steps": args.warmup, "batch": B, "seq": L, "layers": cfg.num_layers,

@@ -64,6 +64,49 @@ def test_sft_objective_ignores_prompt_tokens_end_to_end():
   assert abs(float(l3) - float(l1)) < 1e-6
 
 
+@pytest.mark.parametrize("chunk", [0, 3, 4])
+def test_masked_nll_sum_matches_full_logits(chunk, monkeypatch):
+  """Value and gradients equal the full-logits formula; blocks with no loss
+  position in any row are skipped (here: the last one, by block count)."""
+  monkeypatch.setattr(objectives, "LM_HEAD_BLOCK", 4)
+  rng = np.random.default_rng(5)
+  B, L, D, V = 3, 10, 8, 40
+  h = jnp.asarray(rng.standard_normal((B, L, D)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((D, V)), jnp.float32)
+  t = jnp.asarray(rng.integers(0, V, (B, L)), jnp.int32)
+  m = np.zeros((B, L), np.float32)
+  m[0, [1, 4, 5, 9]] = 1.0          # scattered loss positions
+  m[1, 6:] = [0.5, 2.0, 1.0, 1.0]  # weights, not just 0/1
+  # row 2 has no loss position at all
+
+  def ref(h, w):
+    lg = jnp.einsum("bld,dv->blv", h, w)
+    nll = jax.nn.logsumexp(lg, -1) - jnp.take_along_axis(lg, t[..., None], -1)[..., 0]
+    return jnp.sum(nll * m)
+
+  got = objectives.masked_nll_sum(h, w, t, jnp.asarray(m), chunk)
+  assert abs(float(got) - float(ref(h, w))) < 1e-4 * abs(float(ref(h, w)))
+  gh, gw = jax.grad(lambda h, w: objectives.masked_nll_sum(h, w, t, jnp.asarray(m), chunk),
+                    argnums=(0, 1))(h, w)
+  rh, rw = jax.grad(ref, argnums=(0, 1))(h, w)
+  np.testing.assert_allclose(np.asarray(gh), np.asarray(rh), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(gw), np.asarray(rw), atol=1e-5)
+  assert np.all(np.asarray(gh)[m == 0] == 0.0)  # positions without loss get no gradient
+  # Rows' loss positions come first, so with at most 4 per row positions past the
+  # first 4 (6 for blocks of 3) of a row without loss are never given logits: a
+  # NaN there reaches neither the loss nor any gradient.
+  h_nan = h.at[2, 8].set(jnp.nan)
+  f = lambda h, w: objectives.masked_nll_sum(h, w, t, jnp.asarray(m), chunk)  # noqa: E731
+  assert abs(float(f(h_nan, w)) - float(got)) == 0.0
+  gh2, gw2 = jax.grad(f, argnums=(0, 1))(h_nan, w)
+  assert np.isfinite(np.asarray(gh2)).all() and np.isfinite(np.asarray(gw2)).all()
+  # An all-zero mask runs no block: loss and gradients are exactly zero.
+  z = jnp.zeros((B, L), jnp.float32)
+  gz = jax.grad(lambda h: objectives.masked_nll_sum(h, w, t, z, chunk))(h)
+  assert float(objectives.masked_nll_sum(h, w, t, z, chunk)) == 0.0
+  assert not np.asarray(gz).any()
+
+
 @pytest.mark.parametrize("p", [1.0, 0.0, 0.7, 0.25])
 def test_ranking_loss_matches_formula(p):
   ra, rb = np.array([1.5, -0.3], np.float32), np.array([0.5, 0.9], np.float32)

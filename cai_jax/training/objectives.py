@@ -1,11 +1,14 @@
 """Model-aware loss functions `(params, batch, rng) -> (loss, aux)` for the loop.
 
 `sft_loss_fn(cfg)`: next-token cross-entropy on response tokens. The LM head
-is applied in sequence chunks under remat, so the float32 B×L×V logits are
-never held in memory at once. `pm_loss_fn(cfg)`: soft ranking loss on the
+runs only on blocks of positions that hold response tokens (`masked_nll_sum`);
+with `logits_chunk` it recomputes them in the backward pass, so at most one
+block of float32 logits is held in memory. `pm_loss_fn(cfg)`: soft ranking loss on the
 scalar head at each sequence's last real token.
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -20,23 +23,93 @@ def lm_head_weight(cfg, params):
   return params["embedding"].T if cfg.tie_embeddings else params["lm_head"]
 
 
-def chunked_nll(hidden_BxLxD, w_DxV, targets_BxL, chunk: int = 0):
-  """Per-token NLL, float32; logits computed `chunk` positions at a time.
+# Sequence positions per LM-head block of `masked_nll_sum` when no chunk is set.
+LM_HEAD_BLOCK = 128
 
-  Each chunk's logits are recomputed in the backward pass (jax.checkpoint), so
-  peak memory holds one B×chunk×V block instead of B×L×V.
+
+def masked_nll_sum(hidden_BxLxD, w_DxV, targets_BxL, weights_BxL, chunk: int = 0):
+  """sum over positions of weight x next-token NLL (float32), with the LM head
+  applied only where a weight is nonzero.
+
+  Each row's positions are reordered so the weighted (loss) ones come first. The
+  LM head then runs on blocks of positions, over only the blocks that hold a
+  loss position in some row, in the forward and the backward pass: the prompt
+  tokens of an SFT batch never get logits. Rows stay whole, so a batch-sharded
+  layout is kept. `chunk` > 0 (block length) bounds memory to one block of
+  logits by recomputing them in the backward pass; with 0 the blocks are
+  LM_HEAD_BLOCK long and their softmax gradient is kept from the forward pass
+  (one matmul fewer per block).
   """
   B, L, D = hidden_BxLxD.shape
-  def one(h_BxCxD, t_BxC):
-    logits = dense(h_BxCxD, w_DxV.astype(h_BxCxD.dtype), preferred_element_type=jnp.float32)
-    return -losses.token_logprobs(logits, t_BxC)
-  if not chunk or chunk >= L or L % chunk:
-    return one(hidden_BxLxD, targets_BxL)
-  n = L // chunk
-  h = hidden_BxLxD.reshape(B, n, chunk, D).swapaxes(0, 1)
-  t = targets_BxL.reshape(B, n, chunk).swapaxes(0, 1)
-  nll = jax.lax.map(lambda ht: jax.checkpoint(one)(*ht), (h, t))
-  return nll.swapaxes(0, 1).reshape(B, L)
+  C = min(chunk if chunk > 0 else LM_HEAD_BLOCK, L)
+  Lp = -(-L // C) * C
+  w = weights_BxL.astype(jnp.float32)
+  order = jnp.argsort(w == 0, axis=1, stable=True).astype(jnp.int32)
+  pad = ((0, 0), (0, Lp - L))
+  h = jnp.pad(jnp.take_along_axis(hidden_BxLxD, order[..., None], axis=1), pad + ((0, 0),))
+  t = jnp.pad(jnp.take_along_axis(targets_BxL.astype(jnp.int32), order, axis=1), pad)
+  ws = jnp.pad(jnp.take_along_axis(w, order, axis=1), pad)
+  blocks = -(-jnp.max(jnp.sum(w != 0, axis=1)) // C)
+  return _block_nll(C, chunk > 0, h, w_DxV.astype(hidden_BxLxD.dtype), t, ws, blocks)
+
+
+def _block_nll_and_grad(h_BxCxD, w_DxV, t_BxC):
+  """(NLL, softmax - onehot) of one block of positions, float32."""
+  logits = dense(h_BxCxD, w_DxV, preferred_element_type=jnp.float32)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  onehot = jax.nn.one_hot(t_BxC, logits.shape[-1], dtype=jnp.float32)
+  nll = lse - jnp.sum(logits * onehot, axis=-1)
+  return nll, jnp.exp(logits - lse[..., None]) - onehot
+
+
+def _block(x, j, C):
+  return jax.lax.dynamic_slice_in_dim(x, j * C, C, axis=1)
+
+
+def _block_nll_fwd(C, recompute, h, w, t, ws, blocks):
+  B, Lp, _ = h.shape
+  keep = not recompute
+
+  def body(j, carry):
+    total, saved = carry
+    nll, g = _block_nll_and_grad(_block(h, j, C), w, _block(t, j, C))
+    if keep:
+      saved = jax.lax.dynamic_update_slice_in_dim(saved, g, j * C, axis=1)
+    return total + jnp.sum(nll * _block(ws, j, C)), saved
+
+  saved = jnp.zeros((B, Lp, w.shape[1]) if keep else (), jnp.float32)
+  total, saved = jax.lax.fori_loop(0, blocks, body, (jnp.zeros((), jnp.float32), saved))
+  return total, (h, w, t, ws, blocks, saved)
+
+
+def _block_nll_bwd(C, recompute, res, g):
+  h, w, t, ws, blocks, saved = res
+
+  def body(j, carry):
+    dh, dw = carry
+    hj = _block(h, j, C)
+    if recompute:
+      _, sg = _block_nll_and_grad(hj, w, _block(t, j, C))
+    else:
+      sg = _block(saved, j, C)
+    dl = (sg * (g * _block(ws, j, C))[..., None]).astype(h.dtype)
+    dh = jax.lax.dynamic_update_slice_in_dim(dh, jax.lax.dot_general(
+        dl, w, (((2,), (1,)), ((), ()))).astype(h.dtype), j * C, axis=1)
+    dw = dw + jax.lax.dot_general(hj.reshape(-1, hj.shape[-1]), dl.reshape(-1, dl.shape[-1]),
+                                  (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return dh, dw
+
+  dh, dw = jax.lax.fori_loop(0, blocks, body,
+                             (jnp.zeros_like(h), jnp.zeros(w.shape, jnp.float32)))
+  return dh, dw.astype(w.dtype), None, None, None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _block_nll(C, recompute, h, w, t, ws, blocks):
+  return _block_nll_fwd(C, recompute, h, w, t, ws, blocks)[0]
+
+
+_block_nll.defvjp(_block_nll_fwd, _block_nll_bwd)
 
 
 def sft_inputs(batch):
@@ -53,11 +126,11 @@ def sft_loss_fn(cfg, logits_chunk: int = 0):
     del rng
     pos, attn = sft_inputs(batch)
     out = models.forward(cfg, params, batch["tokens_BxL"], pos, attn, heads=())
-    nll = chunked_nll(out["hidden"], lm_head_weight(cfg, params), batch["targets_BxL"],
-                      logits_chunk)
     m = batch["loss_mask_BxL"].astype(jnp.float32)
+    total = masked_nll_sum(out["hidden"], lm_head_weight(cfg, params), batch["targets_BxL"], m,
+                           logits_chunk)
     n = jnp.sum(m)
-    return jnp.sum(nll * m) / jnp.maximum(n, 1.0), {"loss_tokens": n}
+    return total / jnp.maximum(n, 1.0), {"loss_tokens": n}
   return loss_fn
 
 
