@@ -14,9 +14,9 @@ training FLOPs cai_jax executes (3 x forward: matmuls + attention scores, with
 the LM head on the positions it covers) per second over the machine's float32
 matmul rate measured in the same run (best of XLA and torch on 2048^3);
 `mfu_all_position_logits` counts the LM head at every position instead.
-`--loss_on_all_tokens` puts every position in the loss, for both frameworks. Timings alternate between the frameworks and keep the
-best of `repeats` runs each, because the machine is shared. The last line
-printed is JSON.
+`--loss_on_all_tokens` puts every position in the loss, for both frameworks.
+Timings alternate between the frameworks and keep the best of `repeats` runs
+each, because the machine is shared. The last line printed is JSON.
 """
 import argparse
 import json

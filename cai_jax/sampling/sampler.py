@@ -362,7 +362,8 @@ def sample(cfg, params, prompt_tokens_BxP, prompt_mask_BxP, rng, *, max_new_toke
     params = sharding_lib.shard_params(params, cfg, mesh)
     tok_in, mask_in = sharding_lib.shard_batch((tokens, mask), mesh)
   toks, lps, lengths, done = _sample_jit(
-      params, tok_in, mask_in, None if prefix is None else jnp.asarray(prefix), _as_key(rng), jnp.float32(temperature if not greedy else 1.0),
+      params, tok_in, mask_in, None if prefix is None else jnp.asarray(prefix), _as_key(rng),
+      jnp.float32(temperature if not greedy else 1.0),
       jnp.float32(top_p), jnp.asarray(eos), jnp.asarray(matcher.next_SxV), jnp.int32(pad_id),
       cfg=cfg, max_new_tokens=int(max_new_tokens), greedy=bool(greedy), top_k=int(top_k),
       use_top_p=bool(top_p < 1.0) and not greedy,

@@ -42,7 +42,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval_fraction = 0.05      # examples held out for the eval loss (0 = none)
   c.eval_every = 0            # steps between evals; 0 = only at the end
   c.log_every = 10            # steps between progress/TensorBoard updates
-  c.logits_chunk = 0          # LM-head chunk length (0 = whole row); bounds logits memory
+  c.logits_chunk = 0          # LM-head block length; > 0 recomputes its logits in backward
   c.train_top_layers = -1     # -1 trains everything; k trains the top k blocks + heads
   c.optim = optim.default_optim_config()  # AdamW; constant lr as in the paper's SL stage
   c.checkpoint_every = 100    # steps between Orbax checkpoints
