@@ -115,10 +115,12 @@ PREFIXED = [SHARED + [5, 6, 7], SHARED + [8, 9, 10, 11, 12, 13, 14], SHARED + [1
 def test_shared_prefix_len():
   t, m = _left_padded(PREFIXED)
   assert sampler_lib.shared_prefix_len(t, m) == 16  # 20 common, floored to the bucket grid
-  assert sampler_lib.shared_prefix_len(t, m, bucket=False) == 20
+  assert sampler_lib.shared_prefix_len(t, m, min_len=4) == 16
   # Every row keeps at least one token of its own, even when one row is the prefix.
-  t, m = _left_padded([SHARED, SHARED + [1, 2]])
-  assert sampler_lib.shared_prefix_len(t, m, bucket=False) == 19
+  t, m = _left_padded([SHARED[:17], SHARED[:17] + [1, 2]])
+  assert sampler_lib.shared_prefix_len(t, m) == 16
+  t, m = _left_padded([SHARED[:16], SHARED[:16] + [1, 2]])
+  assert sampler_lib.shared_prefix_len(t, m) == 0  # 15 < MIN_SHARED_PREFIX
   t, m = _left_padded([SHARED[:10] + [1], SHARED[:10] + [2]])
   assert sampler_lib.shared_prefix_len(t, m) == 0  # below MIN_SHARED_PREFIX
   t, m = _left_padded([SHARED + [1]])
@@ -142,6 +144,28 @@ def test_shared_prefix_matches_full_recompute(tiny):
     np.testing.assert_array_equal(on.tokens_BxN, off.tokens_BxN)
     lp = _full_logprobs(cfg, params, PREFIXED, list(on.tokens_BxN))
     np.testing.assert_allclose(on.logprobs_BxN, np.stack(lp), atol=1e-4)
+
+
+def test_generate_shares_a_common_prefix_with_few_compilations(tiny_text, monkeypatch):
+  """A few-shot-style prefix common to every prompt: batches share it, compile a
+  bounded number of times, and give the tokens of unshared sampling."""
+  cfg, params, tok = tiny_text
+  head = ("Here are some examples of careful answers to questions about the weather, "
+          "the sea and the hills, each one short and kind. ") * 2
+  rng = np.random.default_rng(1)
+  words = "the cat sat on a mat while rain fell over quiet hills and rivers".split()
+  prompts = [head + " ".join(rng.choice(words, size=int(n))) for n in rng.integers(1, 30, 24)]
+  ids = [sampling.encode_prompt(tok, p) for p in prompts]
+  t, m = _left_padded(ids[:4])
+  assert sampler_lib.shared_prefix_len(t, m) >= 32
+  before = sampling.compile_count("sample")
+  kw = dict(fmt="raw", max_new_tokens=5, batch_size=4, stop=[], greedy=True, progress=False)
+  shared = sampling.generate(cfg, params, tok, prompts, **kw)
+  assert 1 <= sampling.compile_count("sample") - before <= 4
+  monkeypatch.setattr(sampler_lib, "MIN_SHARED_PREFIX", 10 ** 9)
+  plain = sampling.generate(cfg, params, tok, prompts, **kw)
+  for a, b in zip(shared, plain):
+    np.testing.assert_array_equal(a.tokens, b.tokens)
 
 
 def test_top_k_and_top_p_restrict_the_support(tiny):

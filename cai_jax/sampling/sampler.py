@@ -75,14 +75,15 @@ def bucket_floor(n: int) -> int:
   return n // 512 * 512
 
 
-def shared_prefix_len(tokens_BxP: np.ndarray, mask_BxP: np.ndarray, *, bucket: bool = True,
-                      min_len: int = MIN_SHARED_PREFIX) -> int:
+def shared_prefix_len(tokens_BxP: np.ndarray, mask_BxP: np.ndarray,
+                      min_len: Optional[int] = None) -> int:
   """Length of the prompt prefix that every row of a left-padded batch starts with.
 
   At most one less than the shortest prompt (each row keeps a token of its own),
-  rounded down to the bucket grid when `bucket`; 0 if shorter than `min_len` or
-  the batch has one row.
+  rounded down to the bucket grid (few distinct values, so few compilations);
+  0 if shorter than `min_len` (default MIN_SHARED_PREFIX) or the batch has one row.
   """
+  min_len = MIN_SHARED_PREFIX if min_len is None else min_len
   B, P = tokens_BxP.shape
   lens = mask_BxP.sum(1)
   shortest = int(lens.min()) if B else 0
@@ -91,9 +92,7 @@ def shared_prefix_len(tokens_BxP: np.ndarray, mask_BxP: np.ndarray, *, bucket: b
   start = P - lens
   aligned = tokens_BxP[np.arange(B)[:, None], start[:, None] + np.arange(shortest)[None, :]]
   differs = np.nonzero((aligned != aligned[:1]).any(0))[0]
-  n = min(int(differs[0]) if len(differs) else shortest, shortest - 1)
-  if bucket:
-    n = bucket_floor(n)
+  n = bucket_floor(min(int(differs[0]) if len(differs) else shortest, shortest - 1))
   return n if n >= min_len else 0
 
 
@@ -327,18 +326,20 @@ def sample(cfg, params, prompt_tokens_BxP, prompt_mask_BxP, rng, *, max_new_toke
         f"sample: a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds "
         f"the context of {ctx}; shorten the prompt or lower max_new_tokens")
   pad_id = (cfg.pad_token_id if cfg.pad_token_id is not None else 0) if pad_id is None else pad_id
-  Lp = shared_prefix_len(tokens, mask, bucket=bucket) if share_prefix else 0
+  Lp = shared_prefix_len(tokens, mask) if share_prefix else 0
   prefix = None
   if Lp:
+    # The prefix comes off every row; the rest stays left-padded to the
+    # caller's width less Lp (so the caller's length buckets still hold).
     lens = mask.sum(1)
-    start = tokens.shape[1] - int(lens.max())
-    prefix = tokens[int(np.argmax(lens)), start:start + Lp][None, :].copy()
-    keep = tokens.shape[1] - start - Lp  # columns left after dropping each row's prefix
-    rest_t = np.full((tokens.shape[0], keep), pad_id, np.int32)
-    rest_m = np.zeros((tokens.shape[0], keep), bool)
+    i0 = int(np.argmax(lens))
+    prefix = tokens[i0, tokens.shape[1] - lens[i0]:][:Lp][None, :].copy()
+    rest_t, rest_m = tokens[:, Lp:].copy(), mask[:, Lp:].copy()
     for i, n in enumerate(lens):
-      rest_t[i, keep - (n - Lp):] = tokens[i, tokens.shape[1] - (n - Lp):]
-      rest_m[i, keep - (n - Lp):] = True
+      rest_m[i, :rest_m.shape[1] - (n - Lp)] = False
+      rest_t[i, :rest_m.shape[1] - (n - Lp)] = pad_id
+      rest_t[i, rest_m.shape[1] - (n - Lp):] = tokens[i, tokens.shape[1] - (n - Lp):]
+      rest_m[i, rest_m.shape[1] - (n - Lp):] = True
     tokens, mask = rest_t, rest_m
   B0, P0 = tokens.shape
   P = bucket_length(P0) if bucket else P0
