@@ -1,10 +1,13 @@
 """Sampling throughput: cai_jax vs transformers `generate` on SmolLM2-135M-Instruct.
 
   .venv/bin/python benchmarks/sampling.py [--batches 16,64] [--new_tokens 64] [--repeats 2]
+      [--no_share_prefix]
 
 Both samplers run on the same GGUF weights in the same process, with chat-template
 prompts and `new_tokens` tokens sampled at T=1 (no top-k/top-p, EOS ignored so
-every row makes the full count). torch uses 2 threads. The machine's f32 matmul
+every row makes the full count). torch uses 2 threads. The prompts share the
+chat template's system prompt, which cai_jax runs once per batch (the
+sampler's shared-prefix path; `--no_share_prefix` turns it off). The machine's f32 matmul
 rate (best of XLA and torch on a large square matmul) gives the compute-bound
 ceiling of rate / (2 x parameters) tokens/s. Timings alternate between the two
 samplers and keep the best of `repeats` runs each, because the machine is shared.
@@ -99,6 +102,7 @@ def main():
   ap.add_argument("--new_tokens", type=int, default=64)
   ap.add_argument("--repeats", type=int, default=2)
   ap.add_argument("--skip_hf", action="store_true")
+  ap.add_argument("--no_share_prefix", action="store_true")
   args = ap.parse_args()
 
   import torch
@@ -116,14 +120,14 @@ def main():
 
   N = args.new_tokens
   result = {"model": "SmolLM2-135M-Instruct", "params": n_params, "new_tokens": N,
-            "devices": jax.device_count()}
+            "devices": jax.device_count(), "share_prefix": not args.no_share_prefix}
   for B in [int(b) for b in args.batches.split(",")]:
     prompts = chat_prompts(tok, B)
     t_np, m_np = left_pad(prompts, cfg.pad_token_id)
 
     def run_jax(seed):
       out = sampling.sample(cfg, params, t_np, m_np, jax.random.PRNGKey(seed), max_new_tokens=N,
-                            temperature=1.0, eos_ids=())
+                            temperature=1.0, eos_ids=(), share_prefix=not args.no_share_prefix)
       assert int(out.lengths_B.sum()) == B * N
       return out
 
@@ -158,6 +162,8 @@ def main():
         log(f"batch {B}: transformers run {time.perf_counter() - t0:.1f}s")
     jax_tps = B * N / jax_best
     result[f"batch{B}_prompt_len"] = int(t_np.shape[1])
+    result[f"batch{B}_shared_prefix_len"] = (
+        0 if args.no_share_prefix else sampling.shared_prefix_len(t_np, m_np))
     result[f"batch{B}_compile_s"] = round(compile_s, 2)
     result[f"batch{B}_cai_jax_tokens_per_s"] = round(jax_tps, 1)
     if hf is not None:

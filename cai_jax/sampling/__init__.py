@@ -8,5 +8,5 @@
 from cai_jax.sampling.api import (Completion, choose_buckets, encode_prompt, generate, score,
                                   score_tokens)
 from cai_jax.sampling.sampler import (TRACE_COUNTS, PromptTooLongError, SampleOutput,
-                                      bucket_length, compile_count, sample)
+                                      bucket_length, compile_count, sample, shared_prefix_len)
 from cai_jax.sampling.stops import StopMatcher, from_strings, from_token_seqs, trim_at_stop
