@@ -33,12 +33,13 @@ def masked_nll_sum(hidden_BxLxD, w_DxV, targets_BxL, weights_BxL, chunk: int = 0
 
   Each row's positions are reordered so the weighted (loss) ones come first. The
   LM head then runs on blocks of positions, over only the blocks that hold a
-  loss position in some row, in the forward and the backward pass: the prompt
-  tokens of an SFT batch never get logits. Rows stay whole, so a batch-sharded
-  layout is kept. `chunk` > 0 (block length) bounds memory to one block of
-  logits by recomputing them in the backward pass; with 0 the blocks are
-  LM_HEAD_BLOCK long and their softmax gradient is kept from the forward pass
-  (one matmul fewer per block).
+  loss position in some row: the prompt tokens of an SFT batch never get
+  logits. Rows stay whole, so a batch-sharded layout is kept. `chunk` > 0
+  (block length) bounds memory to one block of logits by recomputing them in
+  the backward pass. With 0 the blocks are LM_HEAD_BLOCK long, their softmax
+  gradient is kept from the forward pass (one matmul fewer per block), and the
+  weight gradient is one matmul over all positions (zero outside the visited
+  blocks) that XLA can overlap with the trunk's backward pass.
   """
   B, L, D = hidden_BxLxD.shape
   C = min(chunk if chunk > 0 else LM_HEAD_BLOCK, L)
@@ -84,23 +85,37 @@ def _block_nll_fwd(C, recompute, h, w, t, ws, blocks):
 
 def _block_nll_bwd(C, recompute, res, g):
   h, w, t, ws, blocks, saved = res
+  # The kept softmax gradient is zero outside the visited blocks.
+  dl_all = None if recompute else (saved * (g * ws)[..., None]).astype(h.dtype)
 
   def body(j, carry):
     dh, dw = carry
     hj = _block(h, j, C)
     if recompute:
       _, sg = _block_nll_and_grad(hj, w, _block(t, j, C))
+      dl = (sg * (g * _block(ws, j, C))[..., None]).astype(h.dtype)
     else:
-      sg = _block(saved, j, C)
-    dl = (sg * (g * _block(ws, j, C))[..., None]).astype(h.dtype)
+      dl = _block(dl_all, j, C)
     dh = jax.lax.dynamic_update_slice_in_dim(dh, jax.lax.dot_general(
         dl, w, (((2,), (1,)), ((), ()))).astype(h.dtype), j * C, axis=1)
-    dw = dw + jax.lax.dot_general(hj.reshape(-1, hj.shape[-1]), dl.reshape(-1, dl.shape[-1]),
-                                  (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    if recompute:
+      dw = dw + jax.lax.dot_general(hj.reshape(-1, hj.shape[-1]), dl.reshape(-1, dl.shape[-1]),
+                                    (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
     return dh, dw
 
-  dh, dw = jax.lax.fori_loop(0, blocks, body,
-                             (jnp.zeros_like(h), jnp.zeros(w.shape, jnp.float32)))
+  dh0 = jnp.zeros_like(h)
+  if recompute:
+    dh, dw = jax.lax.fori_loop(0, blocks, body, (dh0, jnp.zeros(w.shape, jnp.float32)))
+    return dh, dw.astype(w.dtype), None, None, None
+  # The weight gradient is one matmul over every position, outside any loop:
+  # XLA:CPU runs it beside the trunk's backward pass, which a loop prevents
+  # (~6% of a SmolLM2 step with every position in the loss). Positions past the
+  # visited blocks are zeroed so that nothing there (even a NaN) reaches it.
+  dh, _ = jax.lax.fori_loop(0, blocks, body, (dh0, jnp.zeros((), jnp.float32)))
+  visited = (jnp.arange(h.shape[1]) < blocks * C)[None, :, None]
+  hv = jnp.where(visited, h, jnp.zeros((), h.dtype))
+  dw = jax.lax.dot_general(hv.reshape(-1, h.shape[-1]), dl_all.reshape(-1, dl_all.shape[-1]),
+                           (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
   return dh, dw.astype(w.dtype), None, None, None
 
 
