@@ -55,6 +55,20 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     raise
 
 
+def make_chunk_dir(path: str) -> None:
+  """Creates a stage's chunk directory and deletes the temporary files a killed
+  earlier run left mid-write (atomic writes rename theirs; these never will).
+
+  Call it before the run's first collective: only then is this process the
+  directory's sole writer.
+  """
+  os.makedirs(path, exist_ok=True)
+  for name in os.listdir(path):
+    if name.startswith(".tmp-"):
+      with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(path, name))
+
+
 def write_jsonl(path: str, records: Iterable[dict]) -> None:
   """Writes records to `path` atomically (temporary name, then rename)."""
   atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))

@@ -10,7 +10,7 @@ from cai_jax import text as text_lib
 from cai_jax.data import prompts as prompts_lib
 from cai_jax.data import slcai
 from cai_jax.data import sources
-from cai_jax.utils import InputError, read_jsonl
+from cai_jax.utils import InputError, make_chunk_dir, read_jsonl
 
 
 def test_split_prompt_response_cases():
@@ -309,3 +309,12 @@ def test_generate_prompts_resumable(tmp_path, monkeypatch):
   assert len(calls) - n == s["chunks"] - 1
   assert (part / "prompts.jsonl").read_bytes() == \
       (tmp_path / "full" / "generate_prompts" / "prompts.jsonl").read_bytes()
+
+
+def test_make_chunk_dir_drops_temporaries_of_a_killed_write(tmp_path):
+  d = tmp_path / "chunks"
+  make_chunk_dir(str(d))
+  (d / "red_team-00000.jsonl").write_text('{"id": "a"}\n')
+  (d / ".tmp-red_team-00001.jsonl-x1y2").write_text('{"id": "b')
+  make_chunk_dir(str(d))
+  assert sorted(os.listdir(d)) == ["red_team-00000.jsonl"]

@@ -265,6 +265,8 @@ def test_resume_after_sigkill_tiny_model(tmp_path):
   assert not (part / "revise" / "DONE").exists()
   written = {f: (chunks / f).read_bytes() for f in os.listdir(chunks) if f.endswith(".jsonl")}
   assert 1 <= len(written) < 6
+  # What a kill during a chunk write leaves behind (a temporary never renamed).
+  (chunks / ".tmp-red_team-00003.jsonl-killed").write_text('{"id": "half')
   s = revise.run(cfg, str(part))
   assert s["resumed_prompts"] == len(written)
   for f, b in written.items():

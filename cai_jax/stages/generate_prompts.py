@@ -32,7 +32,8 @@ import numpy as np
 import tqdm
 
 from cai_jax.data import prompts as prompts_lib
-from cai_jax.utils import InputError, atomic_write_text, done_info, mark_done, read_jsonl
+from cai_jax.utils import (InputError, atomic_write_text, done_info, make_chunk_dir, mark_done,
+                           read_jsonl)
 from cai_jax.stages.common import stage_section
 
 STAGE = "generate_prompts"
@@ -194,7 +195,7 @@ def run(config, workdir: str) -> dict:
   if len(seed_texts) < int(gc.num_shots):
     raise InputError(f"{src}: {len(seed_texts)} seed prompts but num_shots={gc.num_shots}; "
                      "give more seeds or lower num_shots")
-  os.makedirs(os.path.join(stage_dir, "chunks"), exist_ok=True)
+  make_chunk_dir(os.path.join(stage_dir, "chunks"))
 
   seed = int(config.get("seed", 0))
   model_path = str(config.get("model", "tiny"))

@@ -51,7 +51,8 @@ from cai_jax import text as text_lib
 from cai_jax.data import prompts as prompts_lib
 from cai_jax.evaluation import multiple_choice as mc
 from cai_jax.evaluation import option_scores
-from cai_jax.utils import InputError, atomic_write_text, done_info, mark_done, read_jsonl
+from cai_jax.utils import (InputError, atomic_write_text, done_info, make_chunk_dir, mark_done,
+                           read_jsonl)
 from cai_jax.stages.common import check_run_signature, stage_section
 
 STAGE = "label"
@@ -386,7 +387,7 @@ def run(config, workdir: str) -> dict:
   dtype = _top(config, "dtype", None)
   pol_path = policy_path(config, workdir, lc)
   fb_path = str(_top(config, "feedback_model", _top(config, "model", "tiny")))
-  os.makedirs(os.path.join(stage_dir, "chunks"), exist_ok=True)
+  make_chunk_dir(os.path.join(stage_dir, "chunks"))
   sig = {
       "seed": seed, "policy": pol_path, "feedback_model": fb_path, "dtype": str(dtype or ""),
       "prompt_format": fmt, "constitution": const.name,

@@ -42,7 +42,8 @@ from cai_jax import constitution as constitution_lib
 from cai_jax import multihost
 from cai_jax import text as text_lib
 from cai_jax.data import prompts as prompts_lib
-from cai_jax.utils import InputError, atomic_write_text, done_info, mark_done, read_jsonl
+from cai_jax.utils import (InputError, atomic_write_text, done_info, make_chunk_dir, mark_done,
+                           read_jsonl)
 from cai_jax.stages.common import check_run_signature, stage_section
 
 STAGE = "revise"
@@ -272,7 +273,7 @@ def run(config, workdir: str) -> dict:
   red = prompts_lib.load_prompts(data_cfg, "red_team", str(rc.split))
   helpful = prompts_lib.load_prompts(data_cfg, "helpful", str(rc.split)) \
       if int(rc.helpful_samples) > 0 else []
-  os.makedirs(os.path.join(stage_dir, "chunks"), exist_ok=True)
+  make_chunk_dir(os.path.join(stage_dir, "chunks"))
   sig = _run_signature(config, rc, const, red, helpful)
   multihost.check_same(sig, "revise run signature (config, prompts, model)")
   _check_signature(stage_dir, sig)
