@@ -158,7 +158,7 @@ def main():
   peak = max(mm_jax, mm_torch)
   all_flops = flops_lib.train_flops_per_token(cfg, L) * B * L
   # Positions the LM head covers: whole blocks up to the row with the most loss tokens.
-  blk = min(args.logits_chunk or objectives.LM_HEAD_BLOCK, L)
+  blk = objectives.lm_head_block(L, args.logits_chunk)
   head_pos = B * min(-(-int((batch["loss_mask_BxL"] != 0).sum(1).max()) // blk) * blk, L)
   step_flops = all_flops - 3 * 2.0 * cfg.vocab_size * cfg.hidden_size * (B * L - head_pos)
   j_best = min(jt)

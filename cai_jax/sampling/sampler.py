@@ -331,16 +331,13 @@ def sample(cfg, params, prompt_tokens_BxP, prompt_mask_BxP, rng, *, max_new_toke
   if Lp:
     # The prefix comes off every row; the rest stays left-padded to the
     # caller's width less Lp (so the caller's length buckets still hold).
-    lens = mask.sum(1)
-    i0 = int(np.argmax(lens))
-    prefix = tokens[i0, tokens.shape[1] - lens[i0]:][:Lp][None, :].copy()
-    rest_t, rest_m = tokens[:, Lp:].copy(), mask[:, Lp:].copy()
-    for i, n in enumerate(lens):
-      rest_m[i, :rest_m.shape[1] - (n - Lp)] = False
-      rest_t[i, :rest_m.shape[1] - (n - Lp)] = pad_id
-      rest_t[i, rest_m.shape[1] - (n - Lp):] = tokens[i, tokens.shape[1] - (n - Lp):]
-      rest_m[i, rest_m.shape[1] - (n - Lp):] = True
-    tokens, mask = rest_t, rest_m
+    # Row i's rest (its last n_i - Lp tokens) lands at rest column c = original
+    # column c + Lp, and rest column c is real exactly when original column c was.
+    P0 = tokens.shape[1]
+    start = P0 - int(mask[0].sum())
+    prefix = tokens[:1, start:start + Lp].copy()
+    mask = mask[:, :P0 - Lp]
+    tokens = np.where(mask, tokens[:, Lp:], np.int32(pad_id)).astype(np.int32)
   B0, P0 = tokens.shape
   P = bucket_length(P0) if bucket else P0
   B = B0

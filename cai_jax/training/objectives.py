@@ -3,8 +3,8 @@
 `sft_loss_fn(cfg)`: next-token cross-entropy on response tokens. The LM head
 runs only on blocks of positions that hold response tokens (`masked_nll_sum`);
 with `logits_chunk` it recomputes them in the backward pass, so at most one
-block of float32 logits is held in memory. `pm_loss_fn(cfg)`: soft ranking loss on the
-scalar head at each sequence's last real token.
+block of float32 logits is held in memory. `pm_loss_fn(cfg)`: soft ranking
+loss on the scalar head at each sequence's last real token.
 """
 from __future__ import annotations
 
@@ -27,6 +27,11 @@ def lm_head_weight(cfg, params):
 LM_HEAD_BLOCK = 128
 
 
+def lm_head_block(seq_len: int, chunk: int = 0) -> int:
+  """Positions per LM-head block of `masked_nll_sum`."""
+  return min(chunk if chunk > 0 else LM_HEAD_BLOCK, seq_len)
+
+
 def masked_nll_sum(hidden_BxLxD, w_DxV, targets_BxL, weights_BxL, chunk: int = 0):
   """sum over positions of weight x next-token NLL (float32), with the LM head
   applied only where a weight is nonzero.
@@ -42,7 +47,7 @@ def masked_nll_sum(hidden_BxLxD, w_DxV, targets_BxL, weights_BxL, chunk: int = 0
   blocks) that XLA can overlap with the trunk's backward pass.
   """
   B, L, D = hidden_BxLxD.shape
-  C = min(chunk if chunk > 0 else LM_HEAD_BLOCK, L)
+  C = lm_head_block(L, chunk)
   Lp = -(-L // C) * C
   w = weights_BxL.astype(jnp.float32)
   order = jnp.argsort(w == 0, axis=1, stable=True).astype(jnp.int32)
@@ -67,6 +72,17 @@ def _block(x, j, C):
   return jax.lax.dynamic_slice_in_dim(x, j * C, C, axis=1)
 
 
+def _input_grad(dl_BxCxV, w_DxV):
+  return jax.lax.dot_general(dl_BxCxV, w_DxV, (((2,), (1,)), ((), ())))
+
+
+def _weight_grad(h_BxCxD, dl_BxCxV):
+  """h^T dl over every (row, position), float32: D x V."""
+  return jax.lax.dot_general(h_BxCxD.reshape(-1, h_BxCxD.shape[-1]),
+                             dl_BxCxV.reshape(-1, dl_BxCxV.shape[-1]),
+                             (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
 def _block_nll_fwd(C, recompute, h, w, t, ws, blocks):
   B, Lp, _ = h.shape
   keep = not recompute
@@ -85,37 +101,32 @@ def _block_nll_fwd(C, recompute, h, w, t, ws, blocks):
 
 def _block_nll_bwd(C, recompute, res, g):
   h, w, t, ws, blocks, saved = res
-  # The kept softmax gradient is zero outside the visited blocks.
-  dl_all = None if recompute else (saved * (g * ws)[..., None]).astype(h.dtype)
 
-  def body(j, carry):
-    dh, dw = carry
-    hj = _block(h, j, C)
-    if recompute:
+  def put(dh, j, dl):
+    return jax.lax.dynamic_update_slice_in_dim(dh, _input_grad(dl, w).astype(h.dtype), j * C,
+                                               axis=1)
+
+  if recompute:  # one pass per block: logits, then both gradients
+    def body(j, carry):
+      dh, dw = carry
+      hj = _block(h, j, C)
       _, sg = _block_nll_and_grad(hj, w, _block(t, j, C))
       dl = (sg * (g * _block(ws, j, C))[..., None]).astype(h.dtype)
-    else:
-      dl = _block(dl_all, j, C)
-    dh = jax.lax.dynamic_update_slice_in_dim(dh, jax.lax.dot_general(
-        dl, w, (((2,), (1,)), ((), ()))).astype(h.dtype), j * C, axis=1)
-    if recompute:
-      dw = dw + jax.lax.dot_general(hj.reshape(-1, hj.shape[-1]), dl.reshape(-1, dl.shape[-1]),
-                                    (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    return dh, dw
+      return put(dh, j, dl), dw + _weight_grad(hj, dl)
 
-  dh0 = jnp.zeros_like(h)
-  if recompute:
-    dh, dw = jax.lax.fori_loop(0, blocks, body, (dh0, jnp.zeros(w.shape, jnp.float32)))
+    dh, dw = jax.lax.fori_loop(0, blocks, body,
+                               (jnp.zeros_like(h), jnp.zeros(w.shape, jnp.float32)))
     return dh, dw.astype(w.dtype), None, None, None
-  # The weight gradient is one matmul over every position, outside any loop:
-  # XLA:CPU runs it beside the trunk's backward pass, which a loop prevents
-  # (~6% of a SmolLM2 step with every position in the loss). Positions past the
-  # visited blocks are zeroed so that nothing there (even a NaN) reaches it.
-  dh, _ = jax.lax.fori_loop(0, blocks, body, (dh0, jnp.zeros((), jnp.float32)))
+  # The kept softmax gradient is zero outside the visited blocks. The weight
+  # gradient is one matmul over every position, outside any loop: XLA:CPU runs
+  # it beside the trunk's backward pass, which a loop prevents (~6% of a
+  # SmolLM2 step with every position in the loss). Positions past the visited
+  # blocks are zeroed so that nothing there (even a NaN) reaches it.
+  dl = (saved * (g * ws)[..., None]).astype(h.dtype)
+  dh = jax.lax.fori_loop(0, blocks, lambda j, dh: put(dh, j, _block(dl, j, C)),
+                         jnp.zeros_like(h))
   visited = (jnp.arange(h.shape[1]) < blocks * C)[None, :, None]
-  hv = jnp.where(visited, h, jnp.zeros((), h.dtype))
-  dw = jax.lax.dot_general(hv.reshape(-1, h.shape[-1]), dl_all.reshape(-1, dl_all.shape[-1]),
-                           (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  dw = _weight_grad(jnp.where(visited, h, jnp.zeros((), h.dtype)), dl)
   return dh, dw.astype(w.dtype), None, None, None
 
 
