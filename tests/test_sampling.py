@@ -125,8 +125,13 @@ def test_shared_prefix_len():
   assert sampler_lib.shared_prefix_len(t, m) == 0  # below MIN_SHARED_PREFIX
   t, m = _left_padded([SHARED + [1]])
   assert sampler_lib.shared_prefix_len(t, m) == 0  # one row: nothing to share
-  assert [sampler_lib.bucket_floor(n) for n in (15, 16, 130, 200, 300, 1100)] == \
-      [0, 16, 128, 192, 256, 1024]
+  assert [sampler_lib.bucket_floor(n) for n in (7, 15, 16, 23, 63, 70, 130, 200, 300, 1100)] \
+      == [0, 8, 16, 16, 56, 64, 128, 192, 256, 1024]
+  assert [sampler_lib.bucket_length(n) for n in (1, 9, 64, 65, 129, 300, 1025)] == \
+      [8, 16, 64, 80, 160, 384, 1536]
+  # 25 common tokens (like a chat template's system prompt) share 24.
+  t, m = _left_padded([SHARED + [1, 2, 3, 4, 5, 9], SHARED + [1, 2, 3, 4, 5, 6, 7, 8]])
+  assert sampler_lib.shared_prefix_len(t, m) == 24
 
 
 def test_shared_prefix_matches_full_recompute(tiny):

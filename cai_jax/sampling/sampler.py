@@ -39,6 +39,8 @@ _BLOCK = 256
 # Shortest prompt prefix common to a whole batch that is run once and shared
 # (its KV stored once) instead of per row; few-shot CAI prompts share long ones.
 MIN_SHARED_PREFIX = 16
+# (step, up to) of the length grid of `bucket_length`, then steps of 512.
+_GRID = ((8, 64), (16, 128), (32, 256), (128, 1024))
 
 
 class PromptTooLongError(InputError):
@@ -58,9 +60,10 @@ def compile_count(name: Optional[str] = None) -> int:
 
 
 def bucket_length(n: int) -> int:
-  """Padded length on a coarse grid: x16 to 128, x32 to 256, x128 to 1024, then x512."""
+  """Padded length on a coarse grid: x8 to 64, x16 to 128, x32 to 256, x128 to 1024,
+  then x512 (few distinct lengths, little padding for short chat prompts)."""
   n = max(int(n), 1)
-  for step, upto in ((16, 128), (32, 256), (128, 1024)):
+  for step, upto in _GRID:
     if n <= upto:
       return -(-n // step) * step
   return -(-n // 512) * 512
@@ -69,7 +72,7 @@ def bucket_length(n: int) -> int:
 def bucket_floor(n: int) -> int:
   """The largest `bucket_length` grid value <= n (0 below the first)."""
   n = max(int(n), 0)
-  for step, upto in ((16, 128), (32, 256), (128, 1024)):
+  for step, upto in _GRID:
     if n < upto + step:
       return n // step * step
   return n // 512 * 512
