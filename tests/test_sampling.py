@@ -114,7 +114,7 @@ PREFIXED = [SHARED + [5, 6, 7], SHARED + [8, 9, 10, 11, 12, 13, 14], SHARED + [1
 
 def test_shared_prefix_len():
   t, m = _left_padded(PREFIXED)
-  assert sampler_lib.shared_prefix_len(t, m) == 16  # 20 common, floored to the bucket grid
+  assert sampler_lib.shared_prefix_len(t, m) == 16  # 20 common, cut to a multiple of 8
   assert sampler_lib.shared_prefix_len(t, m, min_len=4) == 16
   # Every row keeps at least one token of its own, even when one row is the prefix.
   t, m = _left_padded([SHARED[:17], SHARED[:17] + [1, 2]])
@@ -125,13 +125,15 @@ def test_shared_prefix_len():
   assert sampler_lib.shared_prefix_len(t, m) == 0  # below MIN_SHARED_PREFIX
   t, m = _left_padded([SHARED + [1]])
   assert sampler_lib.shared_prefix_len(t, m) == 0  # one row: nothing to share
-  assert [sampler_lib.bucket_floor(n) for n in (7, 15, 16, 23, 63, 70, 130, 200, 300, 1100)] \
-      == [0, 8, 16, 16, 56, 64, 128, 192, 256, 1024]
   assert [sampler_lib.bucket_length(n) for n in (1, 9, 64, 65, 129, 300, 1025)] == \
       [8, 16, 64, 80, 160, 384, 1536]
   # 25 common tokens (like a chat template's system prompt) share 24.
   t, m = _left_padded([SHARED + [1, 2, 3, 4, 5, 9], SHARED + [1, 2, 3, 4, 5, 6, 7, 8]])
   assert sampler_lib.shared_prefix_len(t, m) == 24
+  # A long few-shot header is shared to within PREFIX_STEP tokens.
+  head = list(range(1000, 1000 + 203))
+  t, m = _left_padded([head + [1, 2], head + [3], head + [4, 5, 6]])
+  assert sampler_lib.shared_prefix_len(t, m) == 200
 
 
 def test_shared_prefix_matches_full_recompute(tiny):

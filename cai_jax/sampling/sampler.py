@@ -39,6 +39,9 @@ _BLOCK = 256
 # Shortest prompt prefix common to a whole batch that is run once and shared
 # (its KV stored once) instead of per row; few-shot CAI prompts share long ones.
 MIN_SHARED_PREFIX = 16
+# A shared prefix is cut to a multiple of this: a few-shot header keeps all but
+# a few of its tokens shared, and one header gives one length (one compile).
+PREFIX_STEP = 8
 # (step, up to) of the length grid of `bucket_length`, then steps of 512.
 _GRID = ((8, 64), (16, 128), (32, 256), (128, 1024))
 
@@ -69,21 +72,12 @@ def bucket_length(n: int) -> int:
   return -(-n // 512) * 512
 
 
-def bucket_floor(n: int) -> int:
-  """The largest `bucket_length` grid value <= n (0 below the first)."""
-  n = max(int(n), 0)
-  for step, upto in _GRID:
-    if n < upto + step:
-      return n // step * step
-  return n // 512 * 512
-
-
 def shared_prefix_len(tokens_BxP: np.ndarray, mask_BxP: np.ndarray,
                       min_len: Optional[int] = None) -> int:
   """Length of the prompt prefix that every row of a left-padded batch starts with.
 
   At most one less than the shortest prompt (each row keeps a token of its own),
-  rounded down to the bucket grid (few distinct values, so few compilations);
+  rounded down to a multiple of PREFIX_STEP (few distinct values, so few compilations);
   0 if shorter than `min_len` (default MIN_SHARED_PREFIX) or the batch has one row.
   """
   min_len = MIN_SHARED_PREFIX if min_len is None else min_len
@@ -95,7 +89,8 @@ def shared_prefix_len(tokens_BxP: np.ndarray, mask_BxP: np.ndarray,
   start = P - lens
   aligned = tokens_BxP[np.arange(B)[:, None], start[:, None] + np.arange(shortest)[None, :]]
   differs = np.nonzero((aligned != aligned[:1]).any(0))[0]
-  n = bucket_floor(min(int(differs[0]) if len(differs) else shortest, shortest - 1))
+  n = min(int(differs[0]) if len(differs) else shortest, shortest - 1)
+  n = n // PREFIX_STEP * PREFIX_STEP
   return n if n >= min_len else 0
 
 
