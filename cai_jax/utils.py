@@ -33,6 +33,10 @@ def epath(path: str):
   return _epath.Path(path)
 
 
+# Name prefix of an atomic write's temporary file (renamed into place when complete).
+TMP_PREFIX = ".tmp-"
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
   if is_url(path):
     # An object store publishes an object whole when its upload completes.
@@ -42,7 +46,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     return
   d = os.path.dirname(os.path.abspath(path))
   os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-" + os.path.basename(path) + "-")
+  fd, tmp = tempfile.mkstemp(dir=d, prefix=TMP_PREFIX + os.path.basename(path) + "-")
   try:
     with os.fdopen(fd, "wb") as f:
       f.write(data)
@@ -64,7 +68,7 @@ def make_chunk_dir(path: str) -> None:
   """
   os.makedirs(path, exist_ok=True)
   for name in os.listdir(path):
-    if name.startswith(".tmp-"):
+    if name.startswith(TMP_PREFIX):
       with contextlib.suppress(FileNotFoundError):
         os.unlink(os.path.join(path, name))
 
