@@ -75,3 +75,25 @@ def test_has_accelerator_follows_jax_platforms(monkeypatch):
   assert runtime.has_accelerator()
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   assert not runtime.has_accelerator()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") and os.environ.get("CI") != "true",
+                    reason="glibc tunables are Linux-only")
+def test_reexec_without_tunables_keeps_other_settings(tmp_path):
+  script = tmp_path / "strip.py"
+  script.write_text(textwrap.dedent(f"""
+      import os, sys
+      sys.path.insert(0, {ROOT!r})
+      from cai_jax import runtime
+      runtime.reexec_without_malloc_tunables()
+      print(runtime.malloc_tunables_active(), os.environ.get("GLIBC_TUNABLES", "-"))
+  """))
+  env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+  def run(**extra):
+    return subprocess.run([sys.executable, str(script)], env={**env, **extra}, text=True,
+                          capture_output=True, timeout=120, check=True).stdout.split()
+  with_other = runtime.tunables_env({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"})
+  assert run(GLIBC_TUNABLES=with_other["GLIBC_TUNABLES"]) == [
+      "False", "glibc.malloc.tcache_count=0"]
+  assert run(GLIBC_TUNABLES=runtime.MALLOC_TUNABLES) == ["False", "-"]
+  assert run() == ["False", "-"]

@@ -78,8 +78,17 @@ def _greedy_reference(cfg, params, prompts, n_new):
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [100], [300, 301, 302, 303, 20]]
 
 
-def test_greedy_matches_full_recompute_tiny(tiny):
+def _use_program(monkeypatch, few_rows: bool, rows: int):
+  """Makes `sample` run the few-rows CPU program (Eigen dots) or the default one."""
+  monkeypatch.setattr(sampler_lib, "CPU_FEW_ROWS", rows if few_rows else 0)
+  want = sampler_lib._sample_jit_few_rows if few_rows else sampler_lib._sample_jit
+  assert sampler_lib._sampler_for(rows, None) is want
+
+
+@pytest.mark.parametrize("few_rows", [True, False])
+def test_greedy_matches_full_recompute_tiny(tiny, few_rows, monkeypatch):
   cfg, params = tiny
+  _use_program(monkeypatch, few_rows, len(PROMPTS))
   t, m = _left_padded(PROMPTS)
   out = sampling.sample(cfg, params, t, m, jax.random.PRNGKey(0), max_new_tokens=16,
                         greedy=True, eos_ids=())
@@ -426,6 +435,26 @@ def test_sampled_rows_do_not_depend_on_batch_padding(tiny_text):
     np.testing.assert_allclose(lps, outs[0][1], atol=1e-5)
 
 
+def test_few_rows_program_choice(tiny):
+  """Batches of at most CPU_FEW_ROWS rows per CPU device get the few-rows program,
+  with the same tokens and log-probs as the default one."""
+  n = sampler_lib.CPU_FEW_ROWS
+  assert sampler_lib._sampler_for(n, None) is sampler_lib._sample_jit_few_rows
+  assert sampler_lib._sampler_for(n + 1, None) is sampler_lib._sample_jit
+  mesh = sharding.make_mesh((4, 1, 2))
+  assert sampler_lib._sampler_for(n, mesh) is sampler_lib._sample_jit_few_rows
+  cfg, params = tiny
+  t, m = _left_padded(PROMPTS)
+  outs = []
+  for rows in (len(PROMPTS), 0):
+    with pytest.MonkeyPatch.context() as mp:
+      mp.setattr(sampler_lib, "CPU_FEW_ROWS", rows)
+      outs.append(sampling.sample(cfg, params, t, m, jax.random.PRNGKey(2), max_new_tokens=12,
+                                  temperature=0.8, eos_ids=()))
+  np.testing.assert_array_equal(outs[0].tokens_BxN, outs[1].tokens_BxN)
+  np.testing.assert_allclose(outs[0].logprobs_BxN, outs[1].logprobs_BxN, atol=1e-5)
+
+
 def test_choose_buckets_limits_distinct_lengths():
   needs = [3, 40, 70, 100, 130, 200, 300, 500, 900, 1500]
   got = sampling.choose_buckets(needs, 4)
@@ -460,8 +489,10 @@ def test_bad_mask_is_rejected(tiny):
 
 
 @pytest.mark.slow
-def test_smollm2_greedy_and_logprobs(smollm2):
+@pytest.mark.parametrize("few_rows", [True, False])
+def test_smollm2_greedy_and_logprobs(smollm2, few_rows, monkeypatch):
   cfg, params, tok = smollm2
+  _use_program(monkeypatch, few_rows, 2)
   msgs = [[{"role": "user", "content": "What is the capital of France?"}],
           [{"role": "user", "content": "Write one word."}]]
   prompts = [sampling.encode_prompt(tok, tok.apply_chat_template(m, tokenize=False,
