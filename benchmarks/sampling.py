@@ -1,7 +1,7 @@
 """Sampling throughput: cai_jax vs transformers `generate` on SmolLM2-135M-Instruct.
 
   .venv/bin/python benchmarks/sampling.py [--batches 16,64] [--new_tokens 64] [--repeats 2]
-      [--no_share_prefix]
+      [--no_share_prefix] [--malloc_tunables]
 
 Both samplers run on the same GGUF weights in the same process, with chat-template
 prompts and `new_tokens` tokens sampled at T=1 (no top-k/top-p, EOS ignored so
@@ -11,7 +11,10 @@ sampler's shared-prefix path; `--no_share_prefix` turns it off). The machine's f
 rate (best of XLA and torch on a large square matmul) gives the compute-bound
 ceiling of rate / (2 x parameters) tokens/s. Timings alternate between the two
 samplers and keep the best of `repeats` runs each, because the machine is shared.
-The last line printed is JSON.
+Both run under glibc's default malloc (the script drops the train-step tunables
+that `make bench` exports; `--malloc_tunables` keeps them: their single arena
+costs cai_jax's batch-16 sampler about a quarter of its speed). The last line
+printed is JSON.
 """
 import argparse
 import json
@@ -26,8 +29,13 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cai_jax import runtime  # noqa: E402
 
-# Same allocator set-up for every framework measured here (see cai_jax/runtime.py).
-runtime.reexec_with_malloc_tunables()
+# Same allocator set-up for every framework measured here: glibc's defaults, as in
+# any sampling-only process (a notebook, a script calling generate()); the
+# train-step tunables of cai_jax/runtime.py only with --malloc_tunables.
+if "--malloc_tunables" in sys.argv:
+  runtime.reexec_with_malloc_tunables()
+else:
+  runtime.reexec_without_malloc_tunables()
 
 from cai_jax import models, sampling  # noqa: E402
 
@@ -103,6 +111,8 @@ def main():
   ap.add_argument("--repeats", type=int, default=2)
   ap.add_argument("--skip_hf", action="store_true")
   ap.add_argument("--no_share_prefix", action="store_true")
+  ap.add_argument("--malloc_tunables", action="store_true",
+                  help="run under cai_jax/runtime.py's train-step malloc tunables (arena_max=1)")
   args = ap.parse_args()
 
   import torch
