@@ -71,7 +71,10 @@ def reexec_with_malloc_tunables(module: Optional[str] = None) -> None:
     cmd = [sys.executable, "-m", module, *args]
   else:
     cmd = [sys.executable, os.path.abspath(sys.argv[0]), *args]
-  env = tunables_env()
+  _reexec(cmd, tunables_env())
+
+
+def _reexec(cmd, env) -> None:
   env[_OPT_OUT] = "0"  # never loop, even if glibc ignores the variable
   sys.stdout.flush()
   sys.stderr.flush()
@@ -93,7 +96,4 @@ def reexec_without_malloc_tunables() -> None:
     env["GLIBC_TUNABLES"] = ":".join(rest)
   else:
     del env["GLIBC_TUNABLES"]
-  env[_OPT_OUT] = "0"
-  sys.stdout.flush()
-  sys.stderr.flush()
-  os.execve(sys.executable, [sys.executable, os.path.abspath(sys.argv[0]), *sys.argv[1:]], env)
+  _reexec([sys.executable, os.path.abspath(sys.argv[0]), *sys.argv[1:]], env)

@@ -211,8 +211,8 @@ def _prefix_kv(cfg, params, prefix_1xL):
 
 
 def _sample_impl(params, tokens_BxP, mask_BxP, prefix_1xL, rng, temperature, top_p, eos_E,
-                stop_next_SxV, pad_id, *, cfg, max_new_tokens, greedy, top_k, use_top_p,
-                unit_temp, mesh):
+                 stop_next_SxV, pad_id, *, cfg, max_new_tokens, greedy, top_k, use_top_p,
+                 unit_temp, mesh):
   """prefix_1xL (or None): tokens every row starts with, run once for the batch;
   tokens_BxP then hold each row's remaining (left-padded) prompt tokens."""
   TRACE_COUNTS["sample"] += 1
@@ -361,10 +361,8 @@ def sample(cfg, params, prompt_tokens_BxP, prompt_mask_BxP, rng, *, max_new_toke
     tokens = np.where(mask, tokens[:, Lp:], np.int32(pad_id)).astype(np.int32)
   B0, P0 = tokens.shape
   P = bucket_length(P0) if bucket else P0
-  B = B0
-  if mesh is not None:
-    d = sharding_lib.batch_divisor(mesh)
-    B = -(-B0 // d) * d
+  d = sharding_lib.batch_divisor(mesh) if mesh is not None else 1
+  B = -(-B0 // d) * d
   if P > P0 or B > B0:
     t = np.full((B, P), pad_id, np.int32)
     m = np.zeros((B, P), bool)
@@ -380,8 +378,7 @@ def sample(cfg, params, prompt_tokens_BxP, prompt_mask_BxP, rng, *, max_new_toke
   if mesh is not None:
     params = sharding_lib.shard_params(params, cfg, mesh)
     tok_in, mask_in = sharding_lib.shard_batch((tokens, mask), mesh)
-  rows_per_device = B // (sharding_lib.batch_divisor(mesh) if mesh is not None else 1)
-  toks, lps, lengths, done = _sampler_for(rows_per_device, mesh)(
+  toks, lps, lengths, done = _sampler_for(B // d, mesh)(
       params, tok_in, mask_in, None if prefix is None else jnp.asarray(prefix), _as_key(rng),
       jnp.float32(temperature if not greedy else 1.0),
       jnp.float32(top_p), jnp.asarray(eos), jnp.asarray(matcher.next_SxV), jnp.int32(pad_id),
