@@ -125,17 +125,18 @@ def reward(cfg: ModelConfig, params, tokens_BxL, mask_BxL):
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None):
-  """Preallocated per-layer KV cache: list of {"k","v"} BxKxSxH (kv-head-major,
-  so decode attention reads it without transposes)."""
+  """Preallocated per-layer KV cache: list of {"k": BxKxHxS, "v": BxKxSxH}
+  (kv-head-major, keys slot-minor: see `Attention._cached`)."""
   dtype = cfg.jnp_dtype if dtype is None else dtype
-  shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
-  return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-          for _ in range(cfg.num_layers)]
+  K, H = cfg.num_kv_heads, cfg.head_dim
+  return [{"k": jnp.zeros((batch, K, H, length), dtype),
+           "v": jnp.zeros((batch, K, length, H), dtype)} for _ in range(cfg.num_layers)]
 
 
 def cache_logical_axes(cfg: ModelConfig):
-  spec = ("batch", "kv_heads", "cache_length", "head_dim")
-  return [{"k": spec, "v": spec} for _ in range(cfg.num_layers)]
+  return [{"k": ("batch", "kv_heads", "head_dim", "cache_length"),
+           "v": ("batch", "kv_heads", "cache_length", "head_dim")}
+          for _ in range(cfg.num_layers)]
 
 
 def cast_params(params, dtype):

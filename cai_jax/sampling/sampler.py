@@ -193,15 +193,15 @@ def _cache_constraint(cfg, cache, mesh):
   """Shards the per-row k/v of each layer (a shared prefix is left as is)."""
   if mesh is None:
     return cache
-  spec = models.cache_logical_axes(cfg)[0]["k"]
-  shape = cache[0]["k"].shape
-  s = NamedSharding(mesh, sharding_lib.logical_to_mesh_spec(spec, shape, mesh))
-  return [dict(c, **{n: jax.lax.with_sharding_constraint(c[n], s) for n in ("k", "v")})
+  specs = models.cache_logical_axes(cfg)[0]
+  s = {n: NamedSharding(mesh, sharding_lib.logical_to_mesh_spec(specs[n], cache[0][n].shape, mesh))
+       for n in ("k", "v")}
+  return [dict(c, **{n: jax.lax.with_sharding_constraint(c[n], s[n]) for n in ("k", "v")})
           for c in cache]
 
 
 def _prefix_kv(cfg, params, prefix_1xL):
-  """Per-layer {"prefix_k", "prefix_v"} (KxLxH) of one prompt prefix."""
+  """Per-layer {"prefix_k": KxHxL, "prefix_v": KxLxH} of one prompt prefix."""
   L = prefix_1xL.shape[1]
   pos = jnp.arange(L, dtype=jnp.int32)[None, :]
   out = models.forward(cfg, params, prefix_1xL, pos, jnp.ones((1, L), bool),
