@@ -1,6 +1,6 @@
 """Sampling throughput: cai_jax vs transformers `generate` on SmolLM2-135M-Instruct.
 
-  .venv/bin/python benchmarks/sampling.py [--batches 16,64] [--new_tokens 64] [--repeats 2]
+  .venv/bin/python benchmarks/sampling.py [--batches 16,64] [--new_tokens 64] [--repeats 3]
       [--no_share_prefix] [--malloc_tunables]
 
 Both samplers run on the same GGUF weights in the same process, with chat-template
@@ -10,7 +10,8 @@ chat template's system prompt, which cai_jax runs once per batch (the
 sampler's shared-prefix path; `--no_share_prefix` turns it off). The machine's f32 matmul
 rate (best of XLA and torch on a large square matmul) gives the compute-bound
 ceiling of rate / (2 x parameters) tokens/s. Timings alternate between the two
-samplers and keep the best of `repeats` runs each, because the machine is shared.
+samplers and keep the best of `repeats` runs each, because the machine is shared (on
+a 2-core VM, ten identical back-to-back runs spread over ±10%, CPU time with wall time).
 Both run under glibc's default malloc (the script drops the train-step tunables
 that `make bench` exports; `--malloc_tunables` keeps them: their single arena
 costs cai_jax's batch-16 sampler about a quarter of its speed). The last line
@@ -108,7 +109,7 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--batches", default="16,64")
   ap.add_argument("--new_tokens", type=int, default=64)
-  ap.add_argument("--repeats", type=int, default=2)
+  ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--skip_hf", action="store_true")
   ap.add_argument("--no_share_prefix", action="store_true")
   ap.add_argument("--malloc_tunables", action="store_true",

@@ -225,12 +225,12 @@ def test_inverse_cdf_and_nucleus_helpers():
   w = rng.exponential(size=(700,)).astype(np.float32) ** 3
   w[[3, 300, 650]] = 0.0
   n = 20000
-  toks = np.asarray(sampler_lib._inverse_cdf(jnp.asarray(np.tile(w, (n, 1))),
+  toks = np.asarray(sampler_lib._inverse_cdf(jnp.asarray(np.tile(w[:, None], (1, n))),
                                              jax.random.PRNGKey(0)))
   freq = np.bincount(toks, minlength=700) / n
   assert freq[[3, 300, 650]].sum() == 0
   np.testing.assert_allclose(freq, w / w.sum(), atol=0.012)
-  kept = np.asarray(sampler_lib._nucleus(jnp.asarray(w[None]), 0.5))[0]
+  kept = np.asarray(sampler_lib._nucleus(jnp.asarray(w[:, None]), 0.5))[:, 0]
   order = np.argsort(-w)
   cum = np.cumsum(w[order]) / w.sum()
   k = int(np.searchsorted(cum, 0.5 - 1e-7)) + 1

@@ -200,12 +200,18 @@ class Attention(nn.Module):
     v_all = jax.lax.dynamic_update_slice_in_dim(
         cache["v"], v.transpose(0, 2, 1, 3).astype(cache["v"].dtype), cache_index, axis=2)
     q = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)
+    # With a static write index (a prefill), slots after the new tokens are
+    # never visible to them: attend over the slots up to the last one only.
+    keys, values = k_all, v_all
+    if isinstance(cache_index, int) and cache_index + T < k_all.shape[3]:
+      keys, values = k_all[..., :cache_index + T], v_all[:, :, :cache_index + T]
+      allowed_BxTxS = allowed_BxTxS[..., :cache_index + T]
     one_query = T == 1
     if one_query:
       s = (q[:, :, :, :, :, None].astype(jnp.float32)
-           * k_all[:, :, None, None, :, :].astype(jnp.float32)).sum(-2)
+           * keys[:, :, None, None, :, :].astype(jnp.float32)).sum(-2)
     else:
-      s = jnp.einsum("bkgth,bkhs->bkgts", q, k_all.astype(cd), preferred_element_type=jnp.float32)
+      s = jnp.einsum("bkgth,bkhs->bkgts", q, keys.astype(cd), preferred_element_type=jnp.float32)
     s = s * (1.0 / np.sqrt(H))
     s = jnp.where(allowed_BxTxS[:, None, None, :, :], s, _NEG)
     pk, pv = cache.get("prefix_k"), cache.get("prefix_v")
@@ -218,9 +224,9 @@ class Attention(nn.Module):
     Lp = 0 if pv is None else pv.shape[1]
     if one_query:
       o = (p[..., Lp:, None].astype(jnp.float32)
-           * v_all[:, :, None, None, :, :].astype(jnp.float32)).sum(-2).astype(cd)
+           * values[:, :, None, None, :, :].astype(jnp.float32)).sum(-2).astype(cd)
     else:
-      o = jnp.einsum("bkgts,bksh->bkgth", p[..., Lp:], v_all.astype(cd))
+      o = jnp.einsum("bkgts,bksh->bkgth", p[..., Lp:], values.astype(cd))
     if pk is not None:
       o = jnp.einsum("bkgtl,klh->bkgth", p[..., :Lp], pv.astype(cd)) + o
     # One merged (n, h) contraction: einsum orders the two contracting dims
