@@ -10,9 +10,9 @@ from cai_jax.models.config import (ModelConfig, ModelConfigError, PRESETS, gemma
                                    llama2_7b, llama3_8b, smollm2_135m, tiny)
 from cai_jax.models.core import (abstract_params, add_score_head, cache_logical_axes,
                                  cast_params, count_params, drop_heads, forward, heads_of,
-                                 init_cache, init_params, last_token_index, logits, module,
-                                 positions_from_mask, reward, scores, stack_layers,
-                                 unstack_layers)
+                                 init_cache, init_params, last_token_index, lm_head_weight,
+                                 logits, module, positions_from_mask, reward, scores,
+                                 stack_layers, unstack_layers)
 from cai_jax.models.io import (CheckpointError, load_gguf, load_hf, load_pretrained,
                                load_tokenizer, resolve_path, save_pretrained,
                                smollm2_gguf_path)

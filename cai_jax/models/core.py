@@ -109,6 +109,11 @@ def scores(cfg: ModelConfig, params, tokens_BxL, mask_BxL=None):
   return out["scores"]
 
 
+def lm_head_weight(cfg: ModelConfig, params):
+  """The LM head as a DxV matrix (the transposed embedding when tied)."""
+  return params["embedding"].T if cfg.tie_embeddings else params["lm_head"]
+
+
 def last_token_index(mask_BxL):
   """Index of the last real token in each row (works for left or right padding)."""
   L = mask_BxL.shape[1]

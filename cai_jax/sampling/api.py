@@ -187,10 +187,6 @@ def generate(cfg, params, tokenizer, prompts, *, fmt: str = "chat", max_new_toke
   return results
 
 
-def _lm_weight(cfg, params):
-  return params["embedding"].T if cfg.tie_embeddings else params["lm_head"]
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "cont_len"))
 def _score_jit(params, tokens_BxL, mask_BxL, *, cfg, cont_len):
   """Log-probs of the last `cont_len` tokens of each row given what precedes them."""
@@ -201,7 +197,7 @@ def _score_jit(params, tokens_BxL, mask_BxL, *, cfg, cont_len):
                        mask_BxL, heads=())
   h_BxCxD = out["hidden"][:, L - C - 1:L - 1]
   target_BxC = tokens_BxL[:, L - C:]
-  w = _lm_weight(cfg, params).astype(cfg.jnp_dtype)
+  w = models.lm_head_weight(cfg, params).astype(cfg.jnp_dtype)
 
   # One row at a time keeps the C x V logits small for long continuations.
   def row(args):

@@ -190,12 +190,6 @@ def _pick(logits_VxB, key, temperature, top_p, *, greedy, top_k, use_top_p, unit
   return tok, lp
 
 
-def _lm_head_VxD(cfg, params):
-  """The LM head as a VxD matrix (the embedding when tied)."""
-  w = params["embedding"] if cfg.tie_embeddings else params["lm_head"].T
-  return w.astype(cfg.jnp_dtype)
-
-
 def _logits_VxB(cfg, head_VxD, h_BxD):
   """Vocabulary-major float32 logits: head @ h^T. On XLA:CPU this runs the
   skinny LM-head matmul without packing the VxD weight (SmolLM2 at 64 rows:
@@ -246,7 +240,7 @@ def _sample_impl(params, tokens_BxP, mask_BxP, prefix_1xL, rng, temperature, top
   if Lp:
     cache = [dict(c, **pc) for c, pc in zip(cache, _prefix_kv(cfg, params, prefix_1xL))]
   cache = _cache_constraint(cfg, cache, mesh)
-  head_VxD = _lm_head_VxD(cfg, params)
+  head_VxD = models.lm_head_weight(cfg, params).T.astype(cfg.jnp_dtype)
   out = models.forward(cfg, params, tokens_BxP, Lp + models.positions_from_mask(mask_BxP),
                        mask_BxS, cache=cache, cache_index=0, last_only=True, heads=())
   cache = _cache_constraint(cfg, out["cache"], mesh)

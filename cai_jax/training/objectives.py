@@ -19,10 +19,6 @@ from cai_jax.training import losses
 from cai_jax.training.data import segment_attention_mask
 
 
-def lm_head_weight(cfg, params):
-  return params["embedding"].T if cfg.tie_embeddings else params["lm_head"]
-
-
 # Sequence positions per LM-head block of `masked_nll_sum` when no chunk is set.
 LM_HEAD_BLOCK = 128
 
@@ -153,8 +149,8 @@ def sft_loss_fn(cfg, logits_chunk: int = 0):
     pos, attn = sft_inputs(batch)
     out = models.forward(cfg, params, batch["tokens_BxL"], pos, attn, heads=())
     m = batch["loss_mask_BxL"].astype(jnp.float32)
-    total = masked_nll_sum(out["hidden"], lm_head_weight(cfg, params), batch["targets_BxL"], m,
-                           logits_chunk)
+    total = masked_nll_sum(out["hidden"], models.lm_head_weight(cfg, params),
+                           batch["targets_BxL"], m, logits_chunk)
     n = jnp.sum(m)
     return total / jnp.maximum(n, 1.0), {"loss_tokens": n}
   return loss_fn
