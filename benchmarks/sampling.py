@@ -1,13 +1,15 @@
 """Sampling throughput: cai_jax vs transformers `generate` on SmolLM2-135M-Instruct.
 
   .venv/bin/python benchmarks/sampling.py [--batches 16,64] [--new_tokens 64] [--repeats 3]
-      [--no_share_prefix] [--malloc_tunables]
+      [--no_share_prefix] [--no_pack_prefill] [--malloc_tunables]
 
 Both samplers run on the same GGUF weights in the same process, with chat-template
 prompts and `new_tokens` tokens sampled at T=1 (no top-k/top-p, EOS ignored so
 every row makes the full count). torch uses 2 threads. The prompts share the
 chat template's system prompt, which cai_jax runs once per batch (the
-sampler's shared-prefix path; `--no_share_prefix` turns it off). The machine's f32 matmul
+sampler's shared-prefix path; `--no_share_prefix` turns it off), and the rest of
+each prompt's prefill runs on its real tokens, not the left-padded slots (the
+packed prefill; `--no_pack_prefill` turns it off). The machine's f32 matmul
 rate (best of XLA and torch on a large square matmul) gives the compute-bound
 ceiling of rate / (2 x parameters) tokens/s. Timings alternate between the two
 samplers and keep the best of `repeats` runs each, because the machine is shared (on
@@ -112,6 +114,7 @@ def main():
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--skip_hf", action="store_true")
   ap.add_argument("--no_share_prefix", action="store_true")
+  ap.add_argument("--no_pack_prefill", action="store_true")
   ap.add_argument("--malloc_tunables", action="store_true",
                   help="run under cai_jax/runtime.py's train-step malloc tunables (arena_max=1)")
   args = ap.parse_args()
@@ -131,14 +134,16 @@ def main():
 
   N = args.new_tokens
   result = {"model": "SmolLM2-135M-Instruct", "params": n_params, "new_tokens": N,
-            "devices": jax.device_count(), "share_prefix": not args.no_share_prefix}
+            "devices": jax.device_count(), "share_prefix": not args.no_share_prefix,
+            "pack_prefill": not args.no_pack_prefill}
   for B in [int(b) for b in args.batches.split(",")]:
     prompts = chat_prompts(tok, B)
     t_np, m_np = left_pad(prompts, cfg.pad_token_id)
 
     def run_jax(seed):
       out = sampling.sample(cfg, params, t_np, m_np, jax.random.PRNGKey(seed), max_new_tokens=N,
-                            temperature=1.0, eos_ids=(), share_prefix=not args.no_share_prefix)
+                            temperature=1.0, eos_ids=(), share_prefix=not args.no_share_prefix,
+                            pack_prefill=not args.no_pack_prefill)
       assert int(out.lengths_B.sum()) == B * N
       return out
 

@@ -162,6 +162,49 @@ def test_shared_prefix_matches_full_recompute(tiny):
     np.testing.assert_allclose(on.logprobs_BxN, np.stack(lp), atol=1e-4)
 
 
+def test_pack_prompts_layout():
+  t = np.array([[0, 0, 5, 6], [7, 8, 9, 10], [0, 0, 0, 11]], np.int32)
+  m = t > 0
+  tok, pos, pack_index, slot_index, last = sampler_lib.pack_prompts(t, m, pad_id=99)
+  # 7 real tokens of 12 slots, rounded up to a multiple of ceil(12 / 8) = 2.
+  np.testing.assert_array_equal(tok, [[5, 6, 7, 8, 9, 10, 11, 99]])
+  np.testing.assert_array_equal(pos, [[0, 1, 0, 1, 2, 3, 0, 0]])
+  np.testing.assert_array_equal(pack_index, [[0, 0, 0, 1], [2, 3, 4, 5], [0, 0, 0, 6]])
+  np.testing.assert_array_equal(slot_index, [2, 3, 4, 5, 6, 7, 11, 0])
+  np.testing.assert_array_equal(last, [1, 5, 6])
+  # Real slots map to their packed token and back.
+  flat = np.flatnonzero(m.reshape(-1))
+  np.testing.assert_array_equal(slot_index[pack_index.reshape(-1)[flat]], flat)
+  # Nothing to drop (or less than 1/8 of the slots): no packing.
+  assert sampler_lib.pack_prompts(t[1:2], m[1:2], 0) is None
+  m2 = np.ones((4, 8), bool)
+  m2[0, 0] = False
+  assert sampler_lib.pack_prompts(np.ones((4, 8), np.int32), m2, 0) is None
+
+
+def test_packed_prefill_matches_unpacked(tiny, monkeypatch):
+  """The prefill run on the real prompt tokens only gives the tokens and
+  log-probs of the padded prefill, with and without a shared prefix."""
+  cfg, params = tiny
+  packed = []
+  orig = sampler_lib.pack_prompts
+
+  def spy(*a, **kw):
+    packed.append(orig(*a, **kw) is not None)
+    return orig(*a, **kw)
+
+  monkeypatch.setattr(sampler_lib, "pack_prompts", spy)
+  for rows in (PROMPTS * 2, PREFIXED):
+    t, m = _left_padded(rows)
+    for kw in (dict(greedy=True), dict(temperature=1.0), dict(temperature=0.8, top_p=0.9)):
+      on = sampling.sample(cfg, params, t, m, 5, max_new_tokens=10, eos_ids=(), **kw)
+      off = sampling.sample(cfg, params, t, m, 5, max_new_tokens=10, eos_ids=(),
+                            pack_prefill=False, **kw)
+      np.testing.assert_array_equal(on.tokens_BxN, off.tokens_BxN)
+      np.testing.assert_allclose(on.logprobs_BxN, off.logprobs_BxN, atol=1e-5)
+  assert packed == [True] * 6
+
+
 def test_generate_shares_a_common_prefix_with_few_compilations(tiny_text, monkeypatch):
   """A few-shot-style prefix common to every prompt: batches share it, compile a
   bounded number of times, and give the tokens of unshared sampling."""
@@ -499,7 +542,12 @@ def test_smollm2_greedy_and_logprobs(smollm2, few_rows, monkeypatch):
                                                                  add_generation_prompt=True))
              for m in msgs]
   t, m = _left_padded(prompts, pad=cfg.pad_token_id)
+  packed = []
+  orig = sampler_lib.pack_prompts
+  monkeypatch.setattr(sampler_lib, "pack_prompts",
+                      lambda *a: packed.append(orig(*a)) or packed[-1])
   out = sampling.sample(cfg, params, t, m, 0, max_new_tokens=10, greedy=True, eos_ids=())
+  assert len(packed) == 1 and packed[0] is not None  # the prefill ran packed
   ref = _greedy_reference(cfg, params, prompts, 10)
   np.testing.assert_array_equal(out.tokens_BxN, ref)
   lp = _full_logprobs(cfg, params, prompts, list(ref))

@@ -82,11 +82,13 @@ def positions_from_mask(mask_BxL):
 
 
 def forward(cfg: ModelConfig, params, tokens_BxT, positions_BxT, mask, cache=None,
-            cache_index=None, last_only: bool = False, heads: Optional[Sequence[str]] = None):
-  """One call of the model; returns a dict with logits/scores/hidden/cache."""
+            cache_index=None, last_only: bool = False, heads: Optional[Sequence[str]] = None,
+            pack=None):
+  """One call of the model; returns a dict with logits/scores/hidden/cache
+  (`pack`: a packed prefill, see `Transformer`)."""
   heads = heads_of(cfg, params) if heads is None else tuple(heads)
   return module(cfg, heads).apply({"params": params}, tokens_BxT, positions_BxT, mask,
-                                  cache, cache_index, last_only)
+                                  cache, cache_index, last_only, pack)
 
 
 @functools.partial(jax.jit, static_argnums=0)

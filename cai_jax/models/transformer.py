@@ -129,7 +129,8 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, sin, cos, allowed_BxTxS, cache=None, cache_index=None):
+  def __call__(self, x_BxTxD, sin, cos, allowed_BxTxS, cache=None, cache_index=None,
+               pack=None):
     cfg = self.cfg
     D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     G = N // K
@@ -154,8 +155,20 @@ class Attention(nn.Module):
       v = v + _param(self, "v_bias", (K, H), ("kv_heads", "head_dim"), zinit, pd).astype(cd)
     q = apply_rope(q, sin, cos)
     k = apply_rope(k, sin, cos)
+    wo_2d = wo.reshape(N * H, -1).astype(cd)
+    if pack is not None:
+      # Packed prefill: x holds the real prompt tokens of all rows as one row
+      # (1 x T). The projections above and the o-projection and MLP after run
+      # on those T tokens only; attention gathers them into their BxP row
+      # slots and the result is gathered back.
+      pack_index_BxP, slot_index_T = pack[0], pack[1]
+      q, k, v = (a[0][pack_index_BxP] for a in (q, k, v))
+      o, new_cache = self._cached(q, k, v, allowed_BxTxS, cache, cache_index)
+      o = o.reshape(-1, N * H)[slot_index_T][None]
+      return dense(o, wo_2d), new_cache
     if cache is not None:
-      return self._cached(q, k, v, wo, allowed_BxTxS, cache, cache_index)
+      o, new_cache = self._cached(q, k, v, allowed_BxTxS, cache, cache_index)
+      return dense(o, wo_2d), new_cache
     # Head-major layouts, with a KV head's G query heads stacked along the
     # query axis, so both attention dots are plain batched [G*Tq, H] matmuls.
     q = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)
@@ -176,11 +189,12 @@ class Attention(nn.Module):
       o = jnp.einsum("bkms,bksh->bkmh", p, v[:, :, :ts]).reshape(B, K, G, tq, H)
       outs.append(o.transpose(0, 3, 1, 2, 4))
     o = outs[0] if n_blk == 1 else jnp.concatenate(outs, axis=1)
-    return dense(o.reshape(B, T, N * H), wo.reshape(N * H, -1).astype(cd)), None
+    return dense(o.reshape(B, T, N * H), wo_2d), None
 
-  def _cached(self, q, k, v, wo, allowed_BxTxS, cache, cache_index):
+  def _cached(self, q, k, v, allowed_BxTxS, cache, cache_index):
     """Attention over the cache (keys BxKxHxS, values BxKxSxH) after writing
-    the T new keys/values.
+    the T new keys/values; returns (the heads' outputs BxTx(N*H) before the
+    o-projection, the new cache).
 
     The cache is kv-head-major, so no step transposes it (with a BxSxKxH cache
     XLA transposed the whole cache, and o_kernel, at every decode step). Keys
@@ -231,8 +245,7 @@ class Attention(nn.Module):
       o = jnp.einsum("bkgtl,klh->bkgth", p[..., :Lp], pv.astype(cd)) + o
     # One merged (n, h) contraction: einsum orders the two contracting dims
     # (h, n), which made XLA transpose o_kernel at every decode step.
-    o = o.transpose(0, 3, 1, 2, 4).reshape(B, T, N * H)
-    return dense(o, wo.reshape(N * H, -1).astype(cd)), dict(cache, k=k_all, v=v_all)
+    return o.transpose(0, 3, 1, 2, 4).reshape(B, T, N * H), dict(cache, k=k_all, v=v_all)
 
 
 class MLP(nn.Module):
@@ -261,10 +274,10 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, sin, cos, allowed, cache=None, cache_index=None):
+  def __call__(self, x, sin, cos, allowed, cache=None, cache_index=None, pack=None):
     x = shd.constrain(x, ("batch",))
     h, new_cache = Attention(self.cfg, name="attn")(
-        RMSNorm(self.cfg, name="attn_norm")(x), sin, cos, allowed, cache, cache_index)
+        RMSNorm(self.cfg, name="attn_norm")(x), sin, cos, allowed, cache, cache_index, pack)
     x = shd.constrain(x + h, ("batch",))
     x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x))
     return shd.constrain(x, ("batch",)), new_cache
@@ -281,14 +294,27 @@ class Transformer(nn.Module):
   of valid slots after the write. A layer's cache may also hold "prefix_k" and
   "prefix_v" (KxHxL and KxLxH): the keys/values of a prefix shared by every row, which
   comes before all row slots (positions must count it).
+
+  `pack` = (pack_index_BxP, slot_index_T, last_B) runs a cached prefill of a
+  left-padded BxP batch on its real tokens only: tokens and positions are then
+  1xT (every row's real tokens, row after row, then filler), pack_index_BxP
+  is each row slot's index among the T (any index for padding slots),
+  slot_index_T each packed token's flat row slot b*P+p (any slot for filler),
+  and last_B each row's last token among the T (what `last_only` returns).
+  `mask_BxT` is the BxS slot mask as without packing; the write index must be
+  a Python int.
   """
   cfg: ModelConfig
   heads: tuple = ("lm",)
 
   @nn.compact
   def __call__(self, tokens_BxT, positions_BxT, mask, cache=None, cache_index=None,
-               last_only: bool = False) -> dict[str, Any]:
+               last_only: bool = False, pack=None) -> dict[str, Any]:
     cfg = self.cfg
+    if pack is not None and (cache is None or not isinstance(cache_index, int)
+                             or cfg.scan_layers):
+      raise ValueError("a packed prefill needs a KV cache, an int cache_index and "
+                       "unrolled layers")
     pd, cd = cfg.jnp_param_dtype, cfg.jnp_dtype
     V, D = cfg.vocab_size, cfg.hidden_size
     emb = _param(self, "embedding", (V, D), ("vocab", "embed"),
@@ -299,7 +325,8 @@ class Transformer(nn.Module):
 
     sin, cos = rope_sin_cos(cfg, positions_BxT)
 
-    T = tokens_BxT.shape[1]
+    # Queries per row: the row width of a packed prefill, else the tokens given.
+    T = tokens_BxT.shape[1] if pack is None else pack[0].shape[1]
     mask = mask.astype(bool)
     if cache is None:
       causal = jnp.tril(jnp.ones((T, T), bool))
@@ -326,11 +353,14 @@ class Transformer(nn.Module):
       for i in range(cfg.num_layers):
         layer_cache = None if cache is None else cache[i]
         x, c = block_cls(cfg, name=f"layers_{i}")(x, sin, cos, allowed, layer_cache,
-                                                  cache_index)
+                                                  cache_index, pack)
         new_cache.append(c)
     x = RMSNorm(cfg, name="final_norm")(x)
     out: dict[str, Any] = {"cache": None if cache is None else new_cache}
-    h = x[:, -1:] if last_only else x
+    if pack is not None:
+      h = x[0][pack[2]][:, None] if last_only else x
+    else:
+      h = x[:, -1:] if last_only else x
     if "lm" in self.heads:
       if cfg.tie_embeddings:
         w = emb.T

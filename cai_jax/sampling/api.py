@@ -163,10 +163,12 @@ def generate(cfg, params, tokenizer, prompts, *, fmt: str = "chat", max_new_toke
   for bi, (rows, L) in enumerate(tqdm.tqdm(list(zip(batches, lengths)), desc=desc,
                                            disable=not progress)):
     tokens, mask = _left_pad([ids[j] for j in rows], L, batch_size, pad_id)
+    # Length-sorted batches hold little padding: a packed prefill would save
+    # little and add compilations.
     out = sample(cfg, params, tokens, mask, jax.random.fold_in(root, bi),
                  max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                  top_p=top_p, greedy=greedy, eos_ids=eos, stop_seqs=matcher, mesh=mesh,
-                 pad_id=pad_id, bucket=False)
+                 pad_id=pad_id, bucket=False, pack_prefill=False)
     for r, j in enumerate(rows):
       n = int(out.lengths_B[r])
       toks = out.tokens_BxN[r, :n].copy()
