@@ -165,21 +165,23 @@ def test_shared_prefix_matches_full_recompute(tiny):
 def test_pack_prompts_layout():
   t = np.array([[0, 0, 5, 6], [7, 8, 9, 10], [0, 0, 0, 11]], np.int32)
   m = t > 0
-  tok, pos, pack_index, slot_index, last = sampler_lib.pack_prompts(t, m, pad_id=99)
-  # 7 real tokens of 12 slots, rounded up to a multiple of ceil(12 / 8) = 2.
-  np.testing.assert_array_equal(tok, [[5, 6, 7, 8, 9, 10, 11, 99]])
-  np.testing.assert_array_equal(pos, [[0, 1, 0, 1, 2, 3, 0, 0]])
+  pack_index, slot_index = sampler_lib.pack_prompts(m)
+  # 7 real tokens of 12 slots, rounded up to a multiple of ceil(12 / 8) = 2;
+  # the filler entry points at slot 0.
+  np.testing.assert_array_equal(t.reshape(-1)[slot_index], [5, 6, 7, 8, 9, 10, 11, 0])
+  pos = np.asarray(models.positions_from_mask(m)).reshape(-1)[slot_index]
+  np.testing.assert_array_equal(pos, [0, 1, 0, 1, 2, 3, 0, 0])
   np.testing.assert_array_equal(pack_index, [[0, 0, 0, 1], [2, 3, 4, 5], [0, 0, 0, 6]])
   np.testing.assert_array_equal(slot_index, [2, 3, 4, 5, 6, 7, 11, 0])
-  np.testing.assert_array_equal(last, [1, 5, 6])
+  np.testing.assert_array_equal(pack_index[:, -1], [1, 5, 6])  # each row's last token
   # Real slots map to their packed token and back.
   flat = np.flatnonzero(m.reshape(-1))
   np.testing.assert_array_equal(slot_index[pack_index.reshape(-1)[flat]], flat)
   # Nothing to drop (or less than 1/8 of the slots): no packing.
-  assert sampler_lib.pack_prompts(t[1:2], m[1:2], 0) is None
+  assert sampler_lib.pack_prompts(m[1:2]) is None
   m2 = np.ones((4, 8), bool)
   m2[0, 0] = False
-  assert sampler_lib.pack_prompts(np.ones((4, 8), np.int32), m2, 0) is None
+  assert sampler_lib.pack_prompts(m2) is None
 
 
 def test_packed_prefill_matches_unpacked(tiny, monkeypatch):

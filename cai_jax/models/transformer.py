@@ -161,7 +161,7 @@ class Attention(nn.Module):
       # (1 x T). The projections above and the o-projection and MLP after run
       # on those T tokens only; attention gathers them into their BxP row
       # slots and the result is gathered back.
-      pack_index_BxP, slot_index_T = pack[0], pack[1]
+      pack_index_BxP, slot_index_T = pack
       q, k, v = (a[0][pack_index_BxP] for a in (q, k, v))
       o, new_cache = self._cached(q, k, v, allowed_BxTxS, cache, cache_index)
       o = o.reshape(-1, N * H)[slot_index_T][None]
@@ -295,14 +295,13 @@ class Transformer(nn.Module):
   "prefix_v" (KxHxL and KxLxH): the keys/values of a prefix shared by every row, which
   comes before all row slots (positions must count it).
 
-  `pack` = (pack_index_BxP, slot_index_T, last_B) runs a cached prefill of a
-  left-padded BxP batch on its real tokens only: tokens and positions are then
-  1xT (every row's real tokens, row after row, then filler), pack_index_BxP
-  is each row slot's index among the T (any index for padding slots),
-  slot_index_T each packed token's flat row slot b*P+p (any slot for filler),
-  and last_B each row's last token among the T (what `last_only` returns).
-  `mask_BxT` is the BxS slot mask as without packing; the write index must be
-  a Python int.
+  `pack` = (pack_index_BxP, slot_index_T) runs a cached prefill of a BxP
+  batch on its real tokens only: tokens and positions are then 1xT (every
+  row's real tokens, row after row, then filler), pack_index_BxP is each row
+  slot's index among the T (any index for padding slots) and slot_index_T
+  each packed token's flat row slot b*P+p (any slot for filler). `last_only`
+  returns each row's last slot, as without packing; `mask_BxT` is the BxS slot
+  mask as without packing; the write index must be a Python int.
   """
   cfg: ModelConfig
   heads: tuple = ("lm",)
@@ -358,7 +357,7 @@ class Transformer(nn.Module):
     x = RMSNorm(cfg, name="final_norm")(x)
     out: dict[str, Any] = {"cache": None if cache is None else new_cache}
     if pack is not None:
-      h = x[0][pack[2]][:, None] if last_only else x
+      h = x[0][pack[0][:, -1]][:, None] if last_only else x
     else:
       h = x[:, -1:] if last_only else x
     if "lm" in self.heads:

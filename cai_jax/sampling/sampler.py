@@ -225,34 +225,25 @@ def _prefix_kv(cfg, params, prefix_1xL):
   return [{"prefix_k": c["k"][0], "prefix_v": c["v"][0]} for c in out["cache"]]
 
 
-def pack_prompts(tokens_BxP: np.ndarray, mask_BxP: np.ndarray, pad_id: int,
-                 steps: int = PACK_STEPS):
-  """The packed-prefill inputs of a left-padded batch, or None when packing
+def pack_prompts(mask_BxP: np.ndarray, steps: int = PACK_STEPS):
+  """The packed-prefill layout of a left-padded batch, or None when packing
   would not drop at least 1/`steps` of the B*P slots.
 
-  Returns (tokens_1xT, positions_1xT, pack_index_BxP, slot_index_T, last_B)
-  as `models.forward(pack=...)` reads them: the real tokens row after row,
-  filled with pad_id to T, a multiple of ceil(B*P/steps) (few distinct T, so
-  few compilations).
+  Returns (pack_index_BxP, slot_index_T) as `models.forward(pack=...)` reads
+  them: T is the real-token count rounded up to a multiple of ceil(B*P/steps)
+  (few distinct T, so few compilations); filler entries point at slot 0.
   """
-  B, P = tokens_BxP.shape
+  B, P = mask_BxP.shape
   slots = np.flatnonzero(mask_BxP.reshape(-1))
   unit = -(-B * P // steps)
   T = -(-len(slots) // unit) * unit
   if T >= B * P:
     return None
-  tokens_1xT = np.full((1, T), pad_id, np.int32)
-  tokens_1xT[0, :len(slots)] = tokens_BxP.reshape(-1)[slots]
-  pos_BxP = np.maximum(np.cumsum(mask_BxP.astype(np.int32), axis=1) - 1, 0)
-  positions_1xT = np.zeros((1, T), np.int32)
-  positions_1xT[0, :len(slots)] = pos_BxP.reshape(-1)[slots]
   pack_index = np.zeros(B * P, np.int32)
   pack_index[slots] = np.arange(len(slots), dtype=np.int32)
   slot_index_T = np.zeros(T, np.int32)
   slot_index_T[:len(slots)] = slots
-  # Left padding: every row's last slot is real.
-  last_B = pack_index.reshape(B, P)[:, -1].copy()
-  return tokens_1xT, positions_1xT, pack_index.reshape(B, P), slot_index_T, last_B
+  return pack_index.reshape(B, P), slot_index_T
 
 
 def _sample_impl(params, tokens_BxP, mask_BxP, prefix_1xL, pack, rng, temperature, top_p,
@@ -260,7 +251,7 @@ def _sample_impl(params, tokens_BxP, mask_BxP, prefix_1xL, pack, rng, temperatur
                  use_top_p, unit_temp, mesh):
   """prefix_1xL (or None): tokens every row starts with, run once for the batch;
   tokens_BxP then hold each row's remaining (left-padded) prompt tokens.
-  pack (or None): `pack_prompts` of tokens_BxP; the prefill then runs on the
+  pack (or None): `pack_prompts` of mask_BxP; the prefill then runs on the
   real tokens only."""
   TRACE_COUNTS["sample"] += 1
   B, P = tokens_BxP.shape
@@ -278,14 +269,11 @@ def _sample_impl(params, tokens_BxP, mask_BxP, prefix_1xL, pack, rng, temperatur
     cache = [dict(c, **pc) for c, pc in zip(cache, _prefix_kv(cfg, params, prefix_1xL))]
   cache = _cache_constraint(cfg, cache, mesh)
   head_VxD = models.lm_head_weight(cfg, params).T.astype(cfg.jnp_dtype)
-  if pack is None:
-    out = models.forward(cfg, params, tokens_BxP, Lp + models.positions_from_mask(mask_BxP),
-                         mask_BxS, cache=cache, cache_index=0, last_only=True, heads=())
-  else:
-    tokens_1xT, positions_1xT, pack_index_BxP, slot_index_T, last_B = pack
-    out = models.forward(cfg, params, tokens_1xT, Lp + positions_1xT, mask_BxS, cache=cache,
-                         cache_index=0, last_only=True, heads=(),
-                         pack=(pack_index_BxP, slot_index_T, last_B))
+  tokens, positions = tokens_BxP, Lp + models.positions_from_mask(mask_BxP)
+  if pack is not None:
+    tokens, positions = (a.reshape(1, -1)[:, pack[1]] for a in (tokens, positions))
+  out = models.forward(cfg, params, tokens, positions, mask_BxS, cache=cache, cache_index=0,
+                       last_only=True, heads=(), pack=pack)
   cache = _cache_constraint(cfg, out["cache"], mesh)
 
   def advance(tok_B, state_B, done_B):
@@ -433,7 +421,7 @@ def sample(cfg, params, prompt_tokens_BxP, prompt_mask_BxP, rng, *, max_new_toke
     matcher = stops_lib.from_token_seqs(stop_seqs, cfg.vocab_size)
   eos = np.asarray(sorted(set(int(e) for e in eos_ids)) or [-1], np.int32)
   tok_in, mask_in = jnp.asarray(tokens), jnp.asarray(mask)
-  pack = pack_prompts(tokens, mask, pad_id) if pack_prefill and mesh is None else None
+  pack = pack_prompts(mask) if pack_prefill and mesh is None else None
   if mesh is not None:
     params = sharding_lib.shard_params(params, cfg, mesh)
     tok_in, mask_in = sharding_lib.shard_batch((tokens, mask), mesh)
