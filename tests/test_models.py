@@ -9,7 +9,7 @@ import pytest
 
 from cai_jax import models
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402  (test extra: `make test` installs it)
 import transformers  # noqa: E402
 
 COMMON = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
