@@ -1,7 +1,7 @@
 """Sampling throughput: cai_jax vs transformers `generate` on SmolLM2-135M-Instruct.
 
   .venv/bin/python benchmarks/sampling.py [--batches 16,64] [--new_tokens 64] [--repeats 3]
-      [--no_share_prefix] [--no_pack_prefill] [--malloc_tunables]
+      [--no_share_prefix] [--no_pack_prefill] [--row_major_decode] [--malloc_tunables]
 
 Both samplers run on the same GGUF weights in the same process, with chat-template
 prompts and `new_tokens` tokens sampled at T=1 (no top-k/top-p, EOS ignored so
@@ -9,7 +9,10 @@ every row makes the full count). torch uses 2 threads. The prompts share the
 chat template's system prompt, which cai_jax runs once per batch (the
 sampler's shared-prefix path; `--no_share_prefix` turns it off), and the rest of
 each prompt's prefill runs on its real tokens, not the left-padded slots (the
-packed prefill; `--no_pack_prefill` turns it off). The machine's f32 matmul
+packed prefill; `--no_pack_prefill` turns it off). Decode steps run feature-major
+(`cai_jax/models/decode.py`; its transposed weights are built in the first,
+compiling run and reused; `--row_major_decode` runs the model's own layout).
+The machine's f32 matmul
 rate (best of XLA and torch on a large square matmul) gives the compute-bound
 ceiling of rate / (2 x parameters) tokens/s. Timings alternate between the two
 samplers and keep the best of `repeats` runs each, because the machine is shared (on
@@ -41,6 +44,7 @@ else:
   runtime.reexec_without_malloc_tunables()
 
 from cai_jax import models, sampling  # noqa: E402
+from cai_jax.sampling import sampler as sampler_lib  # noqa: E402
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -115,9 +119,12 @@ def main():
   ap.add_argument("--skip_hf", action="store_true")
   ap.add_argument("--no_share_prefix", action="store_true")
   ap.add_argument("--no_pack_prefill", action="store_true")
+  ap.add_argument("--row_major_decode", action="store_true",
+                  help="decode with the model's row-major layout (not models/decode.py)")
   ap.add_argument("--malloc_tunables", action="store_true",
                   help="run under cai_jax/runtime.py's train-step malloc tunables (arena_max=1)")
   args = ap.parse_args()
+  sampler_lib.CPU_FEATURE_MAJOR_DECODE = not args.row_major_decode
 
   import torch
   import transformers
@@ -135,7 +142,8 @@ def main():
   N = args.new_tokens
   result = {"model": "SmolLM2-135M-Instruct", "params": n_params, "new_tokens": N,
             "devices": jax.device_count(), "share_prefix": not args.no_share_prefix,
-            "pack_prefill": not args.no_pack_prefill}
+            "pack_prefill": not args.no_pack_prefill,
+            "feature_major_decode": not args.row_major_decode}
   for B in [int(b) for b in args.batches.split(",")]:
     prompts = chat_prompts(tok, B)
     t_np, m_np = left_pad(prompts, cfg.pad_token_id)

@@ -78,20 +78,36 @@ def _greedy_reference(cfg, params, prompts, n_new):
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [100], [300, 301, 302, 303, 20]]
 
 
-def _use_program(monkeypatch, few_rows: bool, rows: int):
-  """Makes `sample` run the few-rows CPU program (Eigen dots) or the default one."""
-  monkeypatch.setattr(sampler_lib, "CPU_FEW_ROWS", rows if few_rows else 0)
-  want = sampler_lib._sample_jit_few_rows if few_rows else sampler_lib._sample_jit
-  assert sampler_lib._sampler_for(rows, None) is want
+PROGRAMS = ("feature_major", "few_rows", "row_major")
 
 
-@pytest.mark.parametrize("few_rows", [True, False])
-def test_greedy_matches_full_recompute_tiny(tiny, few_rows, monkeypatch):
+def _use_program(monkeypatch, program: str, rows: int):
+  """Makes `sample` (on CPU, no mesh) decode with `decode.decode_step` (the
+  default), or with the model in the few-rows program (Eigen dots) or the
+  row-major YNNPACK one."""
+  fm = program == "feature_major"
+  monkeypatch.setattr(sampler_lib, "CPU_FEATURE_MAJOR_DECODE", fm)
+  monkeypatch.setattr(sampler_lib, "CPU_FEW_ROWS", rows if program == "few_rows" else 0)
+  want = sampler_lib._sample_jit_few_rows if program == "few_rows" else sampler_lib._sample_jit
+  assert sampler_lib._sampler_for(rows, None, fm) is want
+
+
+def _used_decode_weights(params) -> bool:
+  """Whether the last `sample` call built (or reused) decode weights of these params."""
+  leaves = jax.tree_util.tree_leaves(params)
+  return any(all(r() is x for r, x in zip(refs, leaves))
+             for _, refs, _ in sampler_lib._DECODE_WEIGHTS)
+
+
+@pytest.mark.parametrize("program", PROGRAMS)
+def test_greedy_matches_full_recompute_tiny(tiny, program, monkeypatch):
   cfg, params = tiny
-  _use_program(monkeypatch, few_rows, len(PROMPTS))
+  _use_program(monkeypatch, program, len(PROMPTS))
+  sampler_lib._DECODE_WEIGHTS.clear()
   t, m = _left_padded(PROMPTS)
   out = sampling.sample(cfg, params, t, m, jax.random.PRNGKey(0), max_new_tokens=16,
                         greedy=True, eos_ids=())
+  assert _used_decode_weights(params) == (program == "feature_major")
   ref = _greedy_reference(cfg, params, PROMPTS, 16)
   np.testing.assert_array_equal(out.tokens_BxN, ref)
   assert (out.lengths_B == 16).all() and not out.finished_B.any()
@@ -480,24 +496,79 @@ def test_sampled_rows_do_not_depend_on_batch_padding(tiny_text):
     np.testing.assert_allclose(lps, outs[0][1], atol=1e-5)
 
 
-def test_few_rows_program_choice(tiny):
-  """Batches of at most CPU_FEW_ROWS rows per CPU device get the few-rows program,
-  with the same tokens and log-probs as the default one."""
+def test_program_choice(tiny):
+  """Feature-major decoding takes the default program at any batch size; otherwise
+  batches of at most CPU_FEW_ROWS rows per CPU device get the few-rows program.
+  All three sample the same tokens with the same log-probs."""
   n = sampler_lib.CPU_FEW_ROWS
-  assert sampler_lib._sampler_for(n, None) is sampler_lib._sample_jit_few_rows
-  assert sampler_lib._sampler_for(n + 1, None) is sampler_lib._sample_jit
+  assert sampler_lib._sampler_for(n, None, False) is sampler_lib._sample_jit_few_rows
+  assert sampler_lib._sampler_for(n + 1, None, False) is sampler_lib._sample_jit
+  assert sampler_lib._sampler_for(n, None, True) is sampler_lib._sample_jit
   mesh = sharding.make_mesh((4, 1, 2))
-  assert sampler_lib._sampler_for(n, mesh) is sampler_lib._sample_jit_few_rows
+  assert sampler_lib._sampler_for(n, mesh, False) is sampler_lib._sample_jit_few_rows
   cfg, params = tiny
   t, m = _left_padded(PROMPTS)
   outs = []
-  for rows in (len(PROMPTS), 0):
+  for program in PROGRAMS:
     with pytest.MonkeyPatch.context() as mp:
-      mp.setattr(sampler_lib, "CPU_FEW_ROWS", rows)
+      _use_program(mp, program, len(PROMPTS))
       outs.append(sampling.sample(cfg, params, t, m, jax.random.PRNGKey(2), max_new_tokens=12,
                                   temperature=0.8, eos_ids=()))
-  np.testing.assert_array_equal(outs[0].tokens_BxN, outs[1].tokens_BxN)
-  np.testing.assert_allclose(outs[0].logprobs_BxN, outs[1].logprobs_BxN, atol=1e-5)
+  for o in outs[1:]:
+    np.testing.assert_array_equal(o.tokens_BxN, outs[0].tokens_BxN)
+    np.testing.assert_allclose(o.logprobs_BxN, outs[0].logprobs_BxN, atol=1e-5)
+
+
+def test_sample_defaults_to_feature_major_decoding_on_cpu(tiny):
+  """Without a mesh on CPU, `sample` decodes feature-major; its decode weights
+  are built once per params and rebuilt for new ones."""
+  assert sampler_lib.CPU_FEATURE_MAJOR_DECODE
+  cfg, params = tiny
+  t, m = _left_padded(PROMPTS)
+  sampler_lib._DECODE_WEIGHTS.clear()
+  sampling.sample(cfg, params, t, m, 0, max_new_tokens=3, eos_ids=())
+  assert _used_decode_weights(params)
+  first = sampler_lib._DECODE_WEIGHTS[0][2]
+  sampling.sample(cfg, params, t, m, 1, max_new_tokens=3, eos_ids=())
+  assert sampler_lib._DECODE_WEIGHTS[0][2] is first  # reused, not rebuilt
+  params2 = jax.tree_util.tree_map(lambda x: x * 1.0, params)
+  sampling.sample(cfg, params2, t, m, 0, max_new_tokens=3, eos_ids=())
+  assert _used_decode_weights(params2) and len(sampler_lib._DECODE_WEIGHTS) == 1
+  w2 = sampler_lib._DECODE_WEIGHTS[0][2]
+  np.testing.assert_array_equal(np.asarray(w2[0]["qkv"]), np.asarray(first[0]["qkv"]))
+
+
+@pytest.mark.parametrize("variant", ["qkv_bias", "gemma", "bfloat16"])
+def test_decode_step_matches_the_model(variant):
+  """`decode.decode_step` equals `Transformer` with a KV cache at T = 1 (hidden
+  states and cache), for model options the tiny default does not use."""
+  from cai_jax.models import decode
+  kw = dict(qkv_bias=dict(qkv_bias=True),
+            gemma=dict(activation="gelu_tanh", norm_plus_one=True, scale_embeddings=True,
+                       tie_embeddings=True),
+            bfloat16=dict(dtype="bfloat16"))[variant]
+  cfg = models.tiny().replace(**kw)
+  params = models.init_params(cfg, jax.random.PRNGKey(4))
+  params = jax.tree_util.tree_map(lambda x: x + 0.05 * jnp.ones_like(x), params)
+  B, P = 3, 5
+  t = jax.random.randint(jax.random.PRNGKey(5), (B, P), 1, cfg.vocab_size)
+  mask = jnp.ones((B, P + 1), bool).at[0, :2].set(False)
+  pos = jnp.maximum(jnp.cumsum(mask[:, :P], 1) - 1, 0)
+  pre = models.forward(cfg, params, t, pos, mask, cache=models.init_cache(cfg, B, P + 1),
+                       cache_index=0, heads=())
+  tok = jnp.array([7, 8, 9])
+  pos_B = mask[:, :P].sum(1)
+  ref = models.forward(cfg, params, tok[:, None], pos_B[:, None], mask, cache=pre["cache"],
+                       cache_index=P, last_only=True, heads=())
+  h_DxB, cache = jax.jit(decode.decode_step, static_argnums=0)(
+      cfg, decode.decode_weights(cfg, params), params, tok, pos_B, mask, pre["cache"], P)
+  tol = 2e-2 if variant == "bfloat16" else 1e-5
+  np.testing.assert_allclose(np.asarray(h_DxB.T, np.float32),
+                             np.asarray(ref["hidden"][:, 0], np.float32), atol=tol, rtol=tol)
+  for c, r in zip(cache, ref["cache"]):
+    for n in ("k", "v"):
+      np.testing.assert_allclose(np.asarray(c[n], np.float32), np.asarray(r[n], np.float32),
+                                 atol=tol, rtol=tol)
 
 
 def test_choose_buckets_limits_distinct_lengths():
@@ -534,10 +605,11 @@ def test_bad_mask_is_rejected(tiny):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("few_rows", [True, False])
-def test_smollm2_greedy_and_logprobs(smollm2, few_rows, monkeypatch):
+@pytest.mark.parametrize("program", PROGRAMS)
+def test_smollm2_greedy_and_logprobs(smollm2, program, monkeypatch):
   cfg, params, tok = smollm2
-  _use_program(monkeypatch, few_rows, 2)
+  _use_program(monkeypatch, program, 2)
+  sampler_lib._DECODE_WEIGHTS.clear()
   msgs = [[{"role": "user", "content": "What is the capital of France?"}],
           [{"role": "user", "content": "Write one word."}]]
   prompts = [sampling.encode_prompt(tok, tok.apply_chat_template(m, tokenize=False,
@@ -550,6 +622,7 @@ def test_smollm2_greedy_and_logprobs(smollm2, few_rows, monkeypatch):
                       lambda *a: packed.append(orig(*a)) or packed[-1])
   out = sampling.sample(cfg, params, t, m, 0, max_new_tokens=10, greedy=True, eos_ids=())
   assert len(packed) == 1 and packed[0] is not None  # the prefill ran packed
+  assert _used_decode_weights(params) == (program == "feature_major")
   ref = _greedy_reference(cfg, params, prompts, 10)
   np.testing.assert_array_equal(out.tokens_BxN, ref)
   lp = _full_logprobs(cfg, params, prompts, list(ref))

@@ -133,7 +133,7 @@ def reward(cfg: ModelConfig, params, tokens_BxL, mask_BxL):
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None):
   """Preallocated per-layer KV cache: list of {"k": BxKxHxS, "v": BxKxSxH}
-  (kv-head-major, keys slot-minor: see `Attention._cached`)."""
+  (kv-head-major, keys slot-minor: see `transformer.cached_attention`)."""
   dtype = cfg.jnp_dtype if dtype is None else dtype
   K, H = cfg.num_kv_heads, cfg.head_dim
   return [{"k": jnp.zeros((batch, K, H, length), dtype),

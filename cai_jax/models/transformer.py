@@ -110,6 +110,25 @@ def apply_rope(x_BxTxNxH: Array, sin_BxTxH: Array, cos_BxTxH: Array) -> Array:
   return out.astype(dtype)
 
 
+def rms_norm(cfg: ModelConfig, x: Array, scale: Array, axis: int = -1) -> Array:
+  """RMSNorm of x over `axis` (features), scaled per feature by `scale`."""
+  shape = [1] * x.ndim
+  shape[axis] = -1
+  scale = scale.reshape(shape)
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axis, keepdims=True) + cfg.rms_norm_eps)
+  if cfg.norm_plus_one:
+    return (y * (1.0 + scale.astype(jnp.float32))).astype(cfg.jnp_dtype)
+  return scale.astype(cfg.jnp_dtype) * y.astype(cfg.jnp_dtype)
+
+
+def glu(cfg: ModelConfig, gate: Array, up: Array) -> Array:
+  """The MLP's gated activation: act(gate) * up."""
+  if cfg.activation == "silu":
+    return jax.nn.silu(gate) * up
+  return jax.nn.gelu(gate, approximate=True) * up
+
+
 class RMSNorm(nn.Module):
   cfg: ModelConfig
 
@@ -118,11 +137,64 @@ class RMSNorm(nn.Module):
     cfg = self.cfg
     init = nn.initializers.zeros if cfg.norm_plus_one else nn.initializers.ones
     scale = _param(self, "scale", (x.shape[-1],), ("norm",), init, cfg.jnp_param_dtype)
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.rms_norm_eps)
-    if cfg.norm_plus_one:
-      return (y * (1.0 + scale.astype(jnp.float32))).astype(cfg.jnp_dtype)
-    return scale.astype(cfg.jnp_dtype) * y.astype(cfg.jnp_dtype)
+    return rms_norm(cfg, x, scale)
+
+
+def cached_attention(cfg: ModelConfig, q, k, v, allowed_BxTxS, cache, cache_index):
+  """Attention of T new queries per row (q BxTxNxH, k and v BxTxKxH, after
+  RoPE) over the cache (keys BxKxHxS, values BxKxSxH) after writing the T new
+  keys/values at `cache_index`; returns (the heads' outputs BxTx(N*H) before
+  the o-projection, the new cache).
+
+  The cache is kv-head-major, so no step transposes it (with a BxSxKxH cache
+  XLA transposed the whole cache, and o_kernel, at every decode step). Keys
+  are stored slot-minor: a decode step (T = 1) computes its scores as a
+  multiply and a sum over head_dim, and its output as a multiply and a sum
+  over slots, both vectorised along the minor dimension. As batched dots with
+  3 query rows per KV head those two took ~2.7 ms per SmolLM2 layer at batch
+  64; as reductions ~1.2 ms (the whole sampler: ~240 vs ~200 tokens/s).
+  """
+  N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  G = N // K
+  cd = cfg.jnp_dtype
+  B, T = q.shape[:2]
+  k_all = jax.lax.dynamic_update_slice_in_dim(
+      cache["k"], k.transpose(0, 2, 3, 1).astype(cache["k"].dtype), cache_index, axis=3)
+  v_all = jax.lax.dynamic_update_slice_in_dim(
+      cache["v"], v.transpose(0, 2, 1, 3).astype(cache["v"].dtype), cache_index, axis=2)
+  q = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)
+  # With a static write index (a prefill), slots after the new tokens are
+  # never visible to them: attend over the slots up to the last one only.
+  keys, values = k_all, v_all
+  if isinstance(cache_index, int) and cache_index + T < k_all.shape[3]:
+    keys, values = k_all[..., :cache_index + T], v_all[:, :, :cache_index + T]
+    allowed_BxTxS = allowed_BxTxS[..., :cache_index + T]
+  one_query = T == 1
+  if one_query:
+    s = (q[:, :, :, :, :, None].astype(jnp.float32)
+         * keys[:, :, None, None, :, :].astype(jnp.float32)).sum(-2)
+  else:
+    s = jnp.einsum("bkgth,bkhs->bkgts", q, keys.astype(cd), preferred_element_type=jnp.float32)
+  s = s * (1.0 / np.sqrt(H))
+  s = jnp.where(allowed_BxTxS[:, None, None, :, :], s, _NEG)
+  pk, pv = cache.get("prefix_k"), cache.get("prefix_v")
+  if pk is not None:
+    # A prefix shared by every row (keys KxHxL, values KxLxH; before all
+    # row slots, always visible) is stored and read once for the batch.
+    sp = jnp.einsum("bkgth,khl->bkgtl", q, pk.astype(cd), preferred_element_type=jnp.float32)
+    s = jnp.concatenate([sp * (1.0 / np.sqrt(H)), s], axis=-1)
+  p = jax.nn.softmax(s, axis=-1).astype(cd)
+  Lp = 0 if pv is None else pv.shape[1]
+  if one_query:
+    o = (p[..., Lp:, None].astype(jnp.float32)
+         * values[:, :, None, None, :, :].astype(jnp.float32)).sum(-2).astype(cd)
+  else:
+    o = jnp.einsum("bkgts,bksh->bkgth", p[..., Lp:], values.astype(cd))
+  if pk is not None:
+    o = jnp.einsum("bkgtl,klh->bkgth", p[..., :Lp], pv.astype(cd)) + o
+  # One merged (n, h) contraction: einsum orders the two contracting dims
+  # (h, n), which made XLA transpose o_kernel at every decode step.
+  return o.transpose(0, 3, 1, 2, 4).reshape(B, T, N * H), dict(cache, k=k_all, v=v_all)
 
 
 class Attention(nn.Module):
@@ -163,11 +235,11 @@ class Attention(nn.Module):
       # slots and the result is gathered back.
       pack_index_BxP, slot_index_T = pack
       q, k, v = (a[0][pack_index_BxP] for a in (q, k, v))
-      o, new_cache = self._cached(q, k, v, allowed_BxTxS, cache, cache_index)
+      o, new_cache = cached_attention(cfg, q, k, v, allowed_BxTxS, cache, cache_index)
       o = o.reshape(-1, N * H)[slot_index_T][None]
       return dense(o, wo_2d), new_cache
     if cache is not None:
-      o, new_cache = self._cached(q, k, v, allowed_BxTxS, cache, cache_index)
+      o, new_cache = cached_attention(cfg, q, k, v, allowed_BxTxS, cache, cache_index)
       return dense(o, wo_2d), new_cache
     # Head-major layouts, with a KV head's G query heads stacked along the
     # query axis, so both attention dots are plain batched [G*Tq, H] matmuls.
@@ -191,62 +263,6 @@ class Attention(nn.Module):
     o = outs[0] if n_blk == 1 else jnp.concatenate(outs, axis=1)
     return dense(o.reshape(B, T, N * H), wo_2d), None
 
-  def _cached(self, q, k, v, allowed_BxTxS, cache, cache_index):
-    """Attention over the cache (keys BxKxHxS, values BxKxSxH) after writing
-    the T new keys/values; returns (the heads' outputs BxTx(N*H) before the
-    o-projection, the new cache).
-
-    The cache is kv-head-major, so no step transposes it (with a BxSxKxH cache
-    XLA transposed the whole cache, and o_kernel, at every decode step). Keys
-    are stored slot-minor: a decode step (T = 1) computes its scores as a
-    multiply and a sum over head_dim, and its output as a multiply and a sum
-    over slots, both vectorised along the minor dimension. As batched dots with
-    3 query rows per KV head those two took ~2.7 ms per SmolLM2 layer at batch
-    64; as reductions ~1.2 ms (the whole sampler: ~240 vs ~200 tokens/s).
-    """
-    cfg = self.cfg
-    N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    G = N // K
-    cd = cfg.jnp_dtype
-    B, T = q.shape[:2]
-    k_all = jax.lax.dynamic_update_slice_in_dim(
-        cache["k"], k.transpose(0, 2, 3, 1).astype(cache["k"].dtype), cache_index, axis=3)
-    v_all = jax.lax.dynamic_update_slice_in_dim(
-        cache["v"], v.transpose(0, 2, 1, 3).astype(cache["v"].dtype), cache_index, axis=2)
-    q = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)
-    # With a static write index (a prefill), slots after the new tokens are
-    # never visible to them: attend over the slots up to the last one only.
-    keys, values = k_all, v_all
-    if isinstance(cache_index, int) and cache_index + T < k_all.shape[3]:
-      keys, values = k_all[..., :cache_index + T], v_all[:, :, :cache_index + T]
-      allowed_BxTxS = allowed_BxTxS[..., :cache_index + T]
-    one_query = T == 1
-    if one_query:
-      s = (q[:, :, :, :, :, None].astype(jnp.float32)
-           * keys[:, :, None, None, :, :].astype(jnp.float32)).sum(-2)
-    else:
-      s = jnp.einsum("bkgth,bkhs->bkgts", q, keys.astype(cd), preferred_element_type=jnp.float32)
-    s = s * (1.0 / np.sqrt(H))
-    s = jnp.where(allowed_BxTxS[:, None, None, :, :], s, _NEG)
-    pk, pv = cache.get("prefix_k"), cache.get("prefix_v")
-    if pk is not None:
-      # A prefix shared by every row (keys KxHxL, values KxLxH; before all
-      # row slots, always visible) is stored and read once for the batch.
-      sp = jnp.einsum("bkgth,khl->bkgtl", q, pk.astype(cd), preferred_element_type=jnp.float32)
-      s = jnp.concatenate([sp * (1.0 / np.sqrt(H)), s], axis=-1)
-    p = jax.nn.softmax(s, axis=-1).astype(cd)
-    Lp = 0 if pv is None else pv.shape[1]
-    if one_query:
-      o = (p[..., Lp:, None].astype(jnp.float32)
-           * values[:, :, None, None, :, :].astype(jnp.float32)).sum(-2).astype(cd)
-    else:
-      o = jnp.einsum("bkgts,bksh->bkgth", p[..., Lp:], values.astype(cd))
-    if pk is not None:
-      o = jnp.einsum("bkgtl,klh->bkgth", p[..., :Lp], pv.astype(cd)) + o
-    # One merged (n, h) contraction: einsum orders the two contracting dims
-    # (h, n), which made XLA transpose o_kernel at every decode step.
-    return o.transpose(0, 3, 1, 2, 4).reshape(B, T, N * H), dict(cache, k=k_all, v=v_all)
-
 
 class MLP(nn.Module):
   cfg: ModelConfig
@@ -263,11 +279,7 @@ class MLP(nn.Module):
     x = x.astype(cd)
     g = shd.constrain(dense(x, wg.astype(cd)), ("batch", "length", "mlp"))
     u = shd.constrain(dense(x, wu.astype(cd)), ("batch", "length", "mlp"))
-    if cfg.activation == "silu":
-      h = jax.nn.silu(g) * u
-    else:
-      h = jax.nn.gelu(g, approximate=True) * u
-    return dense(h, wd.astype(cd))
+    return dense(glu(cfg, g, u), wd.astype(cd))
 
 
 class Block(nn.Module):
