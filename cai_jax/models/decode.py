@@ -48,13 +48,14 @@ def decode_weights(cfg: ModelConfig, params) -> list:
   return out
 
 
-def decode_step(cfg: ModelConfig, weights, params, tok_B, pos_B, allowed_BxS, cache, slot):
+def decode_step(cfg: ModelConfig, weights, params, tok_B, pos_B, mask_BxS, cache, slot):
   """One new token per row: (final-norm hidden states DxB, the new cache).
 
   weights: `decode_weights(cfg, params)`; tok_B, pos_B: each row's token and
-  its position; allowed_BxS: the cache slots each row attends to (the new
-  token's slot included); cache: `Transformer`'s per-layer KV cache (an
-  optional shared prefix included), written at `slot`.
+  its position; mask_BxS, cache, slot: as `Transformer` takes them with a
+  cache (the valid slots after the write, the per-layer KV cache with an
+  optional shared prefix, the write index); a row attends to the valid
+  slots up to `slot`.
   """
   D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   F = cfg.intermediate_size
@@ -65,7 +66,7 @@ def decode_step(cfg: ModelConfig, weights, params, tok_B, pos_B, allowed_BxS, ca
     x = x * jnp.asarray(np.sqrt(D), dtype=cd)
   x_DxB = x.T
   sin, cos = rope_sin_cos(cfg, pos_B[:, None])
-  allowed_Bx1xS = allowed_BxS[:, None, :]
+  allowed_Bx1xS = ((jnp.arange(mask_BxS.shape[1]) <= slot)[None] & mask_BxS)[:, None, :]
   new_cache = []
   for i, w in enumerate(weights):
     p = params[f"layers_{i}"]

@@ -53,7 +53,8 @@ _GRID = ((8, 64), (16, 128), (32, 256), (128, 1024))
 PACK_STEPS = 8
 # On CPU without a mesh the decode loop runs `models.decode.decode_step`
 # (feature-major activations, weights transposed once per params): SmolLM2's
-# decode step at 64 rows ~8% faster, at 16 rows ~20% (see `models/decode.py`).
+# sampler at 64 rows ~3-8% faster, at 16 rows ~5-10% less CPU time in
+# same-process A/Bs (see `models/decode.py`).
 CPU_FEATURE_MAJOR_DECODE = True
 # Otherwise a CPU batch of at most this many rows per device is sampled by a
 # program compiled with these XLA options (see `_sample_jit_few_rows`).
@@ -309,9 +310,8 @@ def _sample_impl(params, decode_w, tokens_BxP, mask_BxP, prefix_1xL, pack, rng, 
                          cache_index=slot, last_only=True, heads=())
       logits_VxB, new_cache = _logits_VxB(cfg, head_VxD, o["hidden"][:, 0]), o["cache"]
     else:
-      allowed_BxS = (jnp.arange(mask_BxS.shape[1])[None, :] <= slot) & mask_BxS
       h_DxB, new_cache = decode_lib.decode_step(cfg, decode_w, params, prev_B, pos_B,
-                                                allowed_BxS, cache, slot)
+                                                mask_BxS, cache, slot)
       logits_VxB = jax.lax.dot(head_VxD, h_DxB, preferred_element_type=jnp.float32)
     tok, lp = pick(logits_VxB, jax.random.fold_in(rng, i))
     live = ~done
