@@ -18,7 +18,7 @@ glibc reads GLIBC_TUNABLES only at start-up, so `reexec_with_malloc_tunables()`
 re-executes the current command with them set: once, and only on a Linux host
 without TPU/GPU device files. CAI_JAX_MALLOC_TUNABLES=0 turns it off, =1 forces
 it. `make demo` and `make bench` export the tunables; `make test` turns them off.
-Sampling-only processes are better off without them (`reexec_without_malloc_tunables`).
+Sampling-only processes take huge pages alone instead (`reexec_for_sampling`).
 """
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ from typing import Optional
 
 MALLOC_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
                    "glibc.malloc.trim_threshold=68719476736:glibc.malloc.hugetlb=1")
+# Sampling-only processes: transparent huge pages for malloc's memory, and
+# nothing else (see `reexec_for_sampling`).
+SAMPLING_MALLOC_TUNABLES = "glibc.malloc.hugetlb=1"
 _OPT_OUT = "CAI_JAX_MALLOC_TUNABLES"
 
 
@@ -81,19 +84,48 @@ def _reexec(cmd, env) -> None:
   os.execve(sys.executable, cmd, env)
 
 
-def reexec_without_malloc_tunables() -> None:
-  """Re-executes this script without MALLOC_TUNABLES if they are active (Linux only).
-
-  For sampling-only processes: the single arena serialises the allocations
-  XLA:CPU's Eigen dots make on every decode step from both worker threads
-  (sampling SmolLM2 at batch 16 ran 112 instead of 156 tokens/s with it).
-  """
-  if not sys.platform.startswith("linux") or not malloc_tunables_active():
-    return
-  env = dict(os.environ)
-  rest = [t for t in env["GLIBC_TUNABLES"].split(":") if t and t not in MALLOC_TUNABLES.split(":")]
+def _without(env: dict, tunables: str) -> dict:
+  """`env` with the settings in `tunables` taken out of GLIBC_TUNABLES."""
+  drop = set(tunables.split(":"))
+  rest = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and t not in drop]
+  env = dict(env)
+  env.pop("GLIBC_TUNABLES", None)
   if rest:
     env["GLIBC_TUNABLES"] = ":".join(rest)
+  return env
+
+
+def sampling_env(env=None) -> dict:
+  """`env` (default: this process's) with MALLOC_TUNABLES taken out of
+  GLIBC_TUNABLES and SAMPLING_MALLOC_TUNABLES added (other settings kept)."""
+  env = _without(dict(os.environ if env is None else env), MALLOC_TUNABLES)
+  current = env.get("GLIBC_TUNABLES", "")
+  if SAMPLING_MALLOC_TUNABLES not in current.split(":"):
+    env["GLIBC_TUNABLES"] = f"{current}:{SAMPLING_MALLOC_TUNABLES}" if current \
+        else SAMPLING_MALLOC_TUNABLES
+  return env
+
+
+def reexec_for_sampling() -> None:
+  """Re-executes this script under SAMPLING_MALLOC_TUNABLES instead of
+  MALLOC_TUNABLES unless it runs so already (Linux only). On accelerator hosts
+  or with CAI_JAX_MALLOC_TUNABLES=0, MALLOC_TUNABLES are only taken out.
+
+  For sampling-only processes such as `benchmarks/sampling.py`: every `sample()`
+  call allocates its KV cache and temporaries afresh, and glibc maps requests
+  that large anew each time; on 4 KiB pages SmolLM2's sampler at batch 64
+  took ~70k minor faults per call, on huge pages ~1k. The single arena of
+  MALLOC_TUNABLES is left out.
+  """
+  if not sys.platform.startswith("linux"):
+    return
+  choice = os.environ.get(_OPT_OUT, "")
+  if choice == "0" or (choice != "1" and has_accelerator()):
+    if not malloc_tunables_active():
+      return
+    env = _without(dict(os.environ), MALLOC_TUNABLES)
   else:
-    del env["GLIBC_TUNABLES"]
+    env = sampling_env()
+    if env.get("GLIBC_TUNABLES") == os.environ.get("GLIBC_TUNABLES"):
+      return
   _reexec([sys.executable, os.path.abspath(sys.argv[0]), *sys.argv[1:]], env)

@@ -54,7 +54,7 @@ def test_reexec_is_a_no_op_off_linux(monkeypatch):
   monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
   assert runtime.reexec_with_malloc_tunables() is None
   monkeypatch.setenv("GLIBC_TUNABLES", runtime.MALLOC_TUNABLES)
-  assert runtime.reexec_without_malloc_tunables() is None
+  assert runtime.reexec_for_sampling() is None
   assert os.environ["GLIBC_TUNABLES"] == runtime.MALLOC_TUNABLES
 
 
@@ -90,22 +90,58 @@ def test_has_accelerator_follows_jax_platforms(monkeypatch):
   assert not runtime.has_accelerator()
 
 
-def test_reexec_without_tunables_keeps_other_settings(tmp_path):
+def test_sampling_env_swaps_the_train_tunables_for_huge_pages():
+  other = "glibc.malloc.tcache_count=0"
+  env = runtime.sampling_env(runtime.tunables_env({"GLIBC_TUNABLES": other, "X": "1"}))
+  assert env["GLIBC_TUNABLES"] == f"{other}:{runtime.SAMPLING_MALLOC_TUNABLES}"
+  assert not runtime.malloc_tunables_active(env) and env["X"] == "1"
+  assert runtime.sampling_env(env) == env  # idempotent
+  assert runtime.sampling_env({})["GLIBC_TUNABLES"] == runtime.SAMPLING_MALLOC_TUNABLES
+
+
+def test_reexec_for_sampling(tmp_path):
   assert sys.platform.startswith("linux"), "this test needs glibc (Linux)"
-  script = tmp_path / "strip.py"
+  script = tmp_path / "sample.py"
   script.write_text(textwrap.dedent(f"""
       import os, sys
       sys.path.insert(0, {ROOT!r})
       from cai_jax import runtime
-      runtime.reexec_without_malloc_tunables()
+      runtime.reexec_for_sampling()
       print(runtime.malloc_tunables_active(), os.environ.get("GLIBC_TUNABLES", "-"))
   """))
-  env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "CAI_JAX_MALLOC_TUNABLES")}
   def run(**extra):
     return subprocess.run([sys.executable, str(script)], env={**env, **extra}, text=True,
                           capture_output=True, timeout=120, check=True).stdout.split()
-  with_other = runtime.tunables_env({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"})
-  assert run(GLIBC_TUNABLES=with_other["GLIBC_TUNABLES"]) == [
-      "False", "glibc.malloc.tcache_count=0"]
-  assert run(GLIBC_TUNABLES=runtime.MALLOC_TUNABLES) == ["False", "-"]
-  assert run() == ["False", "-"]
+  huge = runtime.SAMPLING_MALLOC_TUNABLES
+  other = "glibc.malloc.tcache_count=0"
+  with_other = runtime.tunables_env({"GLIBC_TUNABLES": other})["GLIBC_TUNABLES"]
+  # The train tunables are swapped for huge pages; other settings are kept.
+  assert run(GLIBC_TUNABLES=with_other) == ["False", f"{other}:{huge}"]
+  assert run(GLIBC_TUNABLES=runtime.MALLOC_TUNABLES) == ["False", huge]
+  assert run() == ["False", huge]
+  # Opted out, or on an accelerator host: the train tunables are only taken out.
+  assert run(GLIBC_TUNABLES=with_other, CAI_JAX_MALLOC_TUNABLES="0") == ["False", other]
+  assert run(CAI_JAX_MALLOC_TUNABLES="0") == ["False", "-"]
+  assert run(JAX_PLATFORMS="tpu") == ["False", "-"]
+  assert run(JAX_PLATFORMS="tpu", CAI_JAX_MALLOC_TUNABLES="1") == ["False", huge]
+
+
+def test_sampling_tunables_map_large_buffers_on_huge_pages(tmp_path):
+  """A freed and re-allocated 256 MB buffer (a sampler's per-call KV cache)
+  faults 2 MiB pages, not 4 KiB ones, where the kernel offers huge pages."""
+  assert sys.platform.startswith("linux"), "this test needs glibc (Linux)"
+  script = tmp_path / "probe.py"
+  script.write_text(_PROBE.format(root=ROOT).replace("reexec_with_malloc_tunables",
+                                                     "reexec_for_sampling"))
+  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "CAI_JAX_MALLOC_TUNABLES")}
+  def faults(**extra):
+    out = subprocess.run([sys.executable, str(script)], env={**env, **extra}, text=True,
+                         capture_output=True, timeout=120, check=True).stdout.split()
+    return int(out[1])
+  thp = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+  off, on = faults(CAI_JAX_MALLOC_TUNABLES="0"), faults()
+  if "[madvise]" in thp:  # huge pages where malloc asks for them
+    assert on < off / 20, (on, off, thp)
+  else:  # huge pages always, or never: the setting changes nothing
+    assert off / 2 <= on <= 2 * off + 64, (on, off, thp)
