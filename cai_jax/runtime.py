@@ -84,8 +84,8 @@ def _reexec(cmd, env) -> None:
   os.execve(sys.executable, cmd, env)
 
 
-def _without(env: dict, tunables: str) -> dict:
-  """`env` with the settings in `tunables` taken out of GLIBC_TUNABLES."""
+def _without(env, tunables: str) -> dict:
+  """A copy of `env` with the settings in `tunables` taken out of GLIBC_TUNABLES."""
   drop = set(tunables.split(":"))
   rest = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and t not in drop]
   env = dict(env)
@@ -98,11 +98,11 @@ def _without(env: dict, tunables: str) -> dict:
 def sampling_env(env=None) -> dict:
   """`env` (default: this process's) with MALLOC_TUNABLES taken out of
   GLIBC_TUNABLES and SAMPLING_MALLOC_TUNABLES added (other settings kept)."""
-  env = _without(dict(os.environ if env is None else env), MALLOC_TUNABLES)
-  current = env.get("GLIBC_TUNABLES", "")
-  if SAMPLING_MALLOC_TUNABLES not in current.split(":"):
-    env["GLIBC_TUNABLES"] = f"{current}:{SAMPLING_MALLOC_TUNABLES}" if current \
-        else SAMPLING_MALLOC_TUNABLES
+  env = _without(os.environ if env is None else env,
+                 f"{MALLOC_TUNABLES}:{SAMPLING_MALLOC_TUNABLES}")
+  current = env.get("GLIBC_TUNABLES")
+  env["GLIBC_TUNABLES"] = f"{current}:{SAMPLING_MALLOC_TUNABLES}" if current \
+      else SAMPLING_MALLOC_TUNABLES
   return env
 
 
@@ -123,7 +123,7 @@ def reexec_for_sampling() -> None:
   if choice == "0" or (choice != "1" and has_accelerator()):
     if not malloc_tunables_active():
       return
-    env = _without(dict(os.environ), MALLOC_TUNABLES)
+    env = _without(os.environ, MALLOC_TUNABLES)
   else:
     env = sampling_env()
     if env.get("GLIBC_TUNABLES") == os.environ.get("GLIBC_TUNABLES"):

@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from cai_jax.models.config import ModelConfig
-from cai_jax.models.transformer import (apply_rope, cached_attention, glu, rms_norm,
-                                        rope_sin_cos)
+from cai_jax.models.transformer import (apply_rope, cached_allowed, cached_attention, embed,
+                                        glu, rms_norm, rope_sin_cos)
 
 
 def decode_weights(cfg: ModelConfig, params) -> list:
@@ -57,16 +56,12 @@ def decode_step(cfg: ModelConfig, weights, params, tok_B, pos_B, mask_BxS, cache
   optional shared prefix, the write index); a row attends to the valid
   slots up to `slot`.
   """
-  D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   F = cfg.intermediate_size
-  cd = cfg.jnp_dtype
   B = tok_B.shape[0]
-  x = jnp.take(params["embedding"], tok_B, axis=0).astype(cd)
-  if cfg.scale_embeddings:
-    x = x * jnp.asarray(np.sqrt(D), dtype=cd)
-  x_DxB = x.T
+  x_DxB = embed(cfg, params["embedding"], tok_B).T
   sin, cos = rope_sin_cos(cfg, pos_B[:, None])
-  allowed_Bx1xS = ((jnp.arange(mask_BxS.shape[1]) <= slot)[None] & mask_BxS)[:, None, :]
+  allowed_Bx1xS = cached_allowed(mask_BxS.astype(bool), slot, 1)
   new_cache = []
   for i, w in enumerate(weights):
     p = params[f"layers_{i}"]

@@ -129,6 +129,22 @@ def glu(cfg: ModelConfig, gate: Array, up: Array) -> Array:
   return jax.nn.gelu(gate, approximate=True) * up
 
 
+def embed(cfg: ModelConfig, embedding: Array, tokens: Array) -> Array:
+  """Token embeddings in the compute dtype (times sqrt(hidden_size) for Gemma)."""
+  x = jnp.take(embedding, tokens, axis=0).astype(cfg.jnp_dtype)
+  if cfg.scale_embeddings:
+    x = x * jnp.asarray(np.sqrt(cfg.hidden_size), dtype=cfg.jnp_dtype)
+  return x
+
+
+def cached_allowed(mask_BxS: Array, cache_index, T: int) -> Array:
+  """BxTxS: new token t, written at slot cache_index + t, sees the valid
+  slots (mask_BxS) up to its own."""
+  slot = jnp.arange(mask_BxS.shape[1])[None, :]
+  qpos = cache_index + jnp.arange(T)[:, None]
+  return (slot <= qpos)[None] & mask_BxS[:, None, :]
+
+
 class RMSNorm(nn.Module):
   cfg: ModelConfig
 
@@ -330,9 +346,7 @@ class Transformer(nn.Module):
     V, D = cfg.vocab_size, cfg.hidden_size
     emb = _param(self, "embedding", (V, D), ("vocab", "embed"),
                  nn.initializers.normal(0.02), pd)
-    x = jnp.take(emb, tokens_BxT, axis=0).astype(cd)
-    if cfg.scale_embeddings:
-      x = x * jnp.asarray(np.sqrt(D), dtype=cd)
+    x = embed(cfg, emb, tokens_BxT)
 
     sin, cos = rope_sin_cos(cfg, positions_BxT)
 
@@ -344,10 +358,7 @@ class Transformer(nn.Module):
       # A BxTxT mask (packed training rows: same-document pairs) is used as is.
       allowed = causal[None] & (mask if mask.ndim == 3 else mask[:, None, :])
     else:
-      S = mask.shape[1]
-      slot = jnp.arange(S)[None, :]
-      qpos = cache_index + jnp.arange(T)[:, None]
-      allowed = (slot <= qpos)[None] & mask[:, None, :]
+      allowed = cached_allowed(mask, cache_index, T)
 
     new_cache = []
     if cfg.scan_layers:
