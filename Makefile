@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat setup.py | md5sum | cut -c1-12)
 WORKDIR ?= workdir/demo
 PYTEST_ARGS ?=
-# glibc malloc set-up for XLA:CPU's large per-step buffers (see cai_jax/runtime.py): on for
+# glibc malloc set-up for XLA:CPU's large per-step buffers (see cai_jax/cpu_backend.py): on for
 # the demo and the benchmarks; off for the tests, which are compile-bound and ~10% slower with it.
 MALLOC_TUNABLES := glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.hugetlb=1
 demo bench: export GLIBC_TUNABLES := $(MALLOC_TUNABLES)

@@ -24,16 +24,18 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cai_jax import runtime  # noqa: E402
+from cai_jax import cpu_backend  # noqa: E402
 
 # Same allocator set-up for every framework measured here (see cai_jax/runtime.py).
-runtime.reexec_with_malloc_tunables()
+cpu_backend.reexec_with_malloc_tunables()
 
 from cai_jax import constitution as constitution_lib  # noqa: E402
 from cai_jax import sampling  # noqa: E402
 from cai_jax.data import prompts as prompts_lib  # noqa: E402
 from cai_jax.evaluation import option_scores  # noqa: E402
-from cai_jax.stages import common, label  # noqa: E402
+from cai_jax import roles  # noqa: E402
+from cai_jax import feedback  # noqa: E402
+from cai_jax.evaluation import multiple_choice as mc  # noqa: E402
 
 # Two fixed replies per prompt (the policy's samples are not what is timed).
 REPLIES = ("I can't help with that, but I can point you to safer options if you tell me more.",
@@ -43,7 +45,7 @@ REPLIES = ("I can't help with that, but I can point you to safer options if you 
 def questions(tok, n: int, fewshot: int, fmt: str):
   const = constitution_lib.load("harmlessness")
   red = prompts_lib.load_prompts(None, "red_team", "all")[:n]
-  prompter = label.Prompter(fmt, tok)
+  prompter = feedback.Prompter(fmt, tok)
   rng = np.random.default_rng(0)
   texts = []
   for it in red:
@@ -65,9 +67,9 @@ def main():
   ap.add_argument("--repeats", type=int, default=1)
   args = ap.parse_args()
 
-  cfg, params, tok = common.load_model(args.model)
+  cfg, params, tok = roles.load(args.model)
   prompts = questions(tok, args.n, args.fewshot, args.format)
-  opts = [tok(label.mc.letter_option(j), add_special_tokens=False)["input_ids"] for j in (0, 1)]
+  opts = [tok(mc.letter_option(j), add_special_tokens=False)["input_ids"] for j in (0, 1)]
   pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
 
   def ours():

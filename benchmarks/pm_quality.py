@@ -25,13 +25,15 @@ import ml_collections
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cai_jax import runtime  # noqa: E402
+from cai_jax import cpu_backend  # noqa: E402
 
 # Same allocator set-up for every framework measured here (see cai_jax/runtime.py).
-runtime.reexec_with_malloc_tunables()
+cpu_backend.reexec_with_malloc_tunables()
 
 from cai_jax import utils  # noqa: E402
-from cai_jax.stages import preference, sft  # noqa: E402
+from cai_jax.runtime import runners  # noqa: E402
+from cai_jax.stages import preference  # noqa: E402
+from cai_jax.training import preferences  # noqa: E402
 
 
 def main():
@@ -55,7 +57,7 @@ def main():
   c.pm = preference.default_config()
   c.pm.init_from = "smollm2"
   c.pm.preferences = "none"
-  c.pm.human_data = path
+  c.pm.human_data = (path,)
   c.pm.human_fraction = 1.0
   c.pm.eval_fraction = 0.2
   c.pm.max_eval_pairs = args.eval_pairs
@@ -77,8 +79,8 @@ def main():
   half = 1.96 * math.sqrt(max(acc * (1 - acc), 1e-12) / n)
 
   # Peer heuristic on the same held-out pairs: the shorter reply is the chosen one.
-  pairs = list(preference.read_human_pairs(path))
-  _, ev_idx = sft.split_eval(len(pairs), 0.2, c.seed)
+  pairs = list(preferences.read_human_pairs(path))
+  _, ev_idx = runners.split_eval(len(pairs), 0.2, c.seed)
   ev_pairs = [pairs[i] for i in ev_idx][:args.eval_pairs]
   short = float(np.mean([len(p["a"]) < len(p["b"]) for p in ev_pairs]))
   print(json.dumps({"heldout_accuracy": acc, "accuracy_ci95": [acc - half, acc + half],

@@ -23,16 +23,19 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cai_jax import runtime  # noqa: E402
+from cai_jax import cpu_backend  # noqa: E402
 
 # Same allocator set-up for every framework measured here (see cai_jax/runtime.py).
-runtime.reexec_with_malloc_tunables()
+cpu_backend.reexec_with_malloc_tunables()
 
-from cai_jax import models, sharding  # noqa: E402
+from cai_jax import models, sampling, sharding  # noqa: E402
 from cai_jax.data import prompts as prompts_lib  # noqa: E402
 from cai_jax.rl import config as rl_config, prompt_mix, rollout, trainer as trainer_lib  # noqa: E402
 from cai_jax.sampling import bucket_length  # noqa: E402
-from cai_jax.stages import common, ppo  # noqa: E402
+from cai_jax.text import stop_strings  # noqa: E402
+from cai_jax.text.conversation import ConversationEncoder  # noqa: E402
+from cai_jax import roles  # noqa: E402
+from cai_jax.stages import ppo  # noqa: E402
 
 MAX_OVERHEAD = 0.15
 
@@ -47,7 +50,7 @@ def main():
   ap.add_argument("--minibatches", type=int, default=2)
   args = ap.parse_args()
 
-  cfg, policy, tok = common.load_model(args.model)
+  cfg, policy, tok = roles.load(args.model)
   policy = models.drop_heads(policy, ("lm",))
   pm = models.drop_heads(models.add_score_head(cfg, policy, jax.random.PRNGKey(1), 0.05),
                          ("score",))
@@ -55,17 +58,18 @@ def main():
                                       "data": prompts_lib.default_config()})
   c = rl_config.ppo_section()
   c.batch_size, c.max_new_tokens = args.batch, args.new_tokens
-  c.epochs, c.num_minibatches = args.epochs, args.minibatches
+  c.num_epochs, c.num_minibatches = args.epochs, args.minibatches
   mesh = sharding.make_mesh((-1, 1, 1))
   pm_sharded = sharding.shard_params(pm, cfg, mesh)
-  eos = sorted({i for i in (cfg.eos_token_id, tok.eos_token_id) if i is not None})
+  eos = sampling.eos_ids_of(cfg, tok)
+  enc = ConversationEncoder(tok, "chat")
+  reward = rollout.PMReward(cfg, pm_sharded, enc, eos, stop_strings("chat", tok), 512)
   trainer = trainer_lib.PPOTrainer(c, policy_cfg=cfg, policy_params=policy, value_cfg=cfg,
-                                   value_params=pm, reward_fn=rollout.pm_reward_fn(cfg, pm_sharded),
-                                   mesh=mesh, eos_ids=eos)
+                                   value_params=pm, reward_fn=reward, mesh=mesh, eos_ids=eos)
   del policy
   state = trainer.init_state()
-  red = ppo.encode_prompts(config, tok, "red_team")
-  helpful = ppo.encode_prompts(config, tok, "helpful")
+  red = ppo.encode_prompts(config, enc, "red_team")
+  helpful = ppo.encode_prompts(config, enc, "helpful")
   mix = prompt_mix.PromptMix(red, helpful, 0.5, args.batch, seed=0)
   P = bucket_length(max(len(p["ids"]) for p in red + helpful))
   pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
@@ -76,9 +80,11 @@ def main():
   wall = 0.0
   for it in range(args.iters + 1):
     t0 = time.perf_counter()
-    toks, mask = prompt_mix.left_pad([p["ids"] for p in mix.next_batch()], P, pad)
+    batch = mix.next_batch()
+    toks, mask = prompt_mix.left_pad([p["ids"] for p in batch], P, pad)
     rng, key = jax.random.split(rng)
-    state, m, _ = trainer.iteration(state, toks, mask, key)
+    state, m, _ = trainer.iteration(state, toks, mask, key,
+                                    prompts=[p["messages"] for p in batch])
     jax.block_until_ready(state["step"])
     dt = time.perf_counter() - t0
     print(f"iteration {it}{' (warm-up)' if it == 0 else ''}: {dt:.2f}s generate "

@@ -18,7 +18,7 @@ ceiling of rate / (2 x parameters) tokens/s. Timings alternate between the two
 samplers and keep the best of `repeats` runs each, because the machine is shared (on
 a 2-core VM, ten identical back-to-back runs spread over ±10%, CPU time with wall time).
 Both run under glibc's default malloc with transparent huge pages
-(`runtime.reexec_for_sampling`: the script drops the train-step tunables that
+(`cpu_backend.reexec_for_sampling`: the script drops the train-step tunables that
 `make bench` exports and sets glibc.malloc.hugetlb=1; `--malloc_tunables` keeps
 the train-step ones). Huge pages spare cai_jax ~70k minor page faults per
 batch-64 call (its KV cache is allocated afresh each call); transformers' speed
@@ -35,15 +35,15 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cai_jax import runtime  # noqa: E402
+from cai_jax import cpu_backend  # noqa: E402
 
 # Same allocator set-up for every framework measured here: glibc's defaults plus
-# transparent huge pages (runtime.reexec_for_sampling), as in any sampling-only
+# transparent huge pages (cpu_backend.reexec_for_sampling), as in any sampling-only
 # process; the train-step tunables of cai_jax/runtime.py only with --malloc_tunables.
 if "--malloc_tunables" in sys.argv:
-  runtime.reexec_with_malloc_tunables()
+  cpu_backend.reexec_with_malloc_tunables()
 else:
-  runtime.reexec_for_sampling()
+  cpu_backend.reexec_for_sampling()
 
 from cai_jax import models, sampling  # noqa: E402
 from cai_jax.sampling import sampler as sampler_lib  # noqa: E402
@@ -204,7 +204,7 @@ def main():
   result["matmul_gflops_xla"] = round(xla_rate, 1)
   result["matmul_gflops_torch"] = round(torch_rate, 1)
   result["ceiling_tokens_per_s"] = round(ceiling, 1)
-  result["malloc_tunables"] = runtime.malloc_tunables_active()
+  result["malloc_tunables"] = cpu_backend.malloc_tunables_active()
   result["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")
   for B in [int(b) for b in args.batches.split(",")]:
     result[f"batch{B}_fraction_of_ceiling"] = round(

@@ -30,10 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cai_jax import runtime  # noqa: E402
+from cai_jax import cpu_backend  # noqa: E402
 
 # Same allocator set-up for every framework measured here (see cai_jax/runtime.py).
-runtime.reexec_with_malloc_tunables()
+cpu_backend.reexec_with_malloc_tunables()
 
 from cai_jax import models, sharding as shd  # noqa: E402
 from cai_jax.training import flops as flops_lib, loop, objectives, optim  # noqa: E402
@@ -178,7 +178,7 @@ def main():
       "compile_s": compile_s, "warmup_steps": args.warmup, "batch": B, "seq": L, "layers": cfg.num_layers,
       "logits_chunk": args.logits_chunk, "jax_times": jt, "torch_times": tt,
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "malloc_tunables": runtime.malloc_tunables_active(),
+      "malloc_tunables": cpu_backend.malloc_tunables_active(),
   }
   print(json.dumps(res))
 

@@ -20,8 +20,8 @@ FLAGS = flags.FLAGS
 
 def chat(model: str, prompts, max_new_tokens=96, temperature=0.0, fmt="chat", seed=0):
   from cai_jax import sampling
-  from cai_jax.stages.common import load_model
-  cfg, params, tok = load_model(model)
+  from cai_jax import roles
+  cfg, params, tok = roles.load(model)
   msgs = [[{"role": "user", "content": p}] for p in prompts]
   comps = sampling.generate(cfg, params, tok, msgs, fmt=fmt, max_new_tokens=max_new_tokens,
                             greedy=temperature <= 0, temperature=max(temperature, 1e-6),

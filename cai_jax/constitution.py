@@ -134,6 +134,13 @@ class Constitution:
         return p
     raise KeyError(f"constitution {self.name!r} has no choice principle {pid!r}")
 
+  def fingerprint(self) -> str:
+    """A short hash of the whole content: what a settings snapshot records."""
+    import hashlib
+    import json
+    text = json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
     d.pop("source")

@@ -2,11 +2,15 @@
 
   python -m cai_jax.main --config=configs/demo.py --workdir=workdir/demo
   cai-jax --config=configs/tiny.py --workdir=/tmp/cai --config.stages=revise,sft
-  cai-jax --config=configs/paper.py:llama3_8b --workdir=gs://bucket/run --config.model=/ckpt
+  cai-jax --config=configs/paper.py:model=/ckpt,human_data=/data/helpful.jsonl.gz --workdir=gs://bucket/run
+  cai-jax --config=configs/demo.py --workdir=workdir/demo --config.label.num_principles=4 --rerun=label
 
 `--config.x=y` overrides a field; `--sweep=NAME` runs the config module's
-`sweep_NAME(add)` points, each into WORKDIR/<point>/. Bad configuration and bad
-input print one line and exit with status 2.
+`sweep_NAME(add)` points, each into WORKDIR/<point>/. A workdir whose stages ran
+with other settings is refused (exit 2, the fields named) unless `--rerun=STAGE`
+discards that stage and the ones after it. Bad configuration and bad input
+print one line and exit with status 2. The terminal shows stages, progress
+bars and summaries; WORKDIR/log.txt holds every log line.
 """
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory; each stage writes WORKDIR/<stage>/.")
 _SWEEP = flags.DEFINE_string("sweep", None, "Run the config module's sweep_<NAME>(add) points.")
+_RERUN = flags.DEFINE_string("rerun", None, "Discard this stage and the stages after it in "
+                             "WORKDIR, then run them again (e.g. after changing their settings).")
 
 EXIT_BAD_INPUT = 2
 
@@ -98,7 +104,8 @@ def _sweep_points(name: str):
 
 
 def _point_name(point: dict) -> str:
-  shown = {k: v for k, v in point.items() if not k.startswith("reuse_")}
+  shown = {k: ("+".join(map(str, v)) if isinstance(v, (tuple, list)) else v)
+           for k, v in point.items() if not k.startswith("reuse_")}
   return ",".join(f"{k}={v}" for k, v in sorted(shown.items())).replace("/", "_") or "base"
 
 
@@ -117,8 +124,11 @@ def main(argv):
     _fail("--workdir is required, e.g. --workdir=workdir/demo")
   # Multi-host (CAI_JAX_DISTRIBUTED=1 or config.distributed.enabled): join the
   # other hosts before anything touches a device.
-  from cai_jax import sharding
+  from cai_jax import sharding, utils
+  from cai_jax.runtime import console
   sharding.maybe_initialize_distributed(config)
+  workdir = utils.resolve_dir(_WORKDIR.value)
+  console.setup(None if utils.is_url(workdir) else os.path.join(workdir, "log.txt"))
   try:
     if _SWEEP.value:
       points = _sweep_points(_SWEEP.value)
@@ -128,12 +138,12 @@ def main(argv):
         if point.get("reuse_stages") and "reuse_from" not in point:
           # Ablations of later stages reuse the first point's earlier stages.
           point = dict(point, reuse_from=first)
-        _report(pipeline.run(_apply(config, point), workdir))
+        _report(pipeline.run(_apply(config, point), workdir, rerun=_RERUN.value))
       from cai_jax.evaluation import report
       path = report.write_sweep_summary(_WORKDIR.value, [(_point_name(p), w) for w, p in runs])
       print(f"\nSweep summary: {path}")
     else:
-      _report(pipeline.run(config, _WORKDIR.value))
+      _report(pipeline.run(config, _WORKDIR.value, rerun=_RERUN.value))
   except (InputError, KeyError, AttributeError, TypeError) as e:
     if isinstance(e, InputError) or _is_config_error(e):
       _fail(one_line(e))
@@ -169,8 +179,8 @@ def run():
 
 def cli():
   """Console script `cai-jax`: re-executes once with the malloc tunables, then runs."""
-  from cai_jax import runtime
-  runtime.reexec_with_malloc_tunables(module="cai_jax.main" if __name__ == "__main__" else None)
+  from cai_jax import cpu_backend
+  cpu_backend.reexec_with_malloc_tunables(module="cai_jax.main" if __name__ == "__main__" else None)
   run()
 
 

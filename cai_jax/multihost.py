@@ -6,10 +6,9 @@ On a pod slice every host runs the same program. Work is split in two ways:
 j % process_count). The generation stages (revise, label) deal their
 fixed-size chunks with `run_dealt`; every chunk's randomness comes from its
 index alone, so the records do not depend on which host made them. Results come
-back together with `gather_records` (over the JAX collectives, any file system)
-or `write_host_shard` + `merge_host_shards` (through a shared directory such as
-gs://), in job or process order, so the merged list is the single-host list:
-nothing twice, nothing lost, same order.
+back together with `gather_records` (over the JAX collectives, so hosts need
+no shared file system), in job or process order, so the merged list is the
+single-host list: nothing twice, nothing lost, same order.
 
 With one process all of this degrades to the identity, so stages call it
 unconditionally. Start-up itself (`jax.distributed.initialize`) lives in
@@ -19,15 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
 
 from cai_jax.utils import InputError
-
-SHARD_SUFFIX = "-{index:05d}-of-{count:05d}"
 
 
 def process_index() -> int:
@@ -185,81 +181,6 @@ def to_host(tree):
       return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
   return jax.tree_util.tree_map(one, tree)
-
-
-# ---------------------------------------------------------------- shard files
-def _epath(path: str):
-  """gs:// and local paths alike (etils.epath, which Orbax also uses)."""
-  from etils import epath
-  return epath.Path(path)
-
-
-def shard_path(path: str, index: Optional[int] = None, count: Optional[int] = None) -> str:
-  """records.jsonl -> records-00001-of-00002.jsonl for host 1 of 2."""
-  index, count = _index_count(index, count)
-  root, ext = os.path.splitext(path)
-  return root + SHARD_SUFFIX.format(index=index, count=count) + ext
-
-
-def _write_atomic(path: str, text: str) -> None:
-  if "://" not in path:
-    from cai_jax.utils import atomic_write_text
-    atomic_write_text(path, text)
-    return
-  # Object stores publish a whole object on close; a temp name is not needed.
-  p = _epath(path)
-  p.parent.mkdir(parents=True, exist_ok=True)
-  p.write_text(text)
-
-
-def write_host_shard(path: str, records: Sequence[dict], index: Optional[int] = None,
-                     count: Optional[int] = None) -> str:
-  """Writes this host's records as a jsonl shard beside `path`; returns its name."""
-  out = shard_path(path, index, count)
-  _write_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-  return out
-
-
-def merge_host_shards(path: str, count: Optional[int] = None, remove: bool = True) -> list[dict]:
-  """Reads the `count` shards of `path` in host order and writes `path` (jsonl).
-
-  Call on one host after a `sync`; a missing shard is an error, not a silent
-  gap. Returns the merged records.
-  """
-  count = jax.process_count() if count is None else int(count)
-  shards = [shard_path(path, i, count) for i in range(count)]
-  missing = [s for s in shards if not _epath(s).exists()]
-  if missing:
-    raise InputError(f"{missing[0]}: host shard missing ({len(missing)} of {count}); "
-                     "rerun the stage so every host writes its shard")
-  records = []
-  for s in shards:
-    for i, line in enumerate(_epath(s).read_text().splitlines(), 1):
-      if not line.strip():
-        continue
-      try:
-        records.append(json.loads(line))
-      except json.JSONDecodeError as e:
-        raise InputError(f"{s}:{i}: malformed JSON ({e.msg}); delete the shard and rerun "
-                         "the stage") from None
-  _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-  if remove:
-    for s in shards:
-      _epath(s).unlink()
-  return records
-
-
-def write_records(path: str, records: Sequence[dict]) -> list[dict]:
-  """Each host passes its shard's records; the full file appears once at `path`.
-
-  Gathers over the collectives (no shared file system needed) and writes from
-  process 0 only. Returns the full record list on every host.
-  """
-  allrecs = gather_records(records)
-  if is_main():
-    _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in allrecs))
-  sync("write_records:" + os.path.basename(path))
-  return allrecs
 
 
 def host_batch_slice(mesh, global_batch_size: int, ndim: int = 2, rules=None) -> slice:

@@ -1,42 +1,35 @@
-"""The Constitutional AI pipeline: revise -> sft -> label -> pm -> ppo -> evaluate.
+"""The Constitutional AI pipeline: [generate_prompts ->] revise -> sft -> label -> pm -> ppo -> evaluate.
 
 `base_config()` is the ConfigDict every config file starts from: the top-level
 fields the stages share plus one section per stage (each stage's own
 `default_config()`). `run(config, workdir)` runs the configured stages in that
-order. A stage whose directory holds DONE is skipped; one without DONE is called
-again and resumes from whatever partial output it left. Wall time per stage is
-accumulated across attempts in WORKDIR/pipeline.json, and the run ends by writing
-WORKDIR/report.md.
+order. Before anything runs, every configured stage that already holds results
+in the workdir is checked against the settings that made them (a changed
+setting stops the run with one line naming it; `rerun=STAGE` discards that
+stage and the ones after it instead). A stage whose directory holds DONE is then
+skipped; one without DONE is called again and resumes from its partial output.
+Wall time per stage is accumulated across attempts in WORKDIR/pipeline.json,
+and the run ends by writing WORKDIR/report.md.
 """
 from __future__ import annotations
 
 import importlib
 import json
-import os
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 from absl import logging
 import ml_collections
 
-from cai_jax import utils
+from cai_jax import roles, utils
 from cai_jax.data import prompts
+from cai_jax.runtime import provenance
+from cai_jax.runtime.stagelist import (DEFAULT_STAGES, STAGE_MODULES, STAGES, later_stages,
+                                       parse_list, parse_stages)
 from cai_jax.utils import InputError
 
-# Canonical order; config.stages picks a subset and they always run in this order.
-STAGES = ("revise", "sft", "label", "pm", "ppo", "evaluate")
-# Stage name -> module exposing default_config() and run(config, workdir).
-STAGE_MODULES = {
-    "revise": "cai_jax.stages.revise",
-    "sft": "cai_jax.stages.sft",
-    "label": "cai_jax.stages.label",
-    "pm": "cai_jax.stages.preference",
-    "ppo": "cai_jax.stages.ppo",
-    "evaluate": "cai_jax.stages.evaluate",
-}
-# Model names load_model resolves without a file on disk.
-BUILTIN_MODELS = ("tiny", "smollm2", "smollm2-135m", "smollm2-135m-instruct")
 TIMINGS_FILE = "pipeline.json"
+CONFIG_FILE = "config.json"
 
 
 def _stage_module(name: str):
@@ -52,7 +45,7 @@ def _stage_module(name: str):
 def base_config() -> ml_collections.ConfigDict:
   """Top-level fields shared by the stages, plus each available stage's section."""
   c = ml_collections.ConfigDict()
-  c.stages = ",".join(STAGES)  # comma-separated subset of revise,sft,label,pm,ppo,evaluate
+  c.stages = DEFAULT_STAGES    # subset of STAGES (generate_prompts is optional); always run in order
   c.seed = 0                   # one seed for sampling, principle draws, init and shuffles
   c.model = "tiny"             # initial helpful model: "tiny" | "smollm2" | HF dir | .gguf
   c.feedback_model = ""        # model answering the labelling questions; "" = same as model
@@ -70,7 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = prompts.default_config()
   # Ablations reuse earlier artifacts: stages listed here are linked from reuse_from.
   c.reuse_from = ""            # another WORKDIR whose finished stage dirs are reused
-  c.reuse_stages = ""          # comma-separated stages to link from reuse_from (e.g. "revise,sft")
+  c.reuse_stages = ()          # stages to link from reuse_from, e.g. ("revise", "sft")
   for name in STAGES:
     mod = _stage_module(name)
     section = mod.default_config() if mod is not None and hasattr(mod, "default_config") \
@@ -81,64 +74,61 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def parse_stages(value) -> list[str]:
-  """config.stages (comma string or sequence) -> validated list in canonical order."""
-  if isinstance(value, str):
-    names = [s.strip() for s in value.split(",") if s.strip()]
-  else:
-    names = [str(s).strip() for s in value]
-  for n in names:
-    if n not in STAGES:
-      raise InputError(f"config.stages: unknown stage {n!r}; choose from {','.join(STAGES)}")
-  if not names:
-    raise InputError(f"config.stages is empty; list some of {','.join(STAGES)}")
-  return [s for s in STAGES if s in names]
-
-
-def _check_model_path(field: str, path: str) -> None:
-  if path in BUILTIN_MODELS:
-    return
-  if not path:
-    raise InputError(f"config.{field} is empty; set --config.{field}=PATH "
-                     "(an HF checkpoint directory, a .gguf file, 'smollm2' or 'tiny')")
-  if not os.path.exists(os.path.expanduser(path)):
-    raise InputError(f"config.{field}: {path}: not found; point it at an HF checkpoint "
-                     "directory or a .gguf file (or use 'smollm2' / 'tiny')")
-
-
 def validate(config) -> list[str]:
   """Checks what can be checked before any stage runs; returns the stage list."""
   stages = parse_stages(config.stages)
-  _check_model_path("model", config.model)
+  if not stages:
+    raise InputError(f"config.stages is empty; list some of {','.join(STAGES)}")
+  roles.check("model", config.model)
   if config.feedback_model:
-    _check_model_path("feedback_model", config.feedback_model)
+    roles.check("feedback_model", config.feedback_model)
   for field in ("red_team", "helpful"):
     path = config.data[field]
-    if path != "builtin" and not os.path.exists(os.path.expanduser(path)):
+    if path != "builtin" and not utils.exists(str(path)):
       raise InputError(f"config.data.{field}: {path}: not found; use 'builtin' or a file path")
+  if str(config.dtype) not in ("float32", "bfloat16", "float16"):
+    raise InputError(f"config.dtype={config.dtype!r}; use 'float32' (CPU), 'bfloat16' (TPU) "
+                     "or 'float16'")
   if config.prompt_format not in ("chat", "raw"):
     raise InputError(f"config.prompt_format={config.prompt_format!r}; use 'chat' or 'raw'")
-  reuse = [s for s in str(config.reuse_stages).split(",") if s.strip()]
-  if reuse:
-    parse_stages(",".join(reuse))
-    if not config.reuse_from:
-      raise InputError("config.reuse_stages is set but config.reuse_from is empty; "
-                       "set --config.reuse_from=OTHER_WORKDIR")
+  for name in stages:
+    mod = _stage_module(name)
+    if mod is not None and hasattr(mod, "check_config"):
+      mod.check_config(config)
+  reuse = parse_stages(config.reuse_stages, "config.reuse_stages")
+  if reuse and not config.reuse_from:
+    raise InputError("config.reuse_stages is set but config.reuse_from is empty; "
+                     "set --config.reuse_from=OTHER_WORKDIR")
   return stages
 
 
+def effective_config(config, workdir: str, stages) -> ml_collections.ConfigDict:
+  """The config the stages run with: when generate_prompts is part of the run,
+  the later stages read its prompts (data.<kind> = WORKDIR/generate_prompts)."""
+  if "generate_prompts" not in stages:
+    return config
+  c = config.copy_and_resolve_references()
+  kind = str(c.generate_prompts.kind)
+  if kind in ("red_team", "helpful"):
+    c.data[kind] = utils.join(utils.resolve_dir(workdir), "generate_prompts")
+  return c
+
+
 def stage_dir(workdir: str, name: str) -> str:
-  return os.path.join(workdir, name)
+  return utils.join(workdir, name)
 
 
 def _link_reused(config, workdir: str) -> None:
-  reuse = parse_stages(config.reuse_stages) if str(config.reuse_stages).strip() else []
-  for name in reuse:
-    src = os.path.abspath(stage_dir(config.reuse_from, name))
+  import os
+  for name in parse_stages(config.reuse_stages, "config.reuse_stages"):
+    src = utils.resolve_dir(stage_dir(config.reuse_from, name))
     dst = stage_dir(workdir, name)
     if not utils.is_done(src):
       raise InputError(f"config.reuse_from: {src} has no DONE marker; finish that run's "
                        f"{name} stage first or drop {name} from config.reuse_stages")
+    if utils.is_url(dst) or utils.is_url(src):
+      raise InputError("config.reuse_stages links stage directories, which object stores "
+                       "cannot; copy the stage directory into the workdir instead")
     if os.path.lexists(dst):
       if os.path.islink(dst) and os.path.realpath(dst) == os.path.realpath(src):
         continue
@@ -149,11 +139,7 @@ def _link_reused(config, workdir: str) -> None:
 
 
 def read_timings(workdir: str) -> dict:
-  path = os.path.join(workdir, TIMINGS_FILE)
-  if not os.path.exists(path):
-    return {"stages": {}}
-  with open(path) as f:
-    return json.load(f)
+  return utils.read_json(utils.join(workdir, TIMINGS_FILE), {"stages": {}})
 
 
 def _record(workdir: str, name: str, seconds: float, status: str, summary=None,
@@ -167,7 +153,7 @@ def _record(workdir: str, name: str, seconds: float, status: str, summary=None,
   s["status"] = status
   if summary is not None:
     s["summary"] = _jsonable(summary)
-  utils.atomic_write_text(os.path.join(workdir, TIMINGS_FILE), json.dumps(t, indent=2) + "\n")
+  utils.write_json(utils.join(workdir, TIMINGS_FILE), t)
 
 
 def _jsonable(x):
@@ -180,6 +166,7 @@ def _jsonable(x):
 def _enable_compilation_cache(path: str) -> None:
   if not path:
     return
+  import os
   import jax
   path = os.path.expanduser(path)
   try:
@@ -199,53 +186,126 @@ def resolve_stage(name: str) -> Callable:
   return mod.run
 
 
-def run(config, workdir: str, registry: dict[str, Callable] | None = None,
-        write_report: bool = True) -> dict:
+def check_settings(config, workdir: str, stages, skip=()) -> None:
+  """Refuses (InputError) a stage whose results in `workdir` came from other settings."""
+  for name in stages:
+    if name in skip:
+      continue
+    mod = _stage_module(name)
+    if mod is None or not hasattr(mod, "settings"):
+      continue
+    provenance.check(stage_dir(workdir, name), name, mod.settings(config, workdir))
+
+
+def discard(workdir: str, stage: str) -> list[str]:
+  """Deletes `stage` and every later stage's directory (a reused stage's link
+  only); returns the stages removed."""
+  removed = []
+  for name in later_stages(stage):
+    d = stage_dir(workdir, name)
+    if utils.exists(d) or (not utils.is_url(d) and _lexists(d)):
+      utils.remove(d)
+      removed.append(name)
+  return removed
+
+
+def _lexists(path: str) -> bool:
+  import os
+  return os.path.lexists(path)
+
+
+def _say(text: str) -> None:
+  print(text, flush=True)
+
+
+def _summary_line(summary: dict, limit: int = 6) -> str:
+  parts = []
+  for k, v in summary.items():
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+      continue
+    parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+    if len(parts) >= limit:
+      break
+  return ", ".join(parts)
+
+
+def run(config, workdir: str, registry: Optional[dict[str, Callable]] = None,
+        write_report: bool = True, rerun: Optional[str] = None) -> dict:
   """Runs config.stages in order into workdir; returns {stage: summary, ...}.
 
   `registry` maps stage names to run functions (tests pass fakes); by default
-  each comes from its module in cai_jax.stages.
+  each comes from its module in cai_jax.stages. `rerun` names a stage to discard,
+  with every stage after it, and run again.
   """
   stages = validate(config)
-  _enable_compilation_cache(config.get("compilation_cache", ""))
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  utils.atomic_write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2) + "\n")
-  _link_reused(config, workdir)
+  workdir = utils.resolve_dir(workdir)
+  config = effective_config(config, workdir, stages)
+  if rerun:
+    if rerun not in STAGES:
+      raise InputError(f"--rerun={rerun}: unknown stage; choose from {','.join(STAGES)}")
   fns = {name: (registry[name] if registry and name in registry else None) for name in stages}
   for name in stages:
     if fns[name] is None:
       fns[name] = resolve_stage(name)
+  redo = set(later_stages(rerun)) if rerun else set()
+  check_settings(config, workdir, [s for s in stages if not (registry and s in registry)],
+                 skip=redo)
   from cai_jax import multihost
+  if rerun and multihost.is_main():
+    removed = discard(workdir, rerun)
+    logging.info("--rerun=%s: discarded %s", rerun, ", ".join(removed) or "nothing")
+  multihost.sync("pipeline: rerun")
+  _enable_compilation_cache(config.get("compilation_cache", ""))
+  if multihost.is_main():
+    utils.makedirs(workdir)
+    _link_reused(config, workdir)
+  multihost.sync("pipeline: workdir ready")
+  todo = [n for n in stages if not multihost.from_main(utils.is_done(stage_dir(workdir, n)))]
+  if todo and multihost.is_main():
+    # config.json describes the run that produced the results: written only when
+    # a stage runs (a changed setting was refused above).
+    utils.atomic_write_text(utils.join(workdir, CONFIG_FILE),
+                            config.to_json_best_effort(indent=2) + "\n")
   results = {}
   t_start = time.time()
-  for name in stages:
+  for k, name in enumerate(stages, 1):
     d = stage_dir(workdir, name)
-    # Process 0's marker decides for every host: hosts need not share its disk.
-    if multihost.from_main(utils.is_done(d)):
-      logging.info("stage %s: DONE marker found in %s, skipping", name, d)
-      _record(workdir, name, 0.0, "skipped")
+    head = f"[{k}/{len(stages)}] {name}"
+    if name not in todo:
+      _say(f"{head}: finished earlier (DONE in {d}), skipped")
+      if multihost.is_main():
+        _record(workdir, name, 0.0, "skipped")
       results[name] = {"status": "skipped"}
       continue
-    logging.info("stage %s: running (resumes any partial output in %s)", name, d)
+    _say(f"{head}: running (resumes any partial output in {d})")
     t0, c0 = time.time(), time.process_time()
     status = "interrupted"
+    summary: dict = {}
     try:
       summary = fns[name](config, workdir) or {}
       status = "done"
+    except BaseException as e:
+      status = "failed" if isinstance(e, Exception) else "interrupted"
+      raise
     finally:
       dt = time.time() - t0
-      _record(workdir, name, dt, status, summary if status == "done" else None,
-              cpu_seconds=time.process_time() - c0)
-      logging.info("stage %s: %s after %.1f s", name, status, dt)
+      if multihost.is_main():
+        _record(workdir, name, dt, status, summary if status == "done" else None,
+                cpu_seconds=time.process_time() - c0)
     if multihost.is_main() and not utils.is_done(d):
       # Stages write DONE last themselves; this covers stages with nothing to store.
       utils.mark_done(d, _jsonable(summary))
+    _say(f"{head}: done in {dt:.0f} s" + (f" ({_summary_line(summary)})" if summary else ""))
     results[name] = {"status": "done", "seconds": dt, "summary": summary}
-  t = read_timings(workdir)
-  t["last_run_seconds"] = time.time() - t_start
-  utils.atomic_write_text(os.path.join(workdir, TIMINGS_FILE), json.dumps(t, indent=2) + "\n")
-  if write_report:
+  if multihost.is_main():
+    t = read_timings(workdir)
+    t["last_run_seconds"] = time.time() - t_start
+    utils.write_json(utils.join(workdir, TIMINGS_FILE), t)
+  if write_report and multihost.is_main():
     from cai_jax.evaluation import report
     results["report"] = report.write_report(workdir)
   return results
+
+
+__all__ = ["STAGES", "DEFAULT_STAGES", "base_config", "run", "validate", "parse_stages",
+           "parse_list", "discard", "check_settings"]

@@ -24,6 +24,12 @@ def get_config(arg=None):
   c.data.num_helpful = 8       # helpfulness prompts per train split
   c.data.eval_fraction = 0.2   # 9 of the 45 built-in prompts of each kind are held out
 
+  # Off by default (not in c.stages): `--sweep=generated` adds it before revise.
+  c.generate_prompts.num_prompts = 8   # new red-team prompts to keep
+  c.generate_prompts.chunk_size = 8    # candidates sampled per resumable chunk
+  c.generate_prompts.max_chunks = 4    # give up after this many chunks
+  c.generate_prompts.batch_size = 8    # sampler batch
+
   c.revise.num_revisions = 2   # critique -> revision rounds (paper: 4)
   c.revise.num_fewshot = 1     # one few-shot critique dialogue in front (prompts ~400-650 tokens)
   c.revise.temperature = 0.7   # a 135M model at T=1 (the paper's setting) writes mostly noise
@@ -57,7 +63,7 @@ def get_config(arg=None):
   c.ppo.num_iterations = 4       # rollout + update iterations
   c.ppo.batch_size = 8           # prompts per iteration (half red-team, half helpful)
   c.ppo.num_minibatches = 2      # minibatches per pass
-  c.ppo.epochs = 2               # passes over each rollout batch
+  c.ppo.num_epochs = 2               # passes over each rollout batch
   c.ppo.max_new_tokens = 40      # response budget
   c.ppo.policy_optim.learning_rate = 2e-6  # small steps: 4 iterations only
   c.ppo.checkpoint_every = 2     # checkpoint every other iteration (a save costs ~10 s here)
@@ -69,7 +75,7 @@ def get_config(arg=None):
   c.evaluate.pm_max_len = 256        # tokens of a PM-scored conversation
   # The paper's multiple-choice evals, when ../shared/data is present (optional input).
   evals = os.path.join(shared_data_dir(), "cai_paper", "evals")
-  c.evaluate.mc_files = ",".join(
+  c.evaluate.mc_files = tuple(
       os.path.join(evals, f) for f in ("HarmfulVsEthical.jsonl", "HarmfulnessClassification.jsonl")
       if os.path.exists(os.path.join(evals, f)))
   c.evaluate.mc_max_items = 8        # items per eval file, both formulations (full files:
@@ -95,14 +101,21 @@ def sweep_critique(add):
   add(**{"revise.direct_revision": True})
 
 
+def sweep_generated(add):
+  """The built-in red-team prompts alone, against them grown by few-shot generation
+  (the paper's generate-more-prompts step, the optional generate_prompts stage)."""
+  add(**{"stages": pipeline.DEFAULT_STAGES})
+  add(**{"stages": ("generate_prompts",) + pipeline.DEFAULT_STAGES})
+
+
 def sweep_labels(add):
   """Soft against hard AI labels; the second point reuses the first one's revise + sft."""
   add(**{"label.hard_labels": False})
-  add(**{"label.hard_labels": True, "reuse_stages": "revise,sft"})
+  add(**{"label.hard_labels": True, "reuse_stages": ("revise", "sft")})
 
 
 def sweep_cot_clamp(add):
   """Chain-of-thought labels with no clamp, 20-80% and 40-60% (paper Fig. 9)."""
-  add(**{"label.cot": True, "label.cot_clamp": "none"})
-  for clamp in ("0.2,0.8", "0.4,0.6"):
-    add(**{"label.cot": True, "label.cot_clamp": clamp, "reuse_stages": "revise,sft"})
+  add(**{"label.cot": True, "label.cot_clamp": ()})
+  for clamp in ((0.2, 0.8), (0.4, 0.6)):
+    add(**{"label.cot": True, "label.cot_clamp": clamp, "reuse_stages": ("revise", "sft")})

@@ -1,14 +1,22 @@
 """The paper's settings (Bai et al. 2022, "Constitutional AI"), sized for a TPU pod.
 
   python -m cai_jax.main --workdir=gs://BUCKET/cai_paper \
-      --config=configs/paper.py:model=/ckpt/helpful_hf,red_team=/data/red_team_attempts.jsonl.gz,helpful=/data/helpful-base/train.jsonl.gz
+      --config=configs/paper.py:model=/ckpt/helpful_hf,pretrained=/ckpt/base_hf,red_team=/data/red_team_attempts.jsonl.gz,helpful=/data/helpful-base/train.jsonl.gz,human_data=/data/helpful-base/train.jsonl.gz
   python -m cai_jax.main --config=configs/paper.py:model=... --workdir=... --sweep=labels
 
-`arg` is a comma-separated list of key=value: `model` (HF dir of the helpful
-RLHF model the paper starts from), `feedback_model` (the pretrained model that
-labels; default the same), `red_team` / `helpful` (hh-rlhf red-team-attempts and
-helpful-* files), `pm_pretrain` (hh-rlhf comparisons for PM pretraining). The
-paper used 52B models; any HF llama/mistral/qwen2/gemma checkpoint loads.
+`arg` is a comma-separated list of key=value:
+  model           HF dir of the helpful (RLHF) model the paper starts from (required)
+  pretrained      HF dir of the pretrained model SL-CAI fine-tunes (paper); default: `model`
+  feedback_model  the pretrained model that labels (paper); default: `model`
+  red_team        hh-rlhf red-team-attempts file (paper: 42,496 human prompts)
+  helpful         hh-rlhf helpful-* comparisons, for helpfulness prompts
+  human_data      hh-rlhf helpful-* comparisons the PM mixes with the AI harmlessness
+                  labels (paper: 135,296). Required: without it the PM learns harmlessness
+                  alone; pass human_fraction=0 to run so on purpose.
+  human_fraction  share of human comparisons in the PM's training mix (default 0.5)
+  pm_pretrain     hh-rlhf comparisons for PM pretraining
+  sft_lr          SL-CAI learning rate (paper: half the pretraining rate)
+The paper used 52B models; any HF llama/mistral/qwen2/gemma checkpoint loads.
 Sweeps beside it reproduce the paper's ablations.
 """
 from cai_jax import pipeline
@@ -44,6 +52,7 @@ def get_config(arg=None):
   c.revise.top_p = 1.0
   c.revise.num_principles = 16            # paper: a pool of 16 principles, one drawn per round
   c.revise.num_fewshot = -1               # all few-shot critique/revision dialogues
+  c.revise.history = False                # paper: each round revises the latest revision alone
   c.revise.helpful_samples = 2            # paper: 2 responses per helpfulness prompt
   c.revise.max_new_tokens = 256           # response budget
   c.revise.critique_max_new_tokens = 256
@@ -58,6 +67,7 @@ def get_config(arg=None):
 
 def _stage_settings(c, a):
   """SL-CAI fine-tuning, AI labels, PM and PPO as the paper describes them."""
+  c.sft.init_from = a.get("pretrained", "")  # paper: fine-tune a pretrained model ("" = model)
   c.sft.num_epochs = 1.0                  # paper: one epoch over revisions + helpful samples
   c.sft.optim.schedule = "constant"       # paper: constant learning rate
   # Paper: 0.5x the model's pretraining learning rate. Set it for your model, e.g.
@@ -74,15 +84,20 @@ def _stage_settings(c, a):
   c.label.temperature = 1.0               # paper: T = 1 for the compared responses
   c.label.num_principles = 1              # paper: one principle sampled per comparison (of 16)
   c.label.hard_labels = False             # paper: soft labels (normalised log-probs) work best
-  c.label.debias = True                   # ours: both option orders averaged
+  c.label.options_header = True           # paper: "Options:" before (A)/(B)
+  c.label.debias = True                   # ours: both option orders, probabilities averaged
+  c.label.debias_mean = "probability"
+  c.label.cot_dialogue = True             # paper: CoT questions as Human:/Assistant: turns
   c.label.cot = False                     # RL-CAI; set True for RL-CAI w/ chain of thought
-  c.label.cot_clamp = "0.4,0.6"           # paper: CoT probabilities clamped to 40-60%
+  c.label.cot_clamp = (0.4, 0.6)          # paper: CoT probabilities clamped to 40-60%
   c.label.max_new_tokens = 256            # response budget
   c.label.batch_size = 256                # sampler batch per host
 
-  c.pm.human_data = a.get("human_data", "")  # human helpfulness comparisons (hh-rlhf helpful-*)
-  c.pm.human_fraction = 0.5               # mix of human helpfulness and AI harmlessness pairs
-  c.pm.pretrain_data = a.get("pm_pretrain", "")  # paper: PM pretraining on public comparisons
+  # Paper: the AI harmlessness labels mixed with 135,296 human helpfulness comparisons.
+  c.pm.human_data = tuple(p for p in a.get("human_data", "").split(";") if p)
+  c.pm.human_fraction = float(a.get("human_fraction", 0.5))
+  c.pm.require_human_data = True          # refuse to start without them (or human_fraction=0)
+  c.pm.pretrain_data = tuple(p for p in a.get("pm_pretrain", "").split(";") if p)
   c.pm.pretrain_steps = 2000 if a.get("pm_pretrain") else 0
   c.pm.batch_size = 512                   # pairs per step (not stated in the paper)
   c.pm.max_len = 1024
@@ -118,11 +133,11 @@ def sweep_critique(add):
 def sweep_labels(add):
   """Soft against hard AI labels (paper Sec. 4.1); later points reuse revise + sft."""
   add(**{"label.hard_labels": False})
-  add(**{"label.hard_labels": True, "reuse_stages": "revise,sft"})
+  add(**{"label.hard_labels": True, "reuse_stages": ("revise", "sft")})
 
 
 def sweep_cot_clamp(add):
   """Chain-of-thought labels with no clamp, 20-80% and 40-60% (paper Fig. 9)."""
-  add(**{"label.cot": True, "label.cot_clamp": "none"})
-  for clamp in ("0.2,0.8", "0.4,0.6"):
-    add(**{"label.cot": True, "label.cot_clamp": clamp, "reuse_stages": "revise,sft"})
+  add(**{"label.cot": True, "label.cot_clamp": ()})
+  for clamp in ((0.2, 0.8), (0.4, 0.6)):
+    add(**{"label.cot": True, "label.cot_clamp": clamp, "reuse_stages": ("revise", "sft")})

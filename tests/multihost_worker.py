@@ -125,19 +125,12 @@ def sample_batch(cfg, host_params, mesh):
 
 
 def records_roundtrip(directory):
-  """Host-sharded record generation: gathered and file-merged lists."""
+  """Host-sharded record generation gathered over the collectives."""
+  del directory
   items = [{"id": i, "prompt": f"prompt {i} ünï"} for i in range(11)]
   mine = multihost.host_shard(items)
   done = [dict(it, response=it["prompt"].upper(), host=jax.process_index()) for it in mine]
-  gathered = multihost.gather_records(done)
-  path = os.path.join(directory, "records.jsonl")
-  multihost.write_host_shard(path, done)
-  multihost.sync("shards written")
-  merged = multihost.merge_host_shards(path) if multihost.is_main() else None
-  multihost.sync("shards merged")
-  written = multihost.write_records(os.path.join(directory, "gathered.jsonl"), done)
-  return {"mine": [r["id"] for r in done], "gathered": gathered, "merged": merged,
-          "written": written}
+  return {"mine": [r["id"] for r in done], "gathered": multihost.gather_records(done)}
 
 
 def stage_config():
@@ -185,9 +178,10 @@ def run_stages(workdir):
   between hosts, so the records must travel over the collectives), run twice:
   the second run finds process 0's DONE. Returns summaries and the files each
   process holds (name -> text)."""
-  from cai_jax.stages import common, label, revise
+  from cai_jax import sampling
+  from cai_jax.stages import label, revise
   c = stage_config()
-  mesh, batch_size = common.generation_mesh(c, c.revise.batch_size)
+  mesh, batch_size = sampling.generation_mesh(c, c.revise.batch_size)
   out = {"mesh": {"shape": dict(mesh.shape), "batch_size": batch_size,
                   "local": all(d.process_index == jax.process_index() for d in mesh.devices.flat)}}
   out.update(revise=revise.run(c, workdir), label=label.run(c, workdir))
@@ -201,6 +195,52 @@ def run_stages(workdir):
         files[os.path.relpath(path, workdir)] = _read_text(path)
   out["files"] = files
   return out
+
+
+def pipeline_config():
+  """configs/tiny.py through every stage on the 8-device mesh both runs share: batch
+  sizes that divide over 8 devices, enough prompts to fill them."""
+  from cai_jax.tools.config_file import load
+  c = load(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "configs", "tiny.py"))
+  c.compilation_cache = ""
+  c.data.num_red_team = 10
+  c.revise.update(dict(num_revisions=1, batch_size=16, chunk_size=4, progress=False))
+  c.sft.update(dict(batch_size=8, max_steps=2, progress=False))
+  c.label.update(dict(batch_size=16, chunk_size=4, progress=False))
+  c.pm.update(dict(batch_size=8, max_steps=2, progress=False))
+  c.ppo.update(dict(batch_size=8, num_minibatches=1, num_iterations=2, progress=False))
+  c.evaluate.update(dict(batch_size=16, judges=("pm",)))
+  return c
+
+
+def run_pipeline(workdir):
+  """Every stage into one directory both processes see (as a gs:// bucket is
+  shared): returns the summaries, and which files each host wrote as DONE markers
+  and model exports (the main host alone must write them)."""
+  from cai_jax import models, pipeline, utils
+  wrote = {"done": [], "exports": []}
+  real_done, real_save = utils.mark_done, models.save_pretrained
+
+  def mark_done(stage_dir, info=None):
+    wrote["done"].append(os.path.relpath(str(stage_dir), workdir))
+    return real_done(stage_dir, info)
+
+  def save_pretrained(cfg, params, out_dir, *a, **kw):
+    wrote["exports"].append(os.path.relpath(str(out_dir), workdir))
+    return real_save(cfg, params, out_dir, *a, **kw)
+
+  utils.mark_done, models.save_pretrained = mark_done, save_pretrained
+  try:
+    res = pipeline.run(pipeline_config(), workdir, write_report=False)
+  finally:
+    utils.mark_done, models.save_pretrained = real_done, real_save
+  summaries = {k: v.get("summary") for k, v in res.items()}
+  files = sorted(os.path.relpath(os.path.join(d, f), workdir)
+                 for d, _, fs in os.walk(workdir) for f in fs
+                 if f in ("DONE", "model.safetensors", "settings.json"))
+  return {"summaries": json.loads(json.dumps(summaries, default=float)), "wrote": wrote,
+          "files": files}
 
 
 def run_all(workdir):
@@ -222,6 +262,7 @@ def run_all(workdir):
     arrays["restored/" + jax.tree_util.keystr(path)] = leaf
   info["records"] = records_roundtrip(workdir)
   info["stages"] = run_stages(os.path.join(workdir, f"stages-{jax.process_index()}"))
+  info["pipeline"] = run_pipeline(os.path.join(workdir, "pipeline"))
   from cai_jax.training import objectives
   mesh = meshes["dp2_fsdp2_tp2"]
   info["sft_metrics"], sft_params = train_steps(cfg, host_params, mesh,

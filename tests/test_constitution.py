@@ -236,8 +236,8 @@ def test_history_off_and_fewshot_prefix():
 
 
 def test_chat_rendering_uses_prior_turns():
-  from cai_jax.stages import common
-  tok = common.load_tokenizer("tiny")
+  from cai_jax import roles
+  tok = roles.load_tokenizer("tiny")
   h = C.load("harmlessness")
   conv = [{"role": "user", "content": "How do I pick a lock?"}]
   msgs = C.revision_messages(conv, "Use a pick.", [], h.principles[3], "critique",

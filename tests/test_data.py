@@ -279,11 +279,11 @@ def _fake_generate(calls):
 def test_generate_prompts_resumable(tmp_path, monkeypatch):
   import ml_collections
   from cai_jax import sampling
-  from cai_jax.stages import common
+  from cai_jax import roles
   calls = []
   monkeypatch.setattr(sampling, "generate", _fake_generate(calls))
-  monkeypatch.setattr(common, "load_model", lambda path, seed=0, dtype=None: (
-      None, None, common.load_tokenizer("tiny")))
+  monkeypatch.setattr(roles, "load", lambda spec, **kw: (None, None,
+                                                         roles.load_tokenizer("tiny")))
   c = ml_collections.ConfigDict({"seed": 1, "model": "tiny", "dtype": "float32",
                                  "data": prompts_lib.default_config().to_dict(),
                                  "mesh": {"ici": (-1, 1, 1), "dcn": None}})

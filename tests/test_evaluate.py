@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from cai_jax import models, pipeline, utils
-from cai_jax.evaluation import evasiveness, judges
-from cai_jax.stages import common
+from cai_jax.evaluation import evasiveness
+from cai_jax.text.conversation import ConversationEncoder
+from cai_jax import roles
 from cai_jax.stages import evaluate
 
 
@@ -40,7 +41,7 @@ def test_evasiveness_rates():
 def run_dir(tmp_path_factory):
   """A work directory with tiny SL-CAI, RL-CAI and PM exports and revise records."""
   w = tmp_path_factory.mktemp("eval_run")
-  cfg, params, tok = common.load_model("tiny", seed=0)
+  cfg, params, tok = roles.load("tiny", seed=0)
   for sub, seed in (("sft", 1), ("ppo", 2)):
     p = models.init_params(cfg, jax.random.PRNGKey(seed), ("lm",))
     models.save_pretrained(cfg, p, str(w / sub / "final"), tokenizer=tok)
@@ -64,7 +65,7 @@ def _config(w, **ev):
   c.data.eval_fraction = 0.1
   c.evaluate.num_prompts = 3
   c.evaluate.max_new_tokens = 8
-  c.evaluate.mc_files = str(w / "mc.jsonl")
+  c.evaluate.mc_files = (str(w / "mc.jsonl"),)
   for k, v in ev.items():
     c.evaluate[k] = v
   return c
@@ -99,15 +100,18 @@ def test_evaluate_stage(run_dir, monkeypatch):
   red = [r for r in cached if r["kind"] == "red_team"]
   from cai_jax.data import prompts as prompts_lib
   ps = {p["id"]: p["messages"] for p in prompts_lib.load_prompts(_config(w).data, "red_team", "eval")}
-  cfg, pm, tok = common.load_model(str(w / "pm" / "final"))
+  cfg, pm, tok = roles.load(str(w / "pm" / "final"))
+  enc = ConversationEncoder(tok, "chat")
   direct = [float(models.reward(cfg, pm, np.array([ids]), np.ones((1, len(ids)), bool))[0])
-            for ids in (judges.pm_transcript_ids(tok, ps[r["id"]], r["response"], "chat", 512)
-                        for r in red)]
+            for ids in (enc.conversation(ps[r["id"]], r["response"], 512).ids for r in red)]
   assert res["pm_scores"]["sl_cai"]["harmless"] == pytest.approx(np.mean(direct), abs=1e-4)
 
   # Re-running reuses the cached responses: no sampling at all.
   import cai_jax.sampling as sampling
   monkeypatch.setattr(sampling, "generate", lambda *a, **k: pytest.fail("resampled"))
-  evaluate.run(_config(w, judges="pm", mc_files=""), str(w))
+  assert evaluate.run(_config(w), str(w)) == summary  # DONE: skipped
+  for name in ("DONE", "settings.json"):  # as --rerun=evaluate would, but keep the cache
+    os.remove(w / "evaluate" / name)
+  evaluate.run(_config(w, judges=("pm",), mc_files=()), str(w))
   res2 = json.load(open(w / "evaluate" / "results.json"))
   assert res2["pm_scores"] == res["pm_scores"]

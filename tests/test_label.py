@@ -16,7 +16,8 @@ from cai_jax import models, sampling
 from cai_jax.data import preferences_tfds
 from cai_jax.data import prompts as prompts_lib
 from cai_jax.evaluation import option_scores
-from cai_jax.stages import common, label
+from cai_jax import feedback, roles
+from cai_jax.stages import label
 from cai_jax.utils import InputError, read_jsonl
 
 
@@ -68,7 +69,10 @@ class FakeScores:
     a = text.rfind("\n (A) ")
     b = text.rfind("\n (B) ")
     end = text.find("\n", b + 1)
-    principle = text[text.rfind("\n", 0, a) + 1:a]
+    head = text[:a]
+    if head.endswith("\nOptions:"):  # the paper's header line before the options
+      head = head[:-len("\nOptions:")]
+    principle = head[head.rfind("\n") + 1:]
     # In chat rendering the last option ends the user turn.
     return principle, text[a + 6:b], text[b + 6:end].split("<|im_end|>")[0]
 
@@ -85,7 +89,7 @@ class FakeScores:
 
 @pytest.fixture
 def tok():
-  return common.load_tokenizer("tiny")
+  return roles.load_tokenizer("tiny")
 
 
 @pytest.fixture
@@ -108,7 +112,7 @@ def test_soft_label_is_softmax_of_option_logprobs_real_tiny_model(tmp_path, tok)
   assert out["num_comparisons"] == 2
   recs = _records(str(tmp_path))
   const = C.load("harmlessness")
-  cfg = common.tiny_config()
+  cfg = roles.tiny_config()
   params = models.init_params(cfg, jax.random.PRNGKey(5), ("lm",))
   for r in recs:
     assert set(r) >= {"id", "prompt", "response_a", "response_b", "principle_ids", "p_a",
@@ -118,23 +122,23 @@ def test_soft_label_is_softmax_of_option_logprobs_real_tiny_model(tmp_path, tok)
   # Rebuild the first question exactly and score " (A)" / " (B)" with the sampler.
   r = recs[0]
   ex = const.label_examples[0]
-  lab = label.Labeller(cfg, params, tok, label.Prompter("raw", tok), const, c.label)
+  lab = feedback.Labeller(cfg, params, tok, feedback.Prompter("raw", tok), const, c.label)
   captured = []
-  orig = label.Prompter.label
+  orig = feedback.Prompter.label
 
   def spy(self, shots, conv, principle, resp):
     s = orig(self, shots, conv, principle, resp)
     captured.append(s)
     return s
 
-  label.Prompter.label = spy
+  feedback.Prompter.label = spy
   try:
     key = jax.random.fold_in(jax.random.PRNGKey(5), 0)
     _, k_label, k_rng = jax.random.split(key, 3)
     got = lab([{"prompt": r["prompt"], "response_a": r["response_a"],
                 "response_b": r["response_b"]}], np.random.default_rng(label._seed(k_rng)), 0)
   finally:
-    label.Prompter.label = orig
+    feedback.Prompter.label = orig
   assert got[0]["principle_ids"] == r["principle_ids"]
   assert got[0]["p_a"] == pytest.approx(r["p_a"], abs=1e-9)
   ids = sampling.encode_prompt(tok, captured[0])
@@ -158,16 +162,22 @@ def test_soft_label_exact_with_controlled_logprobs(tmp_path, fakes, fmt):
     assert abs(r["p_a"] - np.exp(la) / (np.exp(la) + np.exp(lb))) < 1e-6
 
 
-def test_both_orders_cancel_pure_position_bias(tmp_path, fakes):
+@pytest.mark.parametrize("mean", ["logprob", "probability"])
+def test_both_orders_against_pure_position_bias(tmp_path, fakes, mean):
+  """logprob: the bias cancels exactly, p_a = sigmoid(d). probability: the two
+  orders' probabilities are averaged, sigmoid(d + bias) and sigmoid(d - bias)."""
   fakes.bias = (2.5, -1.0)  # a strong preference for whatever is shown as (A)
-  label.run(make_config(num_red_team=4, debias=True), str(tmp_path / "d"))
+  label.run(make_config(num_red_team=4, debias=True, debias_mean=mean), str(tmp_path / "d"))
   label.run(make_config(num_red_team=4, debias=False), str(tmp_path / "n"))
   const = C.load("harmlessness")
+  sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
   worst_plain = 0.0
   for r, n in zip(_records(str(tmp_path / "d")), _records(str(tmp_path / "n"))):
     p = const.choice_principle(r["principle_ids"][0]).text
     d = fakes.content(p, r["response_a"]) - fakes.content(p, r["response_b"])
-    assert r["p_a"] == pytest.approx(1 / (1 + np.exp(-d)), abs=1e-12)
+    bias = fakes.bias[0] - fakes.bias[1]
+    want = sig(d) if mean == "logprob" else (sig(d + bias) + sig(d - bias)) / 2
+    assert r["p_a"] == pytest.approx(want, abs=1e-12)
     assert n["response_a"] == r["response_a"]
     p2 = const.choice_principle(n["principle_ids"][0]).text
     d2 = fakes.content(p2, n["response_a"]) - fakes.content(p2, n["response_b"])
@@ -202,8 +212,8 @@ def test_few_shot_examples_get_independent_principles(tmp_path, fakes):
   assert len({u[:-1] for u in seen}) > 1  # example principles vary between questions
 
 
-@pytest.mark.parametrize("clamp,lo,hi", [("0.4,0.6", 0.4, 0.6), ("0.2,0.8", 0.2, 0.8),
-                                         ("none", 0.0, 1.0)])
+@pytest.mark.parametrize("clamp,lo,hi", [((0.4, 0.6), 0.4, 0.6), ((0.2, 0.8), 0.2, 0.8),
+                                         ((), 0.0, 1.0)])
 def test_cot_clamps_and_stores_reasoning(tmp_path, fakes, clamp, lo, hi):
   fakes.scale = 10.0  # confident answers: unclamped p far outside [0.2, 0.8]
   label.run(make_config(num_red_team=4, cot=True, cot_samples=2, cot_clamp=clamp),
@@ -211,7 +221,7 @@ def test_cot_clamps_and_stores_reasoning(tmp_path, fakes, clamp, lo, hi):
   recs = _records(str(tmp_path))
   ps = np.array([r["p_a"] for r in recs])
   assert np.all((ps >= lo) & (ps <= hi))
-  if clamp == "none":
+  if not clamp:
     assert np.any((ps < 0.2) | (ps > 0.8))
   else:
     assert np.any(np.isclose(ps, lo) | np.isclose(ps, hi))
@@ -219,7 +229,7 @@ def test_cot_clamps_and_stores_reasoning(tmp_path, fakes, clamp, lo, hi):
     assert len(r["cot"]) == 2 * 2  # 2 chains x 2 orders
     for chain in r["cot"]:
       assert chain.startswith("reason ") and "answer" not in chain
-      assert any(f"{label.STEP} {chain}\n{label.SO}" in p for p in fakes.prompts)
+      assert any(f"{feedback.STEP} {chain}\n{feedback.SO}" in p for p in fakes.prompts)
 
 
 def test_hard_labels(tmp_path, fakes):
@@ -233,7 +243,7 @@ def test_resume_after_crash_matches_uninterrupted(tmp_path, fakes, monkeypatch):
   c = make_config(num_red_team=5, chunk_size=2)
   label.run(c, str(tmp_path / "full"))
   calls = {"n": 0}
-  real = label.Labeller.__call__
+  real = feedback.Labeller.__call__
 
   def crashing(self, *a, **k):
     calls["n"] += 1
@@ -241,13 +251,13 @@ def test_resume_after_crash_matches_uninterrupted(tmp_path, fakes, monkeypatch):
       raise KeyboardInterrupt("simulated crash")
     return real(self, *a, **k)
 
-  monkeypatch.setattr(label.Labeller, "__call__", crashing)
+  monkeypatch.setattr(feedback.Labeller, "__call__", crashing)
   with pytest.raises(KeyboardInterrupt):
     label.run(c, str(tmp_path / "crash"))
   stage = tmp_path / "crash" / "label"
   assert not (stage / "DONE").exists() and not (stage / "preferences.jsonl").exists()
   assert sorted(os.listdir(stage / "chunks")) == ["preferences-00000.jsonl"]
-  monkeypatch.setattr(label.Labeller, "__call__", real)
+  monkeypatch.setattr(feedback.Labeller, "__call__", real)
   out = label.run(c, str(tmp_path / "crash"))
   assert out["resumed_prompts"] == 2
   assert _records(str(tmp_path / "crash")) == _records(str(tmp_path / "full"))
@@ -271,23 +281,29 @@ def test_bad_input(tmp_path, tok):
   const = C.load("harmlessness")
   bad = dataclasses.replace(const, choice_principles=(C.ChoicePrinciple("blank", "  "),),
                             source="my_constitution.json")
-  cfg = common.tiny_config()
+  cfg = roles.tiny_config()
   with pytest.raises(InputError) as e:
-    label.Labeller(cfg, None, tok, label.Prompter("raw", tok), bad, label.default_config())
+    feedback.Labeller(cfg, None, tok, feedback.Prompter("raw", tok), bad, label.default_config())
   assert "my_constitution.json" in str(e.value) and "'blank'" in str(e.value)
   assert "\n" not in str(e.value)
   with pytest.raises(InputError, match="cot_clamp"):
-    label.run(make_config(cot_clamp="0.3,0.7"), str(tmp_path))
+    label.run(make_config(cot_clamp=(0.7, 0.3)), str(tmp_path))
   with pytest.raises(InputError, match="config.label.bogus"):
     c = make_config()
     c.label.bogus = 1
     label.run(c, str(tmp_path))
 
 
-def test_policy_path_prefers_sft_export(tmp_path):
+def test_policy_role_prefers_the_sft_stage(tmp_path):
+  """One rule for every stage: the sft stage's directory when sft is part of the run
+  or has run in the workdir, else config.model; an explicit field wins."""
+  from cai_jax.runtime import StageContext
   c = make_config()
-  assert label.policy_path(c, str(tmp_path)) == "tiny"
+  ctx = lambda: StageContext(c, str(tmp_path), "label", label.default_config())  # noqa: E731
+  assert ctx().role_spec("policy") == "tiny"
+  c.stages = ("sft", "label")
+  assert ctx().role_spec("policy") == str(tmp_path / "sft")
+  c.stages = ("label",)
   os.makedirs(tmp_path / "sft" / "final")
-  assert label.policy_path(c, str(tmp_path)) == str(tmp_path / "sft" / "final")
-  c.label.policy = "smollm2"
-  assert label.policy_path(c, str(tmp_path)) == "smollm2"
+  assert ctx().role_spec("policy") == str(tmp_path / "sft")
+  assert ctx().role_spec("policy", "smollm2") == "smollm2"

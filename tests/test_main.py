@@ -82,7 +82,7 @@ def test_sweep_runs_each_point_and_reuses(tmp_path, monkeypatch, capsys):
   cfg = tmp_path / "sweepcfg.py"
   cfg.write_text(
       "from cai_jax import pipeline\n\n\ndef get_config(arg=None):\n"
-      "  c = pipeline.base_config()\n  c.stages = 'revise,sft'\n  return c\n\n\n"
+      "  c = pipeline.base_config()\n  c.stages = ('revise', 'sft')\n  return c\n\n\n"
       "def sweep_seeds(add):\n  add(seed=1)\n"
       "  add(seed=2, reuse_stages='revise')\n")
   flags.FLAGS.unparse_flags()

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 from cai_jax import multihost
-from cai_jax.utils import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
@@ -52,28 +51,6 @@ def test_gather_and_to_host_are_identity_on_one_process():
   assert multihost.allgather_bytes(b"xyz") == [b"xyz"]
 
 
-def test_write_and_merge_host_shards(tmp_path):
-  path = str(tmp_path / "out" / "records.jsonl")
-  items = [{"id": i, "text": f"r{i} ✓"} for i in range(10)]
-  names = []
-  for host in range(3):  # as three hosts would, each with its own block
-    names.append(multihost.write_host_shard(path, multihost.host_shard(items, host, 3), host, 3))
-  assert names[1].endswith("records-00001-of-00003.jsonl")
-  merged = multihost.merge_host_shards(path, count=3)
-  assert merged == items
-  with open(path, encoding="utf-8") as f:
-    assert [json.loads(line) for line in f] == items
-  assert not any(os.path.exists(n) for n in names)
-
-
-def test_merge_with_a_missing_shard_fails(tmp_path):
-  path = str(tmp_path / "records.jsonl")
-  multihost.write_host_shard(path, [{"id": 0}], 0, 2)
-  with pytest.raises(InputError, match="records-00001-of-00002.jsonl: host shard missing"):
-    multihost.merge_host_shards(path, count=2)
-  assert not os.path.exists(path)
-
-
 @pytest.mark.parametrize("count", [1, 2, 3])
 def test_host_jobs_deal_round_robin(count):
   for n in range(0, 9):
@@ -94,7 +71,7 @@ def test_run_dealt_and_from_main_single_process():
 def test_local_mesh_from_config(caplog):
   import ml_collections
   from cai_jax import sharding
-  from cai_jax.stages import common
+  from cai_jax import sampling
   c = ml_collections.ConfigDict({"mesh": {"ici": (2, 2, -1), "dcn": None}})
   mesh = sharding.local_mesh_from_config(c)
   assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
@@ -106,7 +83,7 @@ def test_local_mesh_from_config(caplog):
   assert "does not fit the 8 local devices" in caplog.text
   # One process: the generation stages keep the config's mesh and batch size.
   c.mesh.ici = (-1, 1, 1)
-  mesh, bs = common.generation_mesh(c, 3)
+  mesh, bs = sampling.generation_mesh(c, 3)
   assert bs == 3 and dict(mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
 
 
@@ -158,9 +135,6 @@ def _run_two_processes(out_dir):
       arrays = dict(z)
     with open(os.path.join(out_dir, f"proc{i}.json")) as f:
       results.append((arrays, json.load(f)))
-  for name in ("records.jsonl", "gathered.jsonl"):  # the files on disk, written once
-    with open(os.path.join(out_dir, "work", name), encoding="utf-8") as f:
-      results[0][1].setdefault("files", {})[name] = [json.loads(line) for line in f]
   return results
 
 
@@ -245,12 +219,7 @@ def test_two_process_records_no_duplicates_nothing_lost(two_process_results, ref
   strip = lambda recs: [{k: v for k, v in r.items() if k != "host"} for r in recs]
   for info in infos:
     assert strip(info["gathered"]) == strip(ref["gathered"])
-    assert strip(info["written"]) == strip(ref["written"])
     assert [r["host"] for r in info["gathered"]] == [0] * 6 + [1] * 5
-  assert strip(infos[0]["merged"]) == strip(ref["merged"]) and infos[1]["merged"] is None
-  files = two_process_results[0][1]["files"]
-  assert files["records.jsonl"] == infos[0]["merged"]
-  assert files["gathered.jsonl"] == infos[0]["gathered"]
 
 
 def _jsonl_ids(text):
@@ -297,6 +266,32 @@ def test_two_process_stages_deal_chunks_merge_on_main(two_process_results, refer
                                    "revise/chunks/helpful-00000.jsonl",
                                    "revise/chunks/red_team-00001.jsonl"]
   assert {**chunks(main), **chunks(other)} == chunks(ref["files"])
+
+
+@pytest.mark.slow
+def test_two_process_pipeline_exports_and_done_once_for_every_stage(two_process_results,
+                                                                   reference_results):
+  """Every stage (revise, sft, label, pm, ppo, evaluate) on both processes into one
+  shared directory: the main host alone writes each DONE marker and each model
+  export (gathered from both hosts' shards), both hosts return the same summaries,
+  and the files are those of a single-process run."""
+  got = [info["pipeline"] for _, info in two_process_results]
+  ref = reference_results[1]["pipeline"]
+  stages = ["revise", "sft", "label", "pm", "ppo", "evaluate"]
+  assert sorted(got[0]["wrote"]["done"]) == sorted(stages)
+  assert sorted(got[0]["wrote"]["exports"]) == ["pm/final.tmp", "ppo/final.tmp",
+                                                 "ppo/value_final.tmp", "sft/final.tmp"]
+  assert got[1]["wrote"] == {"done": [], "exports": []}
+  assert got[0]["files"] == ref["files"]
+  for s in stages:
+    assert f"{s}/DONE" in ref["files"] and f"{s}/settings.json" in ref["files"]
+  for s in ("sft", "pm", "ppo"):
+    assert f"{s}/final/model.safetensors" in ref["files"]
+  for key in ("revise", "label"):  # generation: the same records, bit for bit
+    assert got[0]["summaries"][key] == got[1]["summaries"][key] == ref["summaries"][key]
+  for key in ("sft", "pm", "ppo", "evaluate"):
+    assert got[0]["summaries"][key] == got[1]["summaries"][key]
+    assert set(got[0]["summaries"][key]) == set(ref["summaries"][key])
 
 
 def test_checkpoint_paths_pass_gs_urls_to_epath(tmp_path):

@@ -7,19 +7,20 @@ import jax
 import numpy as np
 import pytest
 
-from cai_jax import models
+from cai_jax import models, sampling
+from cai_jax.text.conversation import ConversationEncoder
 from cai_jax.evaluation import multiple_choice as mc
 from cai_jax.evaluation import option_scores
-from cai_jax.stages import common
+from cai_jax import roles
 from cai_jax.utils import InputError
 
 
 @pytest.fixture(scope="module")
 def tiny():
-  cfg = common.tiny_config()
+  cfg = roles.tiny_config()
   params = models.init_params(cfg, jax.random.PRNGKey(0), ("lm", "score"))
   params = models.add_score_head(cfg, params, jax.random.PRNGKey(1), init_std=0.5)
-  return cfg, params, common.load_tokenizer("tiny")
+  return cfg, params, roles.load_tokenizer("tiny")
 
 
 def _write_jsonl(path, recs):
@@ -54,7 +55,7 @@ def test_batched_option_scores_match_full_rows(tiny):
 def test_transcript_rewards_match_model_reward(tiny):
   cfg, params, _ = tiny
   rows = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14]]
-  got = option_scores.transcript_rewards(cfg, params, rows)
+  got = sampling.scalar_scores(cfg, params, rows)
   for row, g in zip(rows, got):
     r = models.reward(cfg, params, np.array([row], np.int32), np.ones((1, len(row)), bool))
     assert g == pytest.approx(float(r[0]), abs=1e-5)
@@ -161,7 +162,11 @@ def test_bigbench_task_json_mc_and_pm(tmp_path, tiny):
   assert res["n"] == 5 and res["chance"] == 0.5 and 0 <= res["accuracy"] <= 1
   pm = mc.evaluate(cfg, params, tok, items, formulation="pm", progress=False)
   for it, p in zip(items, pm["probs"]):
-    rows = [tok(it.context + " " + r.strip())["input_ids"] for r in it.responses]
+    # Scored as the conversation encoder writes it (BIG-bench contexts are no
+    # Human:/Assistant: transcripts, so as text followed by the response).
+    enc = ConversationEncoder(tok, "raw")
+    assert mc._context_messages(it.context) == it.context
+    rows = [enc.conversation(it.context, r.strip()).ids for r in it.responses]
     r = [float(models.reward(cfg, params, np.array([x], np.int32),
                              np.ones((1, len(x)), bool))[0]) for x in rows]
     np.testing.assert_allclose(p, np.exp(r) / np.sum(np.exp(r)), atol=1e-5)

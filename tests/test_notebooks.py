@@ -71,7 +71,7 @@ def test_notebook_imports_only_cai_jax(name):
 def quickstart_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("quickstart"))
   out = execute("01_quickstart.ipynb", {"CONFIG": TINY, "WORKDIR": workdir,
-                                        "STAGES": "revise,sft,label,pm"})
+                                        "STAGES": ("revise", "sft", "label", "pm")})
   return workdir, out
 
 
@@ -99,7 +99,7 @@ def test_inspect_notebook_samples_and_scores(quickstart_run):
 @pytest.mark.slow
 def test_ablation_notebook_sweeps_and_plots(tmp_path):
   out = execute("02_ablations.ipynb", {"CONFIG": TINY, "WORKDIR": str(tmp_path),
-                                       "STAGES": "revise", "FIELD": "revise.num_revisions",
+                                       "STAGES": ("revise",), "FIELD": "revise.num_revisions",
                                        "VALUES": [1, 2], "METRIC": "revision_chars"})
   assert "revise.num_revisions=1: revision_chars =" in out
   assert "revise.num_revisions=2: revision_chars =" in out

@@ -46,19 +46,19 @@ def _config(**kw):
 
 def test_runs_in_canonical_order_and_skips_done(tmp_path):
   fake = FakeStages()
-  c = _config(stages="evaluate,revise,sft")
+  c = _config(stages=("evaluate", "revise", "sft"))
   out = pipeline.run(c, str(tmp_path), registry=fake.registry(), write_report=False)
   assert [n for n, _ in fake.calls] == ["revise", "sft", "evaluate"]
   assert out["sft"]["summary"] == {"items": 3, "resumed": False}
   fake2 = FakeStages()
-  c.stages = ",".join(pipeline.STAGES)
+  c.stages = pipeline.DEFAULT_STAGES
   out = pipeline.run(c, str(tmp_path), registry=fake2.registry(), write_report=False)
   assert [n for n, _ in fake2.calls] == ["label", "pm", "ppo"]
   assert out["revise"] == {"status": "skipped"}
   # The pipeline writes DONE for a stage that returned without one.
   assert json.load(open(tmp_path / "pm" / "DONE"))["items"] == 3
   t = pipeline.read_timings(str(tmp_path))
-  assert set(t["stages"]) == set(pipeline.STAGES)
+  assert set(t["stages"]) == set(pipeline.DEFAULT_STAGES)
   assert t["stages"]["revise"]["attempts"] == 1 and t["stages"]["revise"]["seconds"] >= 0
 
 
@@ -81,26 +81,28 @@ def test_interrupted_stage_resumes_without_redoing_finished(tmp_path):
 
 def test_reuse_links_finished_stages(tmp_path):
   base = tmp_path / "base"
-  pipeline.run(_config(stages="revise,sft"), str(base), registry=FakeStages().registry(),
+  pipeline.run(_config(stages=("revise", "sft")), str(base), registry=FakeStages().registry(),
                write_report=False)
   fake = FakeStages()
-  c = _config(stages="revise,sft,label", reuse_from=str(base), reuse_stages="revise,sft")
+  c = _config(stages=("revise", "sft", "label"), reuse_from=str(base),
+              reuse_stages=("revise", "sft"))
   pipeline.run(c, str(tmp_path / "ablation"), registry=fake.registry(), write_report=False)
   assert [n for n, _ in fake.calls] == ["label"]
   assert os.path.islink(tmp_path / "ablation" / "revise")
   with pytest.raises(InputError, match="no DONE marker"):
-    pipeline.run(_config(stages="label", reuse_from=str(base), reuse_stages="label"),
+    pipeline.run(_config(stages=("label",), reuse_from=str(base), reuse_stages=("label",)),
                  str(tmp_path / "x"), registry=fake.registry(), write_report=False)
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("stages", "revise,critique", "unknown stage 'critique'"),
-    ("stages", "", "config.stages is empty"),
+    ("stages", ("revise", "critique"), "unknown stage 'critique'"),
+    ("stages", ("revise,critique",), "unknown stage 'critique'"),
+    ("stages", (), "config.stages is empty"),
     ("model", "/no/such/model", "config.model: /no/such/model: not found"),
     ("model", "", "config.model is empty"),
     ("feedback_model", "/no/such.gguf", "config.feedback_model"),
     ("prompt_format", "markdown", "prompt_format"),
-    ("reuse_stages", "sft", "reuse_from is empty"),
+    ("reuse_stages", ("sft",), "reuse_from is empty"),
 ])
 def test_validate_rejects_bad_config(field, value, match, tmp_path):
   c = _config(**{field: value})
@@ -143,7 +145,7 @@ def test_tiny_pipeline_end_to_end_with_kill_and_resume(tmp_path):
   r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=2400)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
   t = pipeline.read_timings(str(w))
-  for s in pipeline.STAGES:
+  for s in pipeline.DEFAULT_STAGES:
     assert utils.is_done(str(w / s)), s
     assert t["stages"][s]["status"] in ("done", "skipped")
   assert t["stages"]["revise"]["attempts"] == 1  # not redone after the kill

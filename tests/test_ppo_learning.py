@@ -39,7 +39,7 @@ def test_ppo_learns_target_token_and_large_beta_stays_near_reference():
   value_params = models.add_score_head(cfg, params)
   c = rl_config.ppo_section()
   c.batch_size, c.max_new_tokens, c.missing_eos_penalty = B, N, 0.0
-  c.epochs, c.num_minibatches = 2, 2
+  c.num_epochs, c.num_minibatches = 2, 2
   c.kl.kind = "fixed"
   c.policy_optim.learning_rate = 3e-3
   c.value_optim.learning_rate = 3e-3

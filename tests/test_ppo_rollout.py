@@ -43,11 +43,10 @@ def test_rollout_reward_on_eos_and_padding(tiny):
   cfg, policy, pm = tiny
   value = models.drop_heads(pm, ("score",))
   seen = {}
-  pm_fn = rollout.pm_reward_fn(cfg, pm)
-
   def reward_fn(batch):
+    # The PM's scalar head at the last real token of each row, in token space.
     seen.update(batch)
-    return pm_fn(batch)
+    return models.reward(cfg, pm, batch["tokens"], batch["mask"])
 
   hp = rollout.RolloutHParams(max_new_tokens=4, missing_eos_penalty=0.5, gamma=1.0, lam=1.0,
                               whiten_advantages=False)
@@ -90,7 +89,7 @@ def test_first_update_step_matches_maths_and_mesh_shapes(tiny):
   cfg, policy, pm = tiny
   value = models.drop_heads(pm, ("score",))
   c = rl_config.ppo_section()
-  c.batch_size, c.max_new_tokens, c.epochs, c.num_minibatches = 8, 4, 1, 1
+  c.batch_size, c.max_new_tokens, c.num_epochs, c.num_minibatches = 8, 4, 1, 1
   c.policy_optim.learning_rate = c.value_optim.learning_rate = 1e-2
   rng = np.random.default_rng(0)
   prompt = np.tile(PROMPT, (4, 1))
@@ -127,7 +126,7 @@ def test_first_update_step_matches_maths_and_mesh_shapes(tiny):
 def test_train_top_layers_freezes_the_rest(tiny):
   cfg, policy, pm = tiny
   c = rl_config.ppo_section()
-  c.batch_size, c.max_new_tokens, c.epochs, c.num_minibatches = 8, 4, 1, 1
+  c.batch_size, c.max_new_tokens, c.num_epochs, c.num_minibatches = 8, 4, 1, 1
   c.train_top_layers = 1
   c.policy_optim.learning_rate = c.value_optim.learning_rate = 1e-2
   mesh = sharding.make_mesh((-1, 1, 1))

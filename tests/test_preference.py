@@ -8,6 +8,7 @@ import pytest
 
 from cai_jax import models
 from cai_jax.stages import preference
+from cai_jax.training import preferences
 from cai_jax.utils import InputError
 
 
@@ -58,17 +59,17 @@ def _write_human(path, n=24):
 
 def test_mix_ratio():
   ai, hu = list(range(30)), list(range(100, 200))
-  m = preference.mix(ai, hu, 0.25, seed=0)
+  m = preferences.mix(ai, hu, 0.25, seed=0)
   assert sum(x >= 100 for x in m) == 10 and sum(x < 100 for x in m) == 30
-  m = preference.mix(ai, hu[:5], 0.5, seed=0)  # not enough human pairs: subsample AI
+  m = preferences.mix(ai, hu[:5], 0.5, seed=0)  # not enough human pairs: subsample AI
   assert sum(x >= 100 for x in m) == 5 and sum(x < 100 for x in m) == 5
-  assert preference.mix(ai, hu, 0.0, 0) == ai
+  assert preferences.mix(ai, hu, 0.0, 0) == ai
 
 
 def test_calibration_ece_hand_computed():
   probs = np.array([0.1, 0.2, 0.8, 0.9])
   labels = np.array([0.0, 1.0, 1.0, 1.0])
-  cal = preference.calibration(probs, labels, bins=2)
+  cal = preferences.calibration(probs, labels, bins=2)
   # bin 0: conf 0.15, freq 0.5; bin 1: conf 0.85, freq 1.0 -> 0.5*0.35 + 0.5*0.15
   assert abs(cal["ece"] - 0.25) < 1e-12
 
@@ -77,7 +78,7 @@ def test_pm_stage_trains_and_exports(tmp_path):
   wd = str(tmp_path)
   _write_label(os.path.join(wd, "label"))
   c = _config()
-  c.pm.human_data = _write_human(str(tmp_path / "helpful.jsonl"))
+  c.pm.human_data = (_write_human(str(tmp_path / "helpful.jsonl")),)
   c.pm.human_fraction = 0.25
   c.pm.pretrain_data = c.pm.human_data
   c.pm.pretrain_steps = 2

@@ -62,9 +62,9 @@ def fake(monkeypatch):
   FakeSampler.fail_after = None
   monkeypatch.setattr(revise, "_Sampler", FakeSampler)
   # The fake never reads weights: skip initialising them (tokenizer is real).
-  from cai_jax.stages import common
-  monkeypatch.setattr(common, "load_model", lambda path, seed=0, dtype=None, heads=("lm",): (
-      common.tiny_config(), None, common.load_tokenizer("tiny")))
+  from cai_jax import roles
+  monkeypatch.setattr(roles, "load", lambda spec, **kw: (
+      roles.tiny_config(), None, roles.load_tokenizer("tiny")))
   return FakeSampler
 
 
@@ -98,7 +98,7 @@ def test_records_rounds_and_prompts(fake, tmp_path):
     q = r["prompt"][-1]["content"]
     mine = [p for p in crit_prompts if f"\n\nHuman: {q}\n\nAssistant:" in p]
     assert len(mine) == 2
-    for k, p in enumerate(sorted(mine, key=len)):
+    for k, p in enumerate(mine):  # in call order: round 1, then round 2
       principle = const.principle(r["rounds"][k]["principle_id"])
       prev = r["rounds"][k - 1]["revision"] if k else r["initial_response"]
       assert p.endswith(f" {prev}\n\nCritiqueRequest: {principle.critique_request}\n\nCritique:")
@@ -198,11 +198,11 @@ def test_config_change_refused_on_resume(fake, tmp_path):
   revise.run(cfg, str(tmp_path))
   os.remove(tmp_path / "revise" / "DONE")
   cfg.revise.num_revisions = 3
-  with pytest.raises(InputError, match="different 'revise'"):
+  with pytest.raises(InputError, match=r"other settings \(revise.num_revisions: 2 -> 3\)"):
     revise.run(cfg, str(tmp_path))
   cfg.revise.num_revisions = 2
   cfg.revise.batch_size = 4  # changes the sampler's batches, so the results
-  with pytest.raises(InputError, match="different 'revise'"):
+  with pytest.raises(InputError, match="revise.batch_size: 2 -> 4"):
     revise.run(cfg, str(tmp_path))
   cfg.revise.batch_size = 2
   cfg.revise.progress = True  # does not change what a chunk holds

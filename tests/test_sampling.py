@@ -10,7 +10,7 @@ import pytest
 from cai_jax import models, sampling, sharding
 from cai_jax.sampling import sampler as sampler_lib
 from cai_jax.sampling import stops as stops_lib
-from cai_jax.stages import common
+from cai_jax import roles
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def tiny():
 @pytest.fixture(scope="module")
 def tiny_text():
   """A tiny random model over SmolLM2's tokenizer, for text-level tests."""
-  return common.load_model("tiny", seed=3)
+  return roles.load("tiny", seed=3)
 
 
 def _left_padded(rows, pad=0):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from cai_jax import models
-from cai_jax.stages import common, sft
+from cai_jax import roles
+from cai_jax.stages import sft
 from cai_jax.training import data
 from cai_jax.utils import InputError
 
@@ -52,18 +53,21 @@ def _write_revise(d, n=12):
 
 @pytest.mark.parametrize("fmt", ["chat", "raw"])
 def test_loss_mask_covers_exactly_the_response(fmt):
-  tok = common.load_tokenizer("tiny")
+  from cai_jax.text.conversation import ConversationEncoder
+  tok = roles.load_tokenizer("tiny")
+  enc = ConversationEncoder(tok, fmt)
   msgs = [{"role": "user", "content": "Hi there"}]
-  ex = data.encode_sft(tok, msgs, "Hello! How can I help?", fmt, max_len=200)
+  ex = data.sft_example(enc, msgs, "Hello! How can I help?", max_len=200)
   resp = tok.decode(ex.tokens[ex.loss_mask])
   prompt = tok.decode(ex.tokens[~ex.loss_mask])
   if fmt == "chat":
-    assert resp.startswith("Hello! How can I help?") and "<|im_end|>" in resp
+    # The turn ends at the template's end-of-turn token: what the policy samples last.
+    assert resp == "Hello! How can I help?<|im_end|>"
     assert prompt.endswith("<|im_start|>assistant\n") and "Hi there" in prompt
   else:
     assert resp == " Hello! How can I help?" + tok.eos_token
     assert prompt.endswith("Assistant:")
-  short = data.encode_sft(tok, msgs, "Hello! How can I help?", fmt, max_len=8)
+  short = data.sft_example(enc, msgs, "Hello! How can I help?", max_len=8)
   assert len(short.tokens) == 9 and short.loss_mask.any() and not short.loss_mask.all()
 
 
@@ -80,11 +84,10 @@ def test_sft_stage_end_to_end_and_skip(tmp_path):
   assert os.listdir(os.path.join(wd, "sft", "tb"))
   assert sft.run(cfg, wd) == json.loads(open(os.path.join(wd, "sft", "DONE")).read())
   # A later run can start from this stage's directory (its final/ export).
-  from cai_jax.training import init as init_lib
-  c2, p2, _ = init_lib.load_init(os.path.join(wd, "sft"))
+  c2, p2, _ = roles.load(os.path.join(wd, "sft"))
   np.testing.assert_array_equal(np.asarray(p2["embedding"]), np.asarray(params["embedding"]))
   # ... or from its checkpoints when it has no export.
-  c3, p3, _ = init_lib.load_init(os.path.join(wd, "sft", "checkpoints"))
+  c3, p3, _ = roles.load(os.path.join(wd, "sft", "checkpoints"))
   np.testing.assert_array_equal(np.asarray(p3["embedding"]), np.asarray(params["embedding"]))
 
 
@@ -100,12 +103,17 @@ def test_sft_resume_with_other_model_shape_is_input_error(tmp_path):
   cfg.sft.max_steps = 2
   sft.run(cfg, wd)
   os.remove(os.path.join(wd, "sft", "DONE"))
-  other = common.tiny_config(hidden_size=48, head_dim=12)
+  other = roles.tiny_config(hidden_size=48, head_dim=12)
   hf = str(tmp_path / "other")
   models.save_pretrained(other, models.init_params(other, jax.random.PRNGKey(0)), hf,
-                         tokenizer=common.load_tokenizer("tiny"))
+                         tokenizer=roles.load_tokenizer("tiny"))
   cfg2 = _config(model=hf)
   cfg2.sft.max_steps = 4
+  # The settings snapshot refuses the changed model first ...
+  with pytest.raises(InputError, match=r"other settings \(model: tiny -> .*other") as e:
+    sft.run(cfg2, wd)
+  # ... and without it the restore's own shape check does.
+  os.remove(os.path.join(wd, "sft", "settings.json"))
   with pytest.raises(InputError, match="another model shape") as e:
     sft.run(cfg2, wd)
   assert "\n" not in str(e.value)

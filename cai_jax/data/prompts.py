@@ -22,6 +22,7 @@ import os
 import ml_collections
 
 from cai_jax import text as text_lib
+from cai_jax import utils
 from cai_jax.data import sources
 from cai_jax.utils import InputError
 
@@ -54,8 +55,8 @@ def read_prompts(source: str) -> list[dict]:
   """All prompts of a source ("builtin:red_team", "builtin:helpful" or a path)."""
   if source.startswith("builtin:"):
     source = BUILTIN[source.split(":", 1)[1]]
-  if os.path.isdir(source):
-    source = os.path.join(source, "prompts.jsonl")
+  if utils.isdir(source):
+    source = utils.join(source, "prompts.jsonl")
   kind = sources.sniff(source)
   if kind == "hh_rlhf":
     out, seen = [], set()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from typing import Iterator, Optional
 
+from cai_jax import utils
 from cai_jax.utils import InputError, read_jsonl
 
 
@@ -27,8 +28,8 @@ def _records(revise_dir: str, name: str, use_tfds: bool) -> Iterator[dict]:
     for i in range(len(src)):
       yield builders.decode(src[i])
     return
-  path = os.path.join(revise_dir, name)
-  if name == "helpful.jsonl" and not os.path.exists(path):
+  path = utils.join(revise_dir, name)
+  if name == "helpful.jsonl" and not utils.exists(path):
     return
   yield from read_jsonl(path)
 
@@ -36,7 +37,7 @@ def _records(revise_dir: str, name: str, use_tfds: bool) -> Iterator[dict]:
 def _tfds_files(revise_dir: str) -> dict:
   files = {"red_team": os.path.join(revise_dir, "records.jsonl")}
   helpful = os.path.join(revise_dir, "helpful.jsonl")
-  if os.path.exists(helpful) and os.path.getsize(helpful) > 0:
+  if utils.exists(helpful) and utils.read_bytes(helpful):
     files["helpful"] = helpful
   return files
 

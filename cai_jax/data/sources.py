@@ -5,17 +5,18 @@ entry for bad input. The TFDS builders in `builders.py` wrap these readers.
 """
 from __future__ import annotations
 
-import gzip
 import json
 import os
 from typing import Iterator
 
 from cai_jax import text as text_lib
+from cai_jax import utils
 from cai_jax.utils import InputError, read_jsonl
 
 
 def _open(path: str):
-  return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+  from cai_jax import utils
+  return utils.open_read(path)
 
 
 def prompt_messages(messages: list[dict], where: str) -> list[dict]:
@@ -83,7 +84,7 @@ def red_team_attempts(path: str) -> Iterator[dict]:
   Yields {id, transcript, prompt (message list), rating, min_harmlessness_score_transcript,
   task_description, num_params, model_type, tags}.
   """
-  if not os.path.exists(path):
+  if not utils.exists(path):
     raise InputError(f"{path}: file not found")
   with _open(path) as f:
     raw = f.read()
@@ -156,9 +157,9 @@ def prompt_records(path: str) -> Iterator[dict]:
 
 def sniff(path: str) -> str:
   """"hh_rlhf" | "red_team" | "prompts": the kind of a local data file."""
-  if os.path.isdir(path):
+  if utils.isdir(path):
     raise InputError(f"{path}: is a directory; give a file")
-  if not os.path.exists(path):
+  if not utils.exists(path):
     raise InputError(f"{path}: file not found")
   with _open(path) as f:
     first = b""

@@ -25,6 +25,7 @@ import optax
 from tqdm.auto import tqdm
 
 from cai_jax import models
+from cai_jax.sampling import bucket_length
 from cai_jax import text as text_lib
 from cai_jax.data import sources
 from cai_jax.utils import InputError
@@ -68,10 +69,15 @@ def load_ratings(path: str) -> list[Rated]:
 
 def encode(tokenizer, conversations, fmt: str, max_len: int):
   """Left-padded tokens_BxL / mask_BxL of whole conversations (end kept if too long)."""
+  from cai_jax.text.conversation import ConversationEncoder
+  enc = ConversationEncoder(tokenizer, fmt)
   rows = []
   for msgs in conversations:
-    s = text_lib.render(msgs, fmt, tokenizer, add_generation_prompt=False)
-    ids = tokenizer(s, add_special_tokens=False)["input_ids"][-max_len:]
+    # Read where the PM reads: the end of the assistant's last turn.
+    if msgs and msgs[-1]["role"] == "assistant":
+      ids = list(enc.conversation(msgs[:-1], msgs[-1]["content"], max_len=max_len).ids)
+    else:
+      ids = enc.prompt_ids(msgs)[-max_len:]
     rows.append(ids or [tokenizer.eos_token_id or 0])
   L = max(len(r) for r in rows)
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -89,11 +95,6 @@ def l2_loss(pred_B, rating_B, weight_B=None):
   if weight_B is None:
     return jnp.mean(err)
   return jnp.sum(err * weight_B) / jnp.maximum(jnp.sum(weight_B), 1.0)
-
-
-def _bucket(n: int, base: int = 64) -> int:
-  # Few distinct sequence lengths, so the step compiles a handful of times.
-  return base * 2 ** max(0, math.ceil(math.log2(max(n, 1) / base)))
 
 
 def _padded(tokens, mask, length):
@@ -132,7 +133,7 @@ def train(cfg, params, tokenizer, data: list[Rated], *, steps: int, batch_size: 
   for k in tqdm(range(steps), desc="harmfulness model", disable=not progress):
     idx = order[k * batch_size:(k + 1) * batch_size]
     tokens, mask = encode(tokenizer, [data[i].messages for i in idx], fmt, max_len)
-    tokens, mask = _padded(tokens, mask, _bucket(tokens.shape[1]))
+    tokens, mask = _padded(tokens, mask, bucket_length(tokens.shape[1]))
     rating = np.array([data[i].rating for i in idx], np.float32)
     params, opt_state, loss = step(params, opt_state, tokens, mask, rating)
     history.append(float(loss))
@@ -145,7 +146,7 @@ def predict(cfg, params, tokenizer, conversations, *, fmt: str = "chat", max_len
   out = []
   for s in range(0, len(conversations), batch_size):
     tokens, mask = encode(tokenizer, conversations[s:s + batch_size], fmt, max_len)
-    tokens, mask = _padded(tokens, mask, _bucket(tokens.shape[1]))
+    tokens, mask = _padded(tokens, mask, bucket_length(tokens.shape[1]))
     out.append(np.asarray(models.reward(cfg, params, tokens, mask)))
   return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
@@ -167,9 +168,9 @@ def main(argv=None) -> int:
   ap.add_argument("--steps", type=int, default=200)
   ap.add_argument("--fmt", default="chat")
   args = ap.parse_args(argv)
-  from cai_jax.stages import common
+  from cai_jax import roles
   try:
-    cfg, params, tok = common.load_model(args.model)
+    cfg, params, tok = roles.load(args.model)
     data = load_ratings(args.data)
   except InputError as e:
     print(f"error: {e}", file=sys.stderr)

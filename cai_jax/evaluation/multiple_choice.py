@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from cai_jax import sampling
 from cai_jax.utils import InputError
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -59,14 +60,33 @@ class Item:
   principle: str = DEFAULT_PRINCIPLE
 
 
-def format_question(context: str, principle: str, responses: Sequence[str]) -> str:
-  """Context, the principle, the options " (A) ..." and the answer cue."""
+def format_question(context: str, principle: str, responses: Sequence[str],
+                    options_header: bool = False) -> str:
+  """Context, the principle, the options " (A) ..." and the answer cue
+  (`options_header`: an "Options:" line before them, as in the paper's labelling prompt)."""
   if not principle.strip():
     raise InputError("multiple-choice principle is empty; give a non-empty question")
-  lines = [context.rstrip(), "", principle.strip()]
+  lines = [context.rstrip(), "", principle.strip()] + (["Options:"] if options_header else [])
   lines += [f" ({LETTERS[j]}) {r.strip()}" for j, r in enumerate(responses)]
   lines.append(ANSWER_CUE)
   return "\n".join(lines)
+
+
+def _context_messages(context: str):
+  """A Human:/Assistant: transcript context as messages (without its open Assistant:
+  turn), so it is scored as the conversation the PM was trained on; the text itself
+  when it is not exactly such a transcript."""
+  from cai_jax import text
+  try:
+    msgs = text.parse_transcript(context)
+  except text.TranscriptError:
+    return context
+  if msgs and msgs[-1]["role"] == "assistant" and not msgs[-1]["content"].strip():
+    msgs = msgs[:-1]
+  if not msgs or msgs[-1]["role"] != "user" or \
+      text.to_transcript(msgs, add_generation_prompt=True) != context:
+    return context
+  return msgs
 
 
 def letter_option(j: int) -> str:
@@ -322,19 +342,21 @@ def evaluate(cfg, params, tokenizer, items: Sequence[Item], *, formulation: str 
                        "use a trained preference model such as WORKDIR/pm/final")
     if few_shot or debias:
       logging.warning("pm formulation: --few_shot and --debias do not apply; ignored")
+    from cai_jax.text.conversation import ConversationEncoder
+    enc = ConversationEncoder(tokenizer, fmt)
     rows, owner = [], []
     for i in chosen:
       it = items[i]
       if it.responses is not None:
-        texts = [it.context + " " + r.strip() for r in it.responses]
+        # A transcript context is scored as the conversation the PM was trained on.
+        prompt = _context_messages(it.context)
+        rows += [enc.conversation(prompt, r.strip()).ids for r in it.responses]
       else:
-        texts = [it.prompt + o for o in it.options]
-      for t in texts:
-        rows.append(tokenizer(t)["input_ids"])
-        owner.append(i)
+        rows += [enc.conversation(it.prompt, o).ids for o in it.options]
+      owner += [i] * len(it.responses if it.responses is not None else it.options)
     update, close = _progress(len(rows), "pm scores", progress)
     try:
-      r = option_scores.transcript_rewards(cfg, params, rows, pad_id=pad, progress=update)
+      r = sampling.scalar_scores(cfg, params, rows, pad_id=pad, progress=update)
     finally:
       close()
     owner = np.array(owner)
@@ -373,10 +395,9 @@ def main(argv=None) -> int:
     items = load_items(args.data, seed=args.seed, principle=args.principle)
     if args.limit > 0:
       items = items[:args.limit]
-    from cai_jax.stages import common
+    from cai_jax import roles
     heads = ("lm", "score") if args.formulation == "pm" else ("lm",)
-    cfg, params, tok = common.load_model(args.model, seed=args.seed, dtype=args.dtype,
-                                         heads=heads)
+    cfg, params, tok = roles.load(args.model, seed=args.seed, dtype=args.dtype, heads=heads)
     res = evaluate(cfg, params, tok, items, formulation=args.formulation,
                    few_shot=args.few_shot, debias=args.debias, fmt=args.format,
                    seed=args.seed, max_tokens=args.max_tokens,

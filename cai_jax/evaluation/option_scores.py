@@ -8,7 +8,6 @@ that cache, inside a single jitted call. Several option sets with the same
 number of options are stacked along the batch axis.
 
   lps = option_logprobs(cfg, params, prompt_ids, option_ids)  # list of N-vectors
-  rws = transcript_rewards(cfg, params, transcript_ids)        # scalar head (PM)
 
 The result of `option_logprobs` is, per option, the sum of the log-probs of its
 tokens given the prompt, exactly what scoring each full row with
@@ -24,19 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cai_jax import models
-
-
-def bucket(n: int) -> int:
-  """Padded length for n tokens: 16, 32, 64, 128, 192, 256, 384, 512, 768, ...
-
-  Steps of 1.5x/1.33x waste at most a third of the compute on padding while a
-  whole eval file compiles only a handful of shapes (compiling the unrolled
-  model costs far more than a little padding).
-  """
-  b = 16
-  while b < n:
-    b = b * 3 // 2 if (b & (b - 1)) == 0 and b >= 128 else (b // 3) * 4 if b > 128 else b * 2
-  return b
+from cai_jax.sampling import bucket_length, group_by_shape
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -70,19 +57,6 @@ def _set_logprobs(cfg, params, prompt_BxP, pmask_BxP, opts_BxNxT, omask_BxNxT):
   return total_R.reshape(B, N)
 
 
-def _groups(keys: Sequence, max_tokens: int, length_of) -> list[list[int]]:
-  """Indices grouped by shape key, each group's padded tokens <= max_tokens."""
-  by_key: dict = {}
-  for i, k in enumerate(keys):
-    by_key.setdefault(k, []).append(i)
-  out = []
-  for k, idx in by_key.items():
-    # A power of two, so that padding a partial group up to one stays within it.
-    per = 1 << max(0, (max_tokens // max(1, length_of(k))).bit_length() - 1)
-    out.extend(idx[j:j + per] for j in range(0, len(idx), per))
-  return out
-
-
 def option_logprobs(cfg, params, prompt_ids: Sequence[Sequence[int]],
                     option_ids: Sequence[Sequence[Sequence[int]]], *,
                     max_tokens: int = 4096, pad_id: int = 0,
@@ -103,10 +77,10 @@ def option_logprobs(cfg, params, prompt_ids: Sequence[Sequence[int]],
     if len(p) + max(len(o) for o in opts) > cfg.max_position_embeddings:
       raise ValueError(f"question {i}: {len(p)} prompt tokens exceed the model's context "
                        f"of {cfg.max_position_embeddings}")
-  keys = [(bucket(len(p)), len(opts), bucket(max(len(o) for o in opts)))
+  keys = [(bucket_length(len(p)), len(opts), bucket_length(max(len(o) for o in opts)))
           for p, opts in zip(prompt_ids, option_ids)]
   results: list = [None] * len(prompt_ids)
-  for idx in _groups(keys, max_tokens, lambda k: k[0] + k[1] * k[2]):
+  for idx in group_by_shape(keys, max_tokens, lambda k: k[0] + k[1] * k[2]):
     P, N, T = keys[idx[0]]
     # Pad the batch to a power of two (a partial last group then reuses a
     # compiled shape); padded rows repeat the first question and are dropped.
@@ -130,27 +104,6 @@ def option_logprobs(cfg, params, prompt_ids: Sequence[Sequence[int]],
     if progress is not None:
       progress(len(idx))
   return results
-
-
-def transcript_rewards(cfg, params, transcript_ids: Sequence[Sequence[int]], *,
-                       max_tokens: int = 8192, pad_id: int = 0,
-                       progress=None) -> np.ndarray:
-  """Scalar-head score at the last token of each transcript (the PM formulation)."""
-  keys = [bucket(len(t)) for t in transcript_ids]
-  out = np.zeros(len(transcript_ids), np.float64)
-  for idx in _groups(keys, max_tokens, lambda k: k):
-    L = keys[idx[0]]
-    toks = np.full((len(idx), L), pad_id, np.int32)
-    mask = np.zeros((len(idx), L), bool)
-    for b, i in enumerate(idx):
-      t = transcript_ids[i]
-      toks[b, L - len(t):] = t
-      mask[b, L - len(t):] = True
-    r = models.reward(cfg, params, jnp.asarray(toks), jnp.asarray(mask))
-    out[idx] = np.asarray(r, np.float64)
-    if progress is not None:
-      progress(len(idx))
-  return out
 
 
 def full_row_logprobs(cfg, params, prompt_ids, option_ids, pad_id: int = 0) -> list[np.ndarray]:

@@ -120,4 +120,6 @@ def curves(series: Mapping[str, Sequence[tuple[float, float]]], path: str, title
 
 def rel(path: str, root: str) -> str:
   """Path of a plot relative to the report, for Markdown links."""
+  if "://" in str(path):
+    return str(path)[len(str(root).rstrip('/')) + 1:]
   return os.path.relpath(path, root)

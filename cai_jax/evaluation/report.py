@@ -12,7 +12,6 @@ which `make demo` prints at the end.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Any
 
@@ -33,17 +32,14 @@ SNAPSHOT_TITLES = {"helpful": "initial helpful", "sl_cai": "SL-CAI", "rl_cai": "
 
 
 def _load_json(path: str, default=None):
-  if not os.path.exists(path):
-    return default
   try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, json.JSONDecodeError):
+    return utils.read_json(path, default)
+  except (OSError, utils.InputError):
     return default
 
 
 def _records(path: str, limit: int | None = None) -> list[dict]:
-  if not os.path.exists(path):
+  if not utils.exists(path):
     return []
   out = []
   for r in utils.read_jsonl(path):
@@ -103,16 +99,16 @@ def _quote(text: str, limit: int = 400) -> str:
 class _Report:
 
   def __init__(self, workdir: str):
-    self.workdir = os.path.abspath(workdir)
-    self.files = os.path.join(self.workdir, "report_files")
+    self.workdir = utils.resolve_dir(workdir)
+    self.files = utils.join(self.workdir, "report_files")
     self.parts: list[str] = []
     self.summary: list[str] = []
-    self.timings = _load_json(os.path.join(self.workdir, "pipeline.json"), {"stages": {}})
+    self.timings = _load_json(utils.join(self.workdir, "pipeline.json"), {"stages": {}})
     self.stage_summary = {s: self._done(s) for s in STAGES}
-    self.results = _load_json(os.path.join(self.workdir, "evaluate", "results.json"), {})
+    self.results = _load_json(utils.join(self.workdir, "evaluate", "results.json"), {})
 
   def _done(self, stage):
-    info = _load_json(os.path.join(self.workdir, stage, "DONE"))
+    info = _load_json(utils.join(self.workdir, stage, "DONE"))
     if info is None:
       info = self.timings["stages"].get(stage, {}).get("summary")
     return info
@@ -121,7 +117,7 @@ class _Report:
     self.parts.append(text.rstrip() + "\n")
 
   def plot(self, fn, name: str, *args, **kw) -> str:
-    path = fn(*args, path=os.path.join(self.files, name), **kw)
+    path = fn(*args, path=utils.join(self.files, name), **kw)
     return f"![{name}]({plots.rel(path, self.workdir)})"
 
   # -- sections ---------------------------------------------------------------
@@ -150,7 +146,7 @@ class _Report:
                         f"(last invocation {self.timings.get('last_run_seconds', 0):.0f} s).")
 
   def revise(self):
-    recs = _records(os.path.join(self.workdir, "revise", "records.jsonl"))
+    recs = _records(utils.join(self.workdir, "revise", "records.jsonl"))
     if not recs:
       return
     rounds = [len(r.get("rounds", [])) for r in recs]
@@ -181,7 +177,7 @@ class _Report:
                           f"{100 * frac:.0f}% revised.")
 
   def label(self):
-    recs = _records(os.path.join(self.workdir, "label", "preferences.jsonl"))
+    recs = _records(utils.join(self.workdir, "label", "preferences.jsonl"))
     if not recs:
       return
     p = np.array([r["p_a"] for r in recs], dtype=np.float64)
@@ -202,6 +198,10 @@ class _Report:
         continue
       nums = _headline(stage, _flat_numbers(info))
       self.add(f"## {title}\n")
+      if stage == "pm" and info.get("human_data") is False:
+        self.add("Trained on AI harmlessness labels only: no human helpfulness comparisons "
+                 "(`pm.human_data`), unlike the paper's harmlessness + helpfulness mix, so "
+                 "this PM rewards harmlessness alone.\n")
       if nums:
         self.add(_table(["metric", "value"], [[k, v] for k, v in nums.items()]))
       curves = self._curves(stage)
@@ -212,7 +212,7 @@ class _Report:
       self.summary.append(f"{title}: " + (", ".join(f"{k}={_fmt(v)}" for k, v in keys) or "done") + ".")
 
   def _curves(self, stage: str) -> dict:
-    path = os.path.join(self.workdir, stage, "metrics.jsonl")
+    path = utils.join(self.workdir, stage, "metrics.jsonl")
     recs = _records(path)
     if len(recs) < 2:
       return {}
@@ -312,7 +312,7 @@ class _Report:
       self.add(f"- {note}")
 
   def config(self):
-    cfg = _load_json(os.path.join(self.workdir, "config.json"))
+    cfg = _load_json(utils.join(self.workdir, "config.json"))
     if cfg is not None:
       self.add("## Configuration\n")
       self.add("```json\n" + json.dumps(cfg, indent=1)[:6000] + "\n```")
@@ -335,7 +335,7 @@ def write_report(workdir: str) -> dict:
   """Writes WORKDIR/report.md; returns {"path", "summary": ten lines}."""
   rep = _Report(workdir)
   text, summary = rep.build()
-  path = os.path.join(rep.workdir, "report.md")
+  path = utils.join(rep.workdir, "report.md")
   utils.atomic_write_text(path, text)
   return {"path": path, "summary": summary}
 
@@ -344,8 +344,8 @@ def write_sweep_summary(workdir: str, runs: list[tuple[str, str]]) -> str:
   """WORKDIR/sweep.md: one row per sweep point with its headline numbers, and a plot."""
   rows, series = [], {}
   for name, d in runs:
-    res = _load_json(os.path.join(d, "evaluate", "results.json"), {})
-    t = _load_json(os.path.join(d, "pipeline.json"), {"stages": {}})
+    res = _load_json(utils.join(d, "evaluate", "results.json"), {})
+    t = _load_json(utils.join(d, "pipeline.json"), {"stages": {}})
     secs = sum(s.get("seconds", 0.0) for s in t["stages"].values())
     pm = res.get("pm_scores", {})
     e = res.get("elo", {}).get("pm", {}).get("harmlessness") or {}
@@ -360,12 +360,12 @@ def write_sweep_summary(workdir: str, runs: list[tuple[str, str]]) -> str:
   text = ["# Sweep summary\n", _table(["point", "wall time (s)", "PM harmless SL-CAI",
                                        "PM harmless RL-CAI", "harmlessness Elo (PM)", "evasive"],
                                       rows), ""]
-  text += [f"- [{name}]({plots.rel(os.path.join(d, 'report.md'), workdir)})" for name, d in runs]
+  text += [f"- [{name}]({plots.rel(utils.join(d, 'report.md'), workdir)})" for name, d in runs]
   if series:
-    p = plots.curves(series, path=os.path.join(workdir, "sweep.png"), title="Sweep",
+    p = plots.curves(series, path=utils.join(workdir, "sweep.png"), title="Sweep",
                      xlabel="point (row of the table)")
     text.append(f"\n![sweep]({plots.rel(p, workdir)})")
-  path = os.path.join(workdir, "sweep.md")
+  path = utils.join(workdir, "sweep.md")
   utils.atomic_write_text(path, "\n".join(text) + "\n")
   return path
 

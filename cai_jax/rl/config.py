@@ -19,7 +19,7 @@ def ppo_section() -> ml_collections.ConfigDict:
   c.gamma = 1.0                 # discount over response tokens
   c.lam = 0.95                  # GAE lambda
   c.whiten_advantages = True    # zero-mean, unit-variance advantages over real tokens
-  c.epochs = 4                  # passes over each rollout batch
+  c.num_epochs = 4              # passes over each rollout batch
   c.num_minibatches = 4         # minibatches per pass (batch_size must divide)
   c.clip_eps = 0.2              # policy ratio clip
   c.value_clip_eps = 0.2        # value clip around the rollout values
@@ -36,13 +36,16 @@ def ppo_section() -> ml_collections.ConfigDict:
   c.value_optim.learning_rate = 1e-5
   c.train_top_layers = -1       # -1 trains all of policy and value; k: only the top k blocks
                                 # + final norm + heads (saves optimizer memory)
-  c.policy_init = ""            # policy / reference init: "" = WORKDIR/sft/final, else config.model
-  c.pm_path = ""                # preference model: "" = WORKDIR/pm/final
+  c.init_from = ""              # policy / reference: "" = WORKDIR/sft (when sft runs or ran),
+                                # else config.model (any form of cai_jax.roles)
+  c.pm = ""                     # preference model: "" = WORKDIR/pm
   c.value_init = "pm"           # value model starts from "pm" or "policy" (new zero score head)
   c.checkpoint_every = 10       # iterations between checkpoints (and at the end)
-  c.max_to_keep = 2             # checkpoints kept
-  c.log_samples_every = 10      # iterations between logged sample responses (0 = never)
-  c.num_logged_samples = 4      # responses logged each time
+  c.keep_checkpoints = 2        # checkpoints kept
+  c.pm_max_len = 0              # tokens of a PM-scored conversation (end kept); 0 = pm.max_len
+  c.log_samples_every = 10      # iterations between samples shown in TensorBoard (0 = never);
+                                # samples.jsonl holds every sample of every iteration
+  c.num_logged_samples = 4      # responses shown each time
   c.tensorboard = True          # TensorBoard scalars and samples in WORKDIR/ppo/tb
   c.progress = True             # tqdm progress bar
   return c

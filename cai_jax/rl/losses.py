@@ -7,7 +7,7 @@ they hold.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,7 @@ class Transition(NamedTuple):
   advantages_BxN: jax.Array     # whitened GAE advantages
   returns_BxN: jax.Array        # GAE returns (value targets)
   scores_B: jax.Array           # scalar reward per sequence (after EOS penalty / norm)
+  raw_scores_B: Optional[jax.Array] = None  # the reward function's score (PM score), before both
 
 
 def masked_sum(x, mask, axis=None):

@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cai_jax import models
 from cai_jax.rl import losses
 from cai_jax.rl.update import response_outputs
 
@@ -38,12 +37,38 @@ def response_mask_from_lengths(lengths_B, n: int):
   return jnp.arange(n)[None, :] < lengths_B[:, None]
 
 
-def pm_reward_fn(pm_cfg, pm_params) -> Callable:
-  """Reward function reading the preference model's scalar head at the last
-  real token of prompt+response."""
-  def fn(batch):
-    return models.reward(pm_cfg, pm_params, batch["tokens"], batch["mask"])
-  return fn
+class PMReward:
+  """The preference model's score of each sampled conversation, read exactly where
+  the PM stage trained it and every evaluation reads it.
+
+  The sampled tokens are decoded as every stage decodes samples (EOS dropped, cut
+  at the first stop string, stripped), and the conversation (prompt messages,
+  response text) is encoded again by the one conversation encoder: the score is
+  that of `python -m cai_jax.evaluation.score` for the same conversation. The
+  KL penalty and advantages stay in the policy's own token space.
+  """
+
+  def __init__(self, pm_cfg, pm_params, encoder, eos_ids, stop_strings, max_len: int):
+    self.cfg, self.params, self.enc = pm_cfg, pm_params, encoder
+    self.eos_ids, self.stop_strings, self.max_len = tuple(eos_ids), list(stop_strings), max_len
+    self.last_texts: list = []
+
+  def texts(self, batch) -> list:
+    from cai_jax import sampling
+    resp = np.asarray(jax.device_get(batch["response_tokens"]))
+    lengths = np.asarray(jax.device_get(batch["response_mask"])).sum(axis=1)
+    return [sampling.completion_text(self.enc.tok, resp[i, :int(n)], True, self.eos_ids,
+                                     self.stop_strings)[0].strip()
+            for i, n in enumerate(lengths)]
+
+  def __call__(self, batch):
+    from cai_jax import sampling
+    prompts = batch.get("prompts")
+    if prompts is None:
+      raise ValueError("PMReward needs the prompts' messages (batch['prompts'])")
+    self.last_texts = self.texts(batch)
+    return sampling.pm_scores(self.cfg, self.params, self.enc, prompts, self.last_texts,
+                              max_len=self.max_len)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
@@ -109,8 +134,10 @@ class Rollout:
                            stop_seqs=self.hp.stop_seqs, mesh=self.mesh)
 
   def __call__(self, policy_params, value_params, prompt_tokens_BxP, prompt_mask_BxP, rng,
-               beta: float, clock=None):
-    """Returns (Transition, metrics dict of floats, timings dict of seconds)."""
+               beta: float, clock=None, prompts=None):
+    """Returns (Transition, metrics dict of floats, timings dict of seconds).
+
+    prompts: the prompts' message lists, for rewards read from text (PMReward)."""
     import time
     clock = clock or time.perf_counter
     timings = {}
@@ -128,7 +155,7 @@ class Rollout:
     t0 = clock()
     batch = {"tokens": jnp.concatenate([prompt_tokens_BxP, resp], axis=1),
              "mask": jnp.concatenate([prompt_mask_BxP, rmask], axis=1),
-             "response_tokens": resp, "response_mask": rmask}
+             "response_tokens": resp, "response_mask": rmask, "prompts": prompts}
     raw_scores = np.asarray(jax.device_get(self.reward_fn(batch)), np.float32)
     timings["reward"] = clock() - t0
 
@@ -147,7 +174,8 @@ class Rollout:
         gamma=float(self.hp.gamma), lam=float(self.hp.lam),
         whiten_advantages=bool(self.hp.whiten_advantages))
     tr = losses.Transition(prompt_tokens_BxP, prompt_mask_BxP, resp, rmask, logp, ref_logp,
-                           values, rewards, adv, returns, jnp.asarray(scores))
+                           values, rewards, adv, returns, jnp.asarray(scores),
+                           jnp.asarray(raw_scores))
     diag = jax.device_get(diag)
     # Agreement between the sampler's log-probs and the full forward pass: a
     # large gap means the cache/padding paths disagree and the ratio is biased.

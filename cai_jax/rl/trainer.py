@@ -37,7 +37,7 @@ def hparams_from_config(c: ml_collections.ConfigDict, eos_ids, stop_seqs=()):
       missing_eos_penalty=float(c.missing_eos_penalty),
       whiten_advantages=bool(c.whiten_advantages))
   uhp = update_lib.UpdateHParams(
-      epochs=int(c.epochs), num_minibatches=int(c.num_minibatches), clip_eps=float(c.clip_eps),
+      epochs=int(c.num_epochs), num_minibatches=int(c.num_minibatches), clip_eps=float(c.clip_eps),
       value_clip_eps=float(c.value_clip_eps), vf_coef=float(c.vf_coef),
       ent_coef=float(c.ent_coef))
   return rhp, uhp
@@ -116,8 +116,10 @@ class PPOTrainer:
     if self.normalizer is not None and d.get("normalizer") is not None:
       self.normalizer.load_state_dict(d["normalizer"])
 
-  def iteration(self, state, prompt_tokens_BxP, prompt_mask_BxP, rng):
-    """One rollout and one K-epoch update. Returns (state, metrics, transition)."""
+  def iteration(self, state, prompt_tokens_BxP, prompt_mask_BxP, rng, prompts=None):
+    """One rollout and one K-epoch update. Returns (state, metrics, transition).
+
+    prompts: the prompts' message lists (needed by rewards read from text)."""
     if prompt_tokens_BxP.shape[0] != self.batch_size:
       raise ValueError(f"ppo: got {prompt_tokens_BxP.shape[0]} prompts, "
                        f"batch_size is {self.batch_size}")
@@ -125,7 +127,7 @@ class PPOTrainer:
     rng_sample, rng_update = jax.random.split(rng)
     beta = self.kl_ctl.beta
     tr, metrics, timings = self.rollout(state["policy"], state["value"], prompt_tokens_BxP,
-                                        prompt_mask_BxP, rng_sample, beta)
+                                        prompt_mask_BxP, rng_sample, beta, prompts=prompts)
     t0 = time.perf_counter()
     sh = update_lib.batch_input_sharding(self.mesh, self.batch_size, self.rules)
     host = jax.device_get(update_lib.batch_from_transition(tr))

@@ -22,6 +22,7 @@ from cai_jax import models
 from cai_jax import multihost
 from cai_jax import sharding as sharding_lib
 from cai_jax import text as text_lib
+from cai_jax.text import conversation
 from cai_jax.sampling import stops as stops_lib
 from cai_jax.sampling.sampler import (TRACE_COUNTS, PromptTooLongError, bucket_length,
                                       sample)
@@ -39,10 +40,25 @@ class Completion:
 
 
 def encode_prompt(tokenizer, text: str) -> list:
-  """Prompt ids; special tokens (BOS) are added unless the text already has them."""
-  bos = getattr(tokenizer, "bos_token", None)
-  add = not (bos and text.startswith(bos))
-  return list(tokenizer(text, add_special_tokens=add)["input_ids"])
+  """Prompt ids with BOS as the tokenizer adds it (`text.conversation.encode_text`)."""
+  return conversation.encode_text(tokenizer, text)
+
+
+def completion_text(tokenizer, tokens, finished: bool, eos_ids: Sequence[int],
+                    stop_strings: Sequence[str]) -> tuple[str, str]:
+  """(text, finish reason) of sampled tokens: the EOS dropped, cut before the first
+  stop string. Every consumer of samples (stages, PPO's reward) reads them so."""
+  toks = list(int(t) for t in tokens)
+  reason, body = "length", toks
+  if finished and toks:
+    reason = "eos" if toks[-1] in eos_ids else "stop"
+    if reason == "eos":
+      body = toks[:-1]
+  txt = tokenizer.decode(body, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+  txt, found = stops_lib.trim_at_stop(txt, stop_strings)
+  if found and reason == "length":
+    reason = "stop"  # a stop the byte tables could not see (decoder-specific text)
+  return txt, reason
 
 
 def choose_buckets(needs: Sequence[int], max_buckets: int) -> list:
@@ -110,7 +126,7 @@ def _left_pad(rows: Sequence[Sequence[int]], length: int, n_rows: int, pad_id: i
   return t, m
 
 
-def _eos_ids(cfg, tokenizer) -> tuple:
+def eos_ids_of(cfg, tokenizer) -> tuple:
   ids = {cfg.eos_token_id, getattr(tokenizer, "eos_token_id", None)}
   return tuple(sorted(int(i) for i in ids if i is not None))
 
@@ -148,7 +164,7 @@ def generate(cfg, params, tokenizer, prompts, *, fmt: str = "chat", max_new_toke
       ids[i] = x[-limit:]
   stop_strings = list(text_lib.stop_strings(fmt, tokenizer) if stop is None else stop)
   matcher = stops_lib.from_strings(tokenizer, stop_strings, cfg.vocab_size)
-  eos = _eos_ids(cfg, tokenizer) if eos_ids is None else tuple(eos_ids)
+  eos = eos_ids_of(cfg, tokenizer) if eos_ids is None else tuple(eos_ids)
   d = 1
   if mesh is not None:
     d = sharding_lib.batch_divisor(mesh)
@@ -172,17 +188,7 @@ def generate(cfg, params, tokenizer, prompts, *, fmt: str = "chat", max_new_toke
     for r, j in enumerate(rows):
       n = int(out.lengths_B[r])
       toks = out.tokens_BxN[r, :n].copy()
-      reason = "length"
-      body = toks
-      if out.finished_B[r]:
-        reason = "eos" if int(toks[-1]) in eos else "stop"
-        if reason == "eos":
-          body = toks[:-1]
-      txt = tokenizer.decode(body.tolist(), skip_special_tokens=False,
-                             clean_up_tokenization_spaces=False)
-      txt, found = stops_lib.trim_at_stop(txt, stop_strings)
-      if found and reason == "length":
-        reason = "stop"  # a stop the byte tables could not see (decoder-specific text)
+      txt, reason = completion_text(tokenizer, toks, bool(out.finished_B[r]), eos, stop_strings)
       results[j] = Completion(text=txt, tokens=toks, logprobs=out.logprobs_BxN[r, :n].copy(),
                               finished=reason != "length", finish_reason=reason,
                               prompt_tokens=np.asarray(ids[j], np.int32))
@@ -261,3 +267,80 @@ def score(cfg, params, tokenizer, prompts: Sequence[str], continuations: Sequenc
   pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
   return score_tokens(cfg, params, p_ids, c_ids, batch_size=batch_size, mesh=mesh,
                       pad_id=pad_id, progress=progress)
+
+
+def generation_mesh(config, batch_size: int):
+  """(mesh, sampler batch size) for a generation stage (revise, label).
+
+  One process: the config's mesh and `batch_size` as given (unchanged
+  behaviour). Several processes: the stages deal whole chunks to hosts, so each
+  host samples on a mesh of its own devices (`sharding_lib.local_mesh_from_config`),
+  with the batch size rounded up to the global mesh's batch divisor exactly as
+  the single-process sampler rounds it. Same batches, same per-batch random
+  streams: a chunk's records do not depend on the host that made it, and equal
+  a single-process run's wherever the float numerics agree. Each device holds
+  more rows than on the global mesh; XLA may round a one-row matmul differently
+  from a several-row one, so a near-tie in sampling can then pick another token,
+  as a different config.mesh on one host can.
+
+  Small calls: `sampling.generate` shrinks a call of n < batch_size prompts to
+  the next power of two rounded up to the *passed* mesh's batch divisor, so a
+  host may pad fewer rows than a single process would. Every row samples from
+  its own key (fold_in of its row index), so that padding does not change the
+  real rows' random streams; only the float-rounding caveat above applies.
+  """
+  mesh = sharding_lib.mesh_from_config(config)
+  if jax.process_count() == 1:
+    return mesh, int(batch_size)
+  d = sharding_lib.batch_divisor(mesh)
+  rounded = -(-int(batch_size) // d) * d
+  local = sharding_lib.local_mesh_from_config(config)
+  if rounded % sharding_lib.batch_divisor(local):
+    logging.warning("generation: sampler batch %d does not divide over the local mesh %s; "
+                    "records may differ from a single-process run", rounded,
+                    dict(local.shape))
+  return local, rounded
+
+
+def group_by_shape(keys: Sequence, max_tokens: int, length_of) -> list[list[int]]:
+  """Indices grouped by shape key, each group's padded tokens <= max_tokens."""
+  by_key: dict = {}
+  for i, k in enumerate(keys):
+    by_key.setdefault(k, []).append(i)
+  out = []
+  for k, idx in by_key.items():
+    # A power of two, so that padding a partial group up to one stays within it.
+    per = 1 << max(0, (max_tokens // max(1, length_of(k))).bit_length() - 1)
+    out.extend(idx[j:j + per] for j in range(0, len(idx), per))
+  return out
+
+
+def scalar_scores(cfg, params, transcript_ids: Sequence[Sequence[int]], *,
+                       max_tokens: int = 8192, pad_id: int = 0,
+                       progress=None) -> np.ndarray:
+  """Scalar-head output at the last token of each id list: a PM's score of each
+  conversation encoded by `text.conversation` (whose last token is where it is read)."""
+  keys = [bucket_length(len(t)) for t in transcript_ids]
+  out = np.zeros(len(transcript_ids), np.float64)
+  for idx in group_by_shape(keys, max_tokens, lambda k: k):
+    L = keys[idx[0]]
+    toks = np.full((len(idx), L), pad_id, np.int32)
+    mask = np.zeros((len(idx), L), bool)
+    for b, i in enumerate(idx):
+      t = transcript_ids[i]
+      toks[b, L - len(t):] = t
+      mask[b, L - len(t):] = True
+    r = models.reward(cfg, params, jnp.asarray(toks), jnp.asarray(mask))
+    out[idx] = np.asarray(multihost.to_host(r), np.float64)
+    if progress is not None:
+      progress(len(idx))
+  return out
+
+
+def pm_scores(cfg, params, encoder, prompts: Sequence, responses: Sequence[str], *,
+              max_len: int = 512, max_tokens: int = 8192) -> np.ndarray:
+  """The preference model's score of each (prompt, response) conversation, read where
+  the PM stage trains it: the last token of `encoder.conversation(...)`."""
+  ids = [encoder.conversation(p, r, max_len=max_len).ids for p, r in zip(prompts, responses)]
+  pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+  return scalar_scores(cfg, params, ids, pad_id=pad, max_tokens=max_tokens)

@@ -52,9 +52,8 @@ _GRID = ((8, 64), (16, 128), (32, 256), (128, 1024))
 # PACK_STEPS - 1 packed variants.
 PACK_STEPS = 8
 # On CPU without a mesh the decode loop runs `models.decode.decode_step`
-# (feature-major activations, weights transposed once per params): SmolLM2's
-# sampler at 64 rows ~3-8% faster, at 16 rows ~5-10% less CPU time in
-# same-process A/Bs (see `models/decode.py`).
+# (feature-major activations, weights transposed once per params), which skips
+# XLA:CPU's per-call weight repacking (measured in benchmarks/README.md).
 CPU_FEATURE_MAJOR_DECODE = True
 # Otherwise a CPU batch of at most this many rows per device is sampled by a
 # program compiled with these XLA options (see `_sample_jit_few_rows`).
@@ -204,9 +203,9 @@ def _pick(logits_VxB, key, temperature, top_p, *, greedy, top_k, use_top_p, unit
 
 def _logits_VxB(cfg, head_VxD, h_BxD):
   """Vocabulary-major float32 logits: head @ h^T. On XLA:CPU this runs the
-  skinny LM-head matmul without packing the VxD weight (SmolLM2 at 64 rows:
-  29 vs 35 ms), and the softmax/sampling reductions then run along the major
-  axis, vectorised over the rows."""
+  skinny LM-head matmul without packing the VxD weight (benchmarks/README.md),
+  and the softmax/sampling reductions then run along the major axis, vectorised
+  over the rows."""
   return jax.lax.dot_general(head_VxD, h_BxD.astype(cfg.jnp_dtype), (((1,), (1,)), ((), ())),
                              preferred_element_type=jnp.float32)
 
@@ -332,12 +331,10 @@ _STATIC = ("cfg", "max_new_tokens", "greedy", "top_k", "use_top_p", "unit_temp",
 _sample_jit = jax.jit(_sample_impl, static_argnames=_STATIC)
 # The same program for CPU batches of few rows per device, compiled without
 # YNNPACK fusions: XLA:CPU's Eigen dots run a decode step's skinny matmuls
-# faster (SmolLM2's MLP at 16 rows: 1.2 vs 2.1 ms per layer; the whole
-# SmolLM2 sampler at batch 16: 156 vs 128 tokens/s), while at 32 and 64 rows
-# the two are even. Eigen allocates its packing buffers on every dot, so the
-# gain needs a malloc without a single-arena lock: under runtime.MALLOC_TUNABLES
-# (arena_max=1) both variants ran at 112 tokens/s. Each (batch, length) shape
-# maps to one variant, so this adds no compilations.
+# faster at few rows and evenly at 32 and more (benchmarks/README.md). Eigen
+# allocates its packing buffers on every dot, so the gain needs a malloc without
+# a single-arena lock (not cpu_backend.MALLOC_TUNABLES). Each (batch, length)
+# shape maps to one variant, so this adds no compilations.
 _sample_jit_few_rows = jax.jit(_sample_impl, static_argnames=_STATIC,
                                compiler_options=CPU_FEW_ROWS_COMPILER_OPTIONS)
 

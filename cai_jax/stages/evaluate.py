@@ -18,19 +18,23 @@ WORKDIR/evaluate/results.json, which the report renders.
 from __future__ import annotations
 
 import gc
-import os
+import json
 
-from absl import logging
 import ml_collections
 import numpy as np
 
-from cai_jax import utils
+from cai_jax import constitution as constitution_lib
+from cai_jax import feedback, sampling, utils
 from cai_jax.data import prompts as prompts_lib
 from cai_jax.evaluation import elo, evasiveness, harmfulness, judges
-from cai_jax.stages import common
+from cai_jax.runtime import StageContext, parse_list, stage_settings
 from cai_jax.utils import InputError
 
+STAGE = "evaluate"
 SNAPSHOTS = ("helpful", "sl_cai", "rl_cai")
+USES = ("seed", "model", "feedback_model", "dtype", "prompt_format", "constitution", "data",
+        "label")
+VOLATILE = ("batch_size", "num_report_samples")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -41,13 +45,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.temperature = 0.7         # sampling temperature of the snapshots' responses
   c.top_p = 0.95              # nucleus sampling
   c.batch_size = 16           # prompts per sampler / scorer batch
-  c.pm = ""                   # preference model dir; "" = WORKDIR/pm/final
-  c.pm_max_len = 512          # tokens of a scored conversation (end kept)
-  c.judges = "pm,feedback"    # Elo judges: "pm" and/or "feedback" (the feedback model)
+  c.pm = ""                   # preference model; "" = WORKDIR/pm
+  c.pm_max_len = 0            # tokens of a scored conversation (end kept); 0 = pm.max_len
+  c.judges = ("pm", "feedback")  # Elo judges: "pm" and/or "feedback" (the feedback model)
   c.feedback_debias = True    # feedback judge scores both option orders and averages
   c.elo_method = "fisher"     # Elo intervals: "fisher" or "bootstrap"
   c.revision_records = -1     # revise records scored for PM-vs-revision (-1 = all)
-  c.mc_files = ""             # comma-separated multiple-choice evals (jsonl or BIG-bench task.json)
+  c.mc_files = ()             # multiple-choice evals (jsonl or BIG-bench task.json)
   c.mc_max_items = -1         # items per multiple-choice file (-1 = all)
   c.mc_few_shot = 0           # few-shot examples for the multiple-choice formulation
   c.mc_debias_max_options = 4  # average over cyclic option orders when items have <= this many
@@ -56,28 +60,36 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+def settings(config, workdir: str) -> dict:
+  return stage_settings(config, workdir, STAGE, USES, VOLATILE)
+
+
 def snapshot_paths(config, workdir: str) -> dict[str, str]:
   """Snapshots that exist: the initial model, SL-CAI and RL-CAI exports."""
   out = {"helpful": config.model}
   for name, sub in (("sl_cai", "sft"), ("rl_cai", "ppo")):
-    p = os.path.join(workdir, sub, "final")
-    if os.path.isdir(p):
+    p = utils.join(utils.resolve_dir(workdir), sub, "final")
+    if utils.isdir(p):
       out[name] = p
   return out
+
+
+def _pm_len(config) -> int:
+  n = int(config.evaluate.pm_max_len)
+  return n if n > 0 else int(config.pm.max_len if "pm" in config else 512)
 
 
 class _Models:
   """Loads each model once at a time; keeps only the one still needed."""
 
-  def __init__(self, config):
-    self.config = config
+  def __init__(self, ctx):
+    self.ctx = ctx
     self.cache: dict = {}
 
-  def get(self, path: str):
+  def get(self, path: str, heads=("lm",)):
     if path not in self.cache:
       self.drop()
-      self.cache[path] = common.load_model(path, seed=self.config.seed,
-                                           dtype=self.config.dtype or None)
+      self.cache[path] = self.ctx.load(path, heads=heads)
     return self.cache[path]
 
   def drop(self):
@@ -100,18 +112,17 @@ def _prompts(config) -> dict[str, list[dict]]:
 def _responses(config, workdir, models: _Models, name: str, path: str, prompts) -> dict:
   """{kind: [[response per sample] per prompt]}, cached in responses/<name>.jsonl."""
   ec = config.evaluate
-  cache = os.path.join(workdir, "evaluate", "responses", f"{name}.jsonl")
+  cache = utils.join(utils.resolve_dir(workdir), "evaluate", "responses", f"{name}.jsonl")
   want = {(kind, p["id"], s) for kind, ps in prompts.items() for p in ps
           for s in range(ec.samples_per_prompt)}
   got = {}
-  if os.path.exists(cache):
+  if utils.exists(cache):
     got = {(r["kind"], r["id"], r["sample"]): r["response"] for r in utils.read_jsonl(cache)
            if r.get("model") == path}
   if not want <= set(got):
     cfg, params, tok = models.get(path)
     todo = [(kind, p, s) for kind, ps in prompts.items() for p in ps
             for s in range(ec.samples_per_prompt)]
-    from cai_jax import sampling
     for s in range(ec.samples_per_prompt):
       batch = [(kind, p) for kind, p, s2 in todo if s2 == s]
       comps = sampling.generate(
@@ -121,8 +132,9 @@ def _responses(config, workdir, models: _Models, name: str, path: str, prompts) 
           desc=f"evaluate: {name} responses")
       for (kind, p), c in zip(batch, comps):
         got[(kind, p["id"], s)] = c.text.strip()
-    utils.write_jsonl(cache, [{"model": path, "kind": k, "id": i, "sample": s, "response": r}
-                              for (k, i, s), r in sorted(got.items())])
+    if models.ctx.is_main:
+      utils.write_jsonl(cache, [{"model": path, "kind": k, "id": i, "sample": s, "response": r}
+                                for (k, i, s), r in sorted(got.items())])
   return {kind: [[got[(kind, p["id"], s)] for s in range(ec.samples_per_prompt)] for p in ps]
           for kind, ps in prompts.items()}
 
@@ -151,8 +163,8 @@ def _fit(comps, players, method):
 
 
 def _revision_scores(config, workdir, pm) -> list[dict]:
-  path = os.path.join(workdir, "revise", "records.jsonl")
-  if not os.path.exists(path):
+  path = utils.join(utils.resolve_dir(workdir), "revise", "records.jsonl")
+  if not utils.exists(path):
     return []
   recs = list(utils.read_jsonl(path))
   n = int(config.evaluate.revision_records)
@@ -167,8 +179,8 @@ def _revision_scores(config, workdir, pm) -> list[dict]:
   if not texts:
     return []
   cfg, params, tok = pm
-  s = judges.pm_scores(cfg, params, tok, msgs, texts, fmt=config.prompt_format,
-                       max_len=config.evaluate.pm_max_len)
+  enc = _encoder(config, tok)
+  s = sampling.pm_scores(cfg, params, enc, msgs, texts, max_len=_pm_len(config))
   rev = np.array(rev)
   rows = []
   for k in sorted(set(rev.tolist())):
@@ -177,10 +189,15 @@ def _revision_scores(config, workdir, pm) -> list[dict]:
   return rows
 
 
+def _encoder(config, tok):
+  from cai_jax.text.conversation import ConversationEncoder
+  return ConversationEncoder(tok, config.prompt_format)
+
+
 def _pm_section(config, workdir, models, snaps, prompts, responses, results):
   ec = config.evaluate
-  pm_path = ec.pm or os.path.join(workdir, "pm", "final")
-  if not os.path.isdir(pm_path):
+  pm_path = ec.pm or utils.join(utils.resolve_dir(workdir), "pm")
+  if not utils.isdir(pm_path):
     results["notes"].append(f"No preference model at {pm_path}: PM scores and PM Elo skipped.")
     return
   pm = models.get(pm_path)
@@ -192,8 +209,8 @@ def _pm_section(config, workdir, models, snaps, prompts, responses, results):
     scores[name] = {}
     for kind, key in (("red_team", "harmless"), ("helpful", "helpful")):
       msgs, texts, _ = _flat(prompts, responses[name], kind)
-      s = judges.pm_scores(*pm, msgs, texts, fmt=config.prompt_format, max_len=ec.pm_max_len) \
-          if texts else np.zeros((0,))
+      s = sampling.pm_scores(pm[0], pm[1], _encoder(config, pm[2]), msgs, texts,
+                             max_len=_pm_len(config)) if texts else np.zeros((0,))
       scores[name][kind] = s
       m, se = _mean_se(s)
       table.setdefault(name, {})[key] = m
@@ -216,9 +233,7 @@ def _feedback_section(config, models, snaps, prompts, responses, results):
   """Elo judged by the feedback model through the label stage's machinery (few-shot
   multiple-choice questions, principles drawn from the constitution, both orders)."""
   import dataclasses
-  from cai_jax import constitution as constitution_lib
-  from cai_jax.stages import label as label_stage
-  path = config.feedback_model or config.model
+  path = models.ctx.role_spec("feedback")
   cfg, params, tok = models.get(path)
   const = constitution_lib.load(config.constitution)
   lc = ml_collections.ConfigDict(config.label.to_dict())
@@ -226,8 +241,6 @@ def _feedback_section(config, models, snaps, prompts, responses, results):
   lc.hard_labels = False  # soft outcomes feed the Bradley-Terry fit
   helpful_const = dataclasses.replace(const, choice_principles=[
       constitution_lib.ChoicePrinciple("helpfulness", judges.HELPFUL_PRINCIPLE)])
-  prompter = label_stage.Prompter(config.prompt_format, tok, str(lc.system_prompt),
-                                  limit=cfg.max_position_embeddings - 16)
   rng = np.random.default_rng(config.seed)
   players = list(snaps)
   out = {}
@@ -241,7 +254,7 @@ def _feedback_section(config, models, snaps, prompts, responses, results):
         owners.append((a, b))
     if not items:
       continue
-    labeller = label_stage.Labeller(cfg, params, tok, prompter, c, lc)
+    labeller = feedback.make_labeller(config.prompt_format, lc, cfg, params, tok, c)
     labels = labeller(items, rng, config.seed)
     comps = [(a, b, float(r["p_a"])) for (a, b), r in zip(owners, labels)]
     out[axis] = _fit(comps, players, config.evaluate.elo_method)
@@ -253,22 +266,22 @@ def _feedback_section(config, models, snaps, prompts, responses, results):
 def _mc_section(config, models, results):
   from cai_jax.evaluation import multiple_choice
   ec = config.evaluate
-  files = [f.strip() for f in str(ec.mc_files).split(",") if f.strip()]
+  files = parse_list(ec.mc_files)
   if not files:
     return
   out = {}
   for f in files:
-    if not os.path.exists(f):
+    if not utils.exists(f):
       results["notes"].append(f"Multiple-choice file {f} not found: skipped.")
       continue
     items = multiple_choice.load_items(f, seed=config.seed)
     if ec.mc_max_items >= 0:
       items = items[:ec.mc_max_items]
-    name = os.path.basename(f).split(".")[0]
+    name = f.rstrip("/").rsplit("/", 1)[-1].split(".")[0]
     if name == "task":  # BIG-bench: name by the task directory
-      name = os.path.basename(os.path.dirname(os.path.abspath(f)))
+      name = f.rstrip("/").rsplit("/", 2)[-2]
     forms = {}
-    cfg, params, tok = models.get(config.feedback_model or config.model)
+    cfg, params, tok = models.get(models.ctx.role_spec("feedback"))
     # Debiasing costs one question per option order: N orders for N options.
     debias = all(it.listed is not None and len(it.options) <= ec.mc_debias_max_options
                  for it in items)
@@ -292,7 +305,7 @@ def _harmfulness_section(config, workdir, models, snaps, prompts, responses, res
     return
   data = harmfulness.load_ratings(hc.data)
   train_set, eval_set = harmfulness.split(data, hc.eval_fraction, seed=config.seed)
-  cfg, params, tok = models.get(hc.init_from or config.model)
+  cfg, params, tok = models.get(hc.init_from or config.model, heads=("lm",))
   params, hist = harmfulness.train(cfg, dict(params), tok, train_set, steps=hc.steps,
                                    batch_size=hc.batch_size, learning_rate=hc.learning_rate,
                                    weight_decay=hc.weight_decay, max_len=hc.max_len,
@@ -312,16 +325,23 @@ def _harmfulness_section(config, workdir, models, snaps, prompts, responses, res
 
 
 def run(config, workdir: str) -> dict:
-  d = os.path.join(workdir, "evaluate")
-  os.makedirs(d, exist_ok=True)
-  ec = config.evaluate
-  unknown = {j.strip() for j in str(ec.judges).split(",") if j.strip()} - {"pm", "feedback"}
+  ctx = StageContext(config, workdir, STAGE, default_config())
+  ec = ctx.section
+  done = ctx.done()
+  if done is not None:
+    return done
+  judges_on = set(parse_list(ec.judges))
+  unknown = judges_on - {"pm", "feedback"}
   if unknown:
-    raise InputError(f"evaluate.judges: unknown judge(s) {sorted(unknown)}; use 'pm' and/or "
-                     "'feedback'")
+    raise InputError(f"config.evaluate.judges: unknown judge(s) {sorted(unknown)}; use 'pm' "
+                     "and/or 'feedback'")
+  for k in ("samples_per_prompt", "max_new_tokens", "batch_size"):
+    if int(ec[k]) < 1:
+      raise InputError(f"config.evaluate.{k}={ec[k]}: must be >= 1")
   snaps = snapshot_paths(config, workdir)
   prompts = _prompts(config)
-  models = _Models(config)
+  ctx.begin(settings(config, workdir))
+  models = _Models(ctx)
   responses = {name: _responses(config, workdir, models, name, path, prompts)
                for name, path in snaps.items()}
   results = {"snapshots": snaps, "elo": {}, "notes": [],
@@ -330,9 +350,9 @@ def run(config, workdir: str) -> dict:
   results["evasiveness"] = {
       name: evasiveness.rates([r for rs in responses[name]["red_team"] for r in rs])
       for name in snaps}
-  if "pm" in ec.judges:
+  if "pm" in judges_on:
     _pm_section(config, workdir, models, snaps, prompts, responses, results)
-  if "feedback" in ec.judges:
+  if "feedback" in judges_on:
     _feedback_section(config, models, snaps, prompts, responses, results)
   _mc_section(config, models, results)
   _harmfulness_section(config, workdir, models, snaps, prompts, responses, results)
@@ -342,15 +362,11 @@ def run(config, workdir: str) -> dict:
                          "responses": {n: responses[n]["red_team"][i][0] for n in snaps}}
                         for i, p in enumerate(prompts["red_team"][:k])]
   results = {k: v for k, v in results.items() if not k.startswith("_")}
-  import json
-  utils.atomic_write_text(os.path.join(d, "results.json"),
-                          json.dumps(results, indent=1, default=float) + "\n")
+  ctx.write_text("results.json", json.dumps(results, indent=1, default=float) + "\n")
   summary = {"snapshots": len(snaps), "red_team_prompts": len(prompts["red_team"]),
              "helpful_prompts": len(prompts["helpful"])}
   for name, v in results.get("pm_scores", {}).items():
     summary[f"pm_harmless_{name}"] = v["harmless"]
   for name, v in results["evasiveness"].items():
     summary[f"evasive_{name}"] = v["evasive"]
-  logging.info("evaluate: %s", summary)
-  utils.mark_done(d, summary)
-  return summary
+  return ctx.finish(summary)

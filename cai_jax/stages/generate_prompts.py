@@ -5,8 +5,10 @@ The paper grew 42,496 human red-team prompts into 182,831 this way (and made
 prompts drawn at random; candidates that are empty, too short or too long, or
 exact or near duplicates of a seed or of an earlier kept prompt, are dropped.
 
-Output in WORKDIR/generate_prompts/ (a prompt source for revise, label and
-PPO: point `config.data.red_team` or `.helpful` at this directory):
+An optional pipeline stage (add it to `config.stages`; `configs/demo.py`'s
+`--sweep=generated` shows it): when it runs, the later stages read their `kind`
+prompts from its output. Outside the pipeline, point `config.data.red_team` or
+`.helpful` at this directory. Output in WORKDIR/generate_prompts/:
 
   prompts.jsonl  {id, messages: [{role: "user", content}], source: "seed" | "generated"}
   tfds/          the same as an array_record TFDS dataset
@@ -19,8 +21,6 @@ prompts an uninterrupted one would.
 """
 from __future__ import annotations
 
-import json
-import os
 import re
 import unicodedata
 from typing import Iterable
@@ -31,12 +31,14 @@ import ml_collections
 import numpy as np
 import tqdm
 
+from cai_jax import sampling, sharding, utils
 from cai_jax.data import prompts as prompts_lib
-from cai_jax.utils import (InputError, atomic_write_text, done_info, make_chunk_dir, mark_done,
-                           read_jsonl)
-from cai_jax.stages.common import stage_section
+from cai_jax.runtime import StageContext, runners, stage_settings
+from cai_jax.utils import InputError
 
 STAGE = "generate_prompts"
+USES = ("seed", "model", "dtype", "data")
+VOLATILE = ("batch_size", "progress")
 _WORD = re.compile(r"[a-z0-9']+")
 
 
@@ -62,8 +64,8 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _section(config):
-  return stage_section(config, STAGE, default_config())
+def settings(config, workdir: str) -> dict:
+  return stage_settings(config, workdir, STAGE, USES, VOLATILE)
 
 
 # ----------------------------------------------------------------------------
@@ -172,21 +174,20 @@ def _one_line(messages: list[dict]) -> str:
   return " ".join(messages[-1]["content"].split())
 
 
-def _chunk_path(stage_dir: str, i: int) -> str:
-  return os.path.join(stage_dir, "chunks", f"candidates-{i:05d}.jsonl")
-
-
 def run(config, workdir: str) -> dict:
   """Runs (or resumes) prompt generation into WORKDIR/generate_prompts."""
-  stage_dir = os.path.join(workdir, STAGE)
-  gc = _section(config)
-  done = done_info(stage_dir)
+  ctx = StageContext(config, workdir, STAGE, default_config())
+  gc = ctx.section
+  done = ctx.done()
   if done is not None:
     return done
   kind = str(gc.kind)
   if kind not in ("red_team", "helpful"):
     raise InputError(f"config.{STAGE}.kind={kind!r}; use 'red_team' or 'helpful'")
-  data_cfg = config.get("data", None) if hasattr(config, "get") else None
+  for k in ("num_prompts", "max_chunks", "num_shots", "batch_size", "chunk_size"):
+    if int(gc[k]) < 1:
+      raise InputError(f"config.{STAGE}.{k}={gc[k]}: must be >= 1")
+  data_cfg = config.get("data", None)
   src = str(gc.seed_prompts) or ("builtin:" + kind if data_cfg is None
                                  or data_cfg.get(kind, "builtin") == "builtin"
                                  else data_cfg.get(kind))
@@ -195,50 +196,45 @@ def run(config, workdir: str) -> dict:
   if len(seed_texts) < int(gc.num_shots):
     raise InputError(f"{src}: {len(seed_texts)} seed prompts but num_shots={gc.num_shots}; "
                      "give more seeds or lower num_shots")
-  make_chunk_dir(os.path.join(stage_dir, "chunks"))
-
-  seed = int(config.get("seed", 0))
-  model_path = str(config.get("model", "tiny"))
-  from cai_jax import sampling, sharding
-  from cai_jax.stages import common
-  cfg = params = None
-  tok = common.load_tokenizer(model_path)
-  mesh = None
+  runners.prepare_chunks(ctx)
+  cfg, params, tok = ctx.load(ctx.role_spec("initial"))
+  mesh = sharding.mesh_from_config(config)
+  ctx.begin(settings(config, workdir))
 
   index = DedupIndex(float(gc.near_dup_threshold))
   for t in seed_texts:
     index.add(t)
-  root = jax.random.PRNGKey(seed)
+  root = jax.random.PRNGKey(ctx.seed)
+
+  def make(chunk):
+    key = jax.random.fold_in(root, chunk.index)
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).astype(np.uint32))
+    shots = [list(rng.choice(len(seed_texts), int(gc.num_shots), replace=False))
+             for _ in range(chunk.size)]
+    prompts = [fewshot_prompt([seed_texts[j] for j in s], kind, str(gc.style), tok)
+               for s in shots]
+    stop = ["\n"] if gc.style == "list" else None
+    comps = sampling.generate(cfg, params, tok, prompts, fmt="chat",
+                              max_new_tokens=int(gc.max_new_tokens),
+                              temperature=float(gc.temperature), top_p=float(gc.top_p),
+                              stop=stop, seed=int(jax.random.randint(key, (), 0, 2**31 - 1)),
+                              batch_size=int(gc.batch_size), mesh=mesh, progress=False,
+                              truncate_long_prompts=True)
+    return [{"text": c.text} for c in comps]
+
   kept: list[str] = []
   reasons = {"empty": 0, "short": 0, "long": 0, "duplicate": 0}
   bar = tqdm.tqdm(total=int(gc.num_prompts), unit="prompt", desc="generate_prompts",
-                  disable=not gc.progress)
+                  disable=not gc.progress, dynamic_ncols=True)
   chunks_used = 0
+  # Chunk by chunk (filtering needs every earlier chunk), until enough are kept.
   for i in range(int(gc.max_chunks)):
     if len(kept) >= int(gc.num_prompts):
       break
-    path = _chunk_path(stage_dir, i)
-    if os.path.exists(path):
-      cands = [r["text"] for r in read_jsonl(path)]
-    else:
-      if params is None:
-        cfg, params, tok = common.load_model(model_path, seed=seed, dtype=config.get("dtype"))
-        mesh = sharding.mesh_from_config(config)
-      key = jax.random.fold_in(root, i)
-      rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).astype(np.uint32))
-      shots = [list(rng.choice(len(seed_texts), int(gc.num_shots), replace=False))
-               for _ in range(int(gc.chunk_size))]
-      prompts = [fewshot_prompt([seed_texts[j] for j in s], kind, str(gc.style), tok)
-                 for s in shots]
-      stop = ["\n"] if gc.style == "list" else None
-      comps = sampling.generate(cfg, params, tok, prompts, fmt="chat", max_new_tokens=int(
-          gc.max_new_tokens), temperature=float(gc.temperature), top_p=float(gc.top_p),
-          stop=stop, seed=int(jax.random.randint(key, (), 0, 2**31 - 1)),
-          batch_size=int(gc.batch_size), mesh=mesh, progress=False, truncate_long_prompts=True)
-      cands = [c.text for c in comps]
-      atomic_write_text(path, "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n"
-                                      for t in cands))
-    new, why = filter_candidates(cands, index, int(gc.min_chars), int(gc.max_chars))
+    chunk = runners.Chunk("candidates", i, [None] * int(gc.chunk_size))
+    res = runners.run_chunks(ctx, [chunk], make, desc="candidates", progress=False)[0]
+    new, why = filter_candidates([r["text"] for r in res.records], index, int(gc.min_chars),
+                                 int(gc.max_chars))
     for k, v in why.items():
       reasons[k] += v
     new = new[:int(gc.num_prompts) - len(kept)]
@@ -256,18 +252,10 @@ def run(config, workdir: str) -> dict:
              for p in seeds]
   rows += [{"id": f"gen-{n:06d}", "messages": [{"role": "user", "content": t}],
             "source": "generated"} for n, t in enumerate(kept)]
-  out = os.path.join(stage_dir, "prompts.jsonl")
-  text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-  if os.path.exists(out):
-    with open(out, encoding="utf-8") as f:
-      if f.read() != text:
-        raise InputError(f"{out}: exists with different content; finished output is never "
-                         "overwritten (use a fresh --workdir)")
-  else:
-    atomic_write_text(out, text)
-  from cai_jax.data import builders
-  builders.build_records({"train": out}, os.path.join(stage_dir, "tfds"))
+  ctx.write_jsonl("prompts.jsonl", rows, once=True)
+  if ctx.is_main and not utils.is_url(ctx.dir):
+    from cai_jax.data import builders
+    builders.build_records({"train": ctx.path("prompts.jsonl")}, ctx.path("tfds"))
   summary = {"num_seed": len(seeds), "num_generated": len(kept), "chunks": chunks_used,
              "candidates": chunks_used * int(gc.chunk_size), "dropped": reasons}
-  mark_done(stage_dir, summary)
-  return summary
+  return ctx.finish(summary)

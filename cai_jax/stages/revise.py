@@ -17,34 +17,23 @@ randomness from fold_in(seed, i). A run that is killed resumes at the first
 missing chunk, never rewrites a finished one, and ends with exactly the output
 of an uninterrupted run with the same config.
 
-Several processes (a pod slice): the chunks, red-team then helpful, are dealt
-round robin (chunk job j to host j % process_count, `multihost.run_dealt`).
-Each host samples its chunks on a mesh of its own devices and writes their
-files into its own chunks/; the records are gathered over the collectives (no
-shared disk needed) and process 0 alone writes records.jsonl, helpful.jsonl,
-tfds/ and DONE, the same files as one process writes (common.generation_mesh
-says when they are also bit-identical). Every host returns the same summary.
+Chunks, resumption and several processes are the generation runner's
+(`runtime.runners.run_chunks`); red-team chunks come first, then helpful ones.
 """
 from __future__ import annotations
 
-import json
-import os
 import re
 from typing import Optional, Sequence
 
-from absl import logging
 import jax
 import ml_collections
 import numpy as np
-import tqdm
 
 from cai_jax import constitution as constitution_lib
-from cai_jax import multihost
-from cai_jax import text as text_lib
 from cai_jax.data import prompts as prompts_lib
-from cai_jax.utils import (InputError, atomic_write_text, done_info, make_chunk_dir, mark_done,
-                           read_jsonl)
-from cai_jax.stages.common import check_run_signature, stage_section
+from cai_jax.runtime import StageContext, runners, stage_settings
+from cai_jax.sampling import generation_mesh
+from cai_jax.utils import InputError
 
 STAGE = "revise"
 # Independent random streams of one run.
@@ -60,7 +49,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.direct_revision = False  # ablation: ask for the revision directly, without a critique
   c.num_principles = -1  # ablation: keep only the first k principles in the pool (-1: all)
   c.num_fewshot = 4  # few-shot critique/revision dialogues in front (-1: all of the constitution's)
-  c.history = True  # later rounds see earlier critiques/revisions (False: only the latest revision)
+  # False (paper): each round critiques and revises the latest revision alone;
+  # True: later rounds see the whole earlier critique/revision chain
+  c.history = False
   c.max_new_tokens = 128  # token budget of the initial response
   c.critique_max_new_tokens = 128  # token budget of each critique
   c.revision_max_new_tokens = 128  # token budget of each revision
@@ -79,13 +70,16 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _section(config):
-  return stage_section(config, STAGE, default_config())
+# Top-level fields the records depend on, and section fields they do not.
+USES = ("seed", "model", "dtype", "prompt_format", "constitution", "data")
+VOLATILE = ("progress", "write_tfds")
 
 
-def _top(config, key, default):
-  v = config.get(key, None) if hasattr(config, "get") else None
-  return default if v is None else v
+def settings(config, workdir: str) -> dict:
+  """What this stage's records depend on (its provenance snapshot)."""
+  const = constitution_lib.load(config.get("constitution", "harmlessness"))
+  return stage_settings(config, workdir, STAGE, USES, VOLATILE,
+                        {"constitution_sha": const.fingerprint()})
 
 
 # ----------------------------------------------------------------------------
@@ -94,23 +88,17 @@ def _top(config, key, default):
 class _Prompter:
   """Renders revise prompts, dropping few-shot examples when a prompt is too long."""
 
-  def __init__(self, const, fmt: str, tokenizer, examples, history: bool, system: str,
-               limit: int):
-    self.const, self.fmt, self.tok = const, fmt, tokenizer
+  def __init__(self, const, encoder, examples, history: bool, limit: int):
+    self.const, self.enc, self.fmt, self.tok = const, encoder, encoder.fmt, encoder.tok
     self.examples, self.history, self.limit = list(examples), history, limit
-    self.system = system or None
+    self.system = encoder.system
     self.shortened = 0
 
   def _len(self, s: str) -> int:
     return len(self.tok(s, add_special_tokens=False)["input_ids"])
 
   def initial(self, messages: Sequence[dict]) -> str:
-    msgs = list(messages)
-    if self.system and self.fmt == "chat":
-      msgs = [{"role": "system", "content": self.system}] + msgs
-    out = text_lib.render(msgs, self.fmt, self.tok, add_generation_prompt=True)
-    # Raw prompts carry the system text as a plain prefix, as revision prompts do.
-    return (self.system + out) if self.system and self.fmt == "raw" else out
+    return self.enc.prompt_text(messages)
 
   def step(self, messages, response, rounds, principle, step, critique=None) -> str:
     # Fewer few-shot examples first, then only the latest revision; the
@@ -205,84 +193,30 @@ def _helpful_chunk(items, key, prompter, sample, rc) -> list[dict]:
           for j, it in enumerate(items)]
 
 
-def _chunk_path(stage_dir: str, kind: str, i: int) -> str:
-  return os.path.join(stage_dir, "chunks", f"{kind}-{i:05d}.jsonl")
-
-
-def _read_chunk(path: str, ids: list[str]) -> Optional[list[dict]]:
-  if not os.path.exists(path):
-    return None
-  recs = list(read_jsonl(path))
-  if [r.get("id") for r in recs] != ids:
-    raise InputError(f"{path}: finished chunk holds other prompts than this run would put "
-                     "there (prompt set or chunk_size changed); use a fresh --workdir")
-  return recs
-
-
-def _write_once(path: str, text: str) -> None:
-  """Atomic write; an existing file is kept, and must hold the same content."""
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      if f.read() == text:
-        return
-    raise InputError(f"{path}: exists with different content; finished output is never "
-                     "overwritten (use a fresh --workdir)")
-  atomic_write_text(path, text)
-
-
-def _jsonl(records) -> str:
-  return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-
-
-def _run_signature(config, rc, const, red, helpful) -> dict:
-  return {"seed": int(_top(config, "seed", 0)), "model": str(_top(config, "model", "tiny")),
-          "dtype": str(_top(config, "dtype", "")), "prompt_format": str(
-              _top(config, "prompt_format", "chat")),
-          "constitution": const.name, "principles": const.principle_ids,
-          "revise": rc.to_dict(), "red_team_ids": [p["id"] for p in red],
-          "helpful_ids": [p["id"] for p in helpful]}
-
-
-def _check_signature(stage_dir: str, sig: dict) -> None:
-  # Fields that do not change what a chunk holds may differ between attempts
-  # (batch_size and shard do: the sampler's batches and numerics follow them).
-  check_run_signature(stage_dir, sig, STAGE, volatile=("progress", "write_tfds"))
-
-
 def run(config, workdir: str) -> dict:
   """Runs (or resumes) the revise stage into WORKDIR/revise; returns summary numbers."""
-  stage_dir = os.path.join(workdir, STAGE)
-  rc = _section(config)
-  # Only process 0 writes DONE; the other hosts may not share its disk.
-  done = multihost.from_main(done_info(stage_dir))
+  ctx = StageContext(config, workdir, STAGE, default_config())
+  rc = ctx.section
+  done = ctx.done()
   if done is not None:
-    logging.info("revise: %s has DONE; skipping", stage_dir)
     return done
   if int(rc.chunk_size) < 1 or int(rc.batch_size) < 1:
     raise InputError("config.revise.chunk_size and batch_size must be >= 1")
   if int(rc.num_revisions) < 1:
     raise InputError(f"config.revise.num_revisions={rc.num_revisions}: must be >= 1")
-  fmt = str(_top(config, "prompt_format", "chat"))
-  if fmt not in ("chat", "raw"):
-    raise InputError(f"config.prompt_format={fmt!r}; use 'chat' or 'raw'")
-  const = constitution_lib.load(_top(config, "constitution", "harmlessness"))
-  const = const.subset(int(rc.num_principles))
-  examples = const.critique_examples if int(rc.num_fewshot) < 0 else \
-      const.critique_examples[:int(rc.num_fewshot)]
-  data_cfg = _top(config, "data", None)
+  const = constitution_lib.load(config.get("constitution", "harmlessness"))
+  pool = const.subset(int(rc.num_principles))
+  examples = pool.critique_examples if int(rc.num_fewshot) < 0 else \
+      pool.critique_examples[:int(rc.num_fewshot)]
+  data_cfg = config.get("data", None)
   red = prompts_lib.load_prompts(data_cfg, "red_team", str(rc.split))
   helpful = prompts_lib.load_prompts(data_cfg, "helpful", str(rc.split)) \
       if int(rc.helpful_samples) > 0 else []
-  make_chunk_dir(os.path.join(stage_dir, "chunks"))
-  sig = _run_signature(config, rc, const, red, helpful)
-  multihost.check_same(sig, "revise run signature (config, prompts, model)")
-  _check_signature(stage_dir, sig)
+  runners.prepare_chunks(ctx)
+  cfg, params, tok = ctx.load(ctx.role_spec("initial"))
+  ctx.begin(settings(config, workdir))
 
-  from cai_jax.stages import common
-  seed = int(_top(config, "seed", 0))
-  cfg, params, tok = common.load_model(str(_top(config, "model", "tiny")), seed=seed,
-                                       dtype=_top(config, "dtype", None))
-  mesh, batch_size = common.generation_mesh(config, int(rc.batch_size)) if rc.shard else \
+  mesh, batch_size = generation_mesh(config, int(rc.batch_size)) if rc.shard else \
       (None, int(rc.batch_size))
   budget = max(int(rc.max_new_tokens), int(rc.critique_max_new_tokens),
                int(rc.revision_max_new_tokens))
@@ -290,55 +224,41 @@ def run(config, workdir: str) -> dict:
   limit = cfg.max_position_embeddings - budget - 4
   if int(rc.max_prompt_tokens) > 0:
     limit = min(limit, int(rc.max_prompt_tokens))
-  prompter = _Prompter(const, fmt, tok, examples, bool(rc.history), str(rc.system_prompt),
+  prompter = _Prompter(pool, ctx.encoder(tok, str(rc.system_prompt)), examples, bool(rc.history),
                        limit)
-  sample = _Sampler(cfg, params, tok, rc, fmt, constitution_lib.stop_strings(fmt, tok), mesh)
+  sample = _Sampler(cfg, params, tok, rc, ctx.fmt, constitution_lib.stop_strings(ctx.fmt, tok),
+                    mesh)
   sample.batch_size = batch_size
 
-  root = jax.random.PRNGKey(seed)
-  cs = int(rc.chunk_size)
-  jobs = [("red_team", i, red[i * cs:(i + 1) * cs]) for i in range(-(-len(red) // cs))]
-  jobs += [("helpful", i, helpful[i * cs:(i + 1) * cs]) for i in range(-(-len(helpful) // cs))]
-  mine = multihost.host_jobs(len(jobs))
-  bar = tqdm.tqdm(total=sum(len(jobs[j][2]) for j in mine), unit="prompt", desc="revise",
-                  disable=not rc.progress)
+  root = jax.random.PRNGKey(ctx.seed)
+  chunks = runners.chunk_list("red_team", red, rc.chunk_size) + \
+      runners.chunk_list("helpful", helpful, rc.chunk_size)
 
-  def one_job(j: int) -> dict:
-    kind, i, items = jobs[j]
-    path = _chunk_path(stage_dir, kind, i)
-    recs = _read_chunk(path, [it["id"] for it in items])
-    resumed, shortened = recs is not None, prompter.shortened
-    if recs is None:
-      stream = _STREAM_RED if kind == "red_team" else _STREAM_HELPFUL
-      key = jax.random.fold_in(jax.random.fold_in(root, stream), i)
-      if kind == "red_team":
-        recs = _revise_chunk(items, key, const, prompter, sample, rc)
-      else:
-        recs = _helpful_chunk(items, key, prompter, sample, rc)
-      _write_once(path, _jsonl(recs))
-    bar.update(len(items))
-    return {"records": recs, "resumed": resumed, "shortened": prompter.shortened - shortened}
+  def make(chunk):
+    stream = _STREAM_RED if chunk.kind == "red_team" else _STREAM_HELPFUL
+    key = jax.random.fold_in(jax.random.fold_in(root, stream), chunk.index)
+    before = prompter.shortened
+    if chunk.kind == "red_team":
+      recs = _revise_chunk(chunk.items, key, pool, prompter, sample, rc)
+    else:
+      recs = _helpful_chunk(chunk.items, key, prompter, sample, rc)
+    return recs, prompter.shortened - before
 
-  # Every chunk once, in job order, on every host (one process: this loop alone).
-  results = multihost.run_dealt(len(jobs), one_job)
-  bar.close()
-  done_red, done_helpful = [], []
-  resumed = sum(len(r["records"]) for r in results if r["resumed"])
-  shortened = sum(r["shortened"] for r in results)
-  for (kind, _, _), r in zip(jobs, results):
-    (done_red if kind == "red_team" else done_helpful).extend(r["records"])
+  results = runners.run_chunks(ctx, chunks, make, desc="revise", progress=bool(rc.progress))
+  done_red = [r for c, res in zip(chunks, results) if c.kind == "red_team" for r in res.records]
+  done_helpful = [r for c, res in zip(chunks, results) if c.kind == "helpful"
+                  for r in res.records]
+  resumed = sum(len(r.records) for r in results if r.resumed)
+  shortened = sum(r.extra or 0 for r in results)
 
-  records_path = os.path.join(stage_dir, "records.jsonl")
-  helpful_path = os.path.join(stage_dir, "helpful.jsonl")
-  if multihost.is_main():
-    _write_once(records_path, _jsonl(done_red))
-    _write_once(helpful_path, _jsonl(done_helpful))
-    if rc.write_tfds:
-      from cai_jax.data import builders
-      files = {"red_team": records_path}
-      if done_helpful:
-        files["helpful"] = helpful_path
-      builders.build_records(files, os.path.join(stage_dir, "tfds"))
+  ctx.write_jsonl("records.jsonl", done_red, once=True)
+  ctx.write_jsonl("helpful.jsonl", done_helpful, once=True)
+  if rc.write_tfds and ctx.is_main:
+    from cai_jax.data import builders
+    files = {"red_team": ctx.path("records.jsonl")}
+    if done_helpful:
+      files["helpful"] = ctx.path("helpful.jsonl")
+    builders.build_records(files, ctx.path("tfds"))
   revs = [r for rec in done_red for r in rec["rounds"]]
   summary = {
       "num_red_team": len(done_red), "num_helpful": len(done_helpful),
@@ -349,9 +269,6 @@ def run(config, workdir: str) -> dict:
            for rec in done_red])) if done_red else 0.0,
       "frac_empty_revisions": float(np.mean([not r["revision"] for r in revs])) if revs else 0.0,
       "principle_counts": {pid: sum(r["principle_id"] == pid for r in revs)
-                           for pid in const.principle_ids},
+                           for pid in pool.principle_ids},
   }
-  if multihost.is_main():
-    mark_done(stage_dir, summary)
-  multihost.sync("revise: DONE written")
-  return summary
+  return ctx.finish(summary)

@@ -25,12 +25,17 @@ def load(spec: str):
 
 
 def override(config, point: dict):
-  """A copy of `config` with dotted fields set, e.g. {"revise.num_revisions": 2}."""
+  """A copy of `config` with dotted fields set, e.g. {"revise.num_revisions": 2}.
+
+  A comma-separated string given for a tuple field becomes the tuple of its items
+  ({"reuse_stages": "revise,sft"} as ("revise", "sft"))."""
   c = config.copy_and_resolve_references()
   for key, value in point.items():
     node = c
     *parents, leaf = key.split(".")
     for p in parents:
       node = node[p]
+    if isinstance(value, str) and isinstance(node.get(leaf, None), tuple):
+      value = tuple(s.strip() for s in value.split(",") if s.strip())
     node[leaf] = value
   return c

@@ -104,7 +104,7 @@ def model_config(name: str, dtype: Optional[str] = None, remat: Optional[bool] =
   if key in models.PRESETS and key != "tiny":
     cfg = models.PRESETS[key]()
   elif key == "tiny":
-    from cai_jax.stages.common import tiny_config
+    from cai_jax.roles import tiny_config
     cfg = tiny_config()
   elif os.path.isfile(os.path.join(name, "config.json")):
     with open(os.path.join(name, "config.json")) as f:

@@ -1,7 +1,8 @@
 """Input pipeline: records -> token ids + loss masks -> fixed-shape numpy batches.
 
-SFT examples are (prompt messages, response) pairs rendered with the stage's
-prompt format; the loss mask marks response tokens only. Rows are padded on
+Examples are tokenised by the one conversation encoder (`text.conversation`):
+SFT examples are (prompt messages, response) pairs whose loss mask marks the
+response tokens only. Rows are padded on
 the right to a fixed length, or packed (several examples per row, positions
 restarting and attention kept within each example). Preference examples are
 (prompt, response A, response B, p_A) pairs. `ShuffledIndex` gives a
@@ -14,7 +15,6 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from cai_jax import text
 
 
 @dataclasses.dataclass
@@ -30,65 +30,21 @@ class PairExample:
   p_a: float             # probability that A is the better response
 
 
-def _ids(tok, s: str) -> list:
-  return list(tok(s, add_special_tokens=False)["input_ids"]) if s else []
+def sft_example(encoder, prompt, response: str, max_len: int) -> SFTExample:
+  """Prompt + response ids (`text.conversation`) with a response-only loss mask, at
+  most max_len+1 ids (inputs and next-token targets of one row). Long examples keep
+  the end of the prompt and the start of the response."""
+  e = encoder.conversation(prompt, response, max_len=max_len + 1, keep="response")
+  return SFTExample(e.ids, e.loss_mask)
 
 
-def render_pair(tok, messages, response: str, fmt: str) -> tuple[str, str]:
-  """(prompt text, response text) such that prompt + response is the full
-  rendered conversation ending with the assistant's `response` (and its
-  end-of-turn marker in chat format)."""
-  prompt = text.render(messages, fmt=fmt, tokenizer=tok, add_generation_prompt=True)
-  if fmt == "raw":
-    return prompt, " " + response.lstrip(" ")
-  full = text.render(list(messages) + [{"role": "assistant", "content": response}], fmt=fmt,
-                     tokenizer=tok, add_generation_prompt=False)
-  if not full.startswith(prompt):
-    # Templates that rewrite earlier turns: fall back to the common prefix.
-    n = 0
-    for a, b in zip(prompt, full):
-      if a != b:
-        break
-      n += 1
-    return full[:n], full[n:]
-  return prompt, full[len(prompt):]
-
-
-def encode_sft(tok, messages, response: str, fmt: str, max_len: int) -> SFTExample:
-  """Prompt + response ids with a response-only loss mask, at most max_len+1 ids.
-
-  Raw format appends EOS so the model learns to stop. Long examples keep the
-  end of the prompt (left-truncated) and the start of the response.
-  """
-  p_txt, r_txt = render_pair(tok, messages, response, fmt)
-  p_ids, r_ids = _ids(tok, p_txt), _ids(tok, r_txt)
-  if fmt == "raw" and tok.eos_token_id is not None:
-    r_ids = r_ids + [int(tok.eos_token_id)]
-  n = max_len + 1
-  if len(p_ids) + len(r_ids) > n:
-    keep_p = max(n - len(r_ids), min(len(p_ids), n // 2))
-    p_ids = p_ids[len(p_ids) - keep_p:] if keep_p else []
-    r_ids = r_ids[:n - len(p_ids)]
-  ids = np.asarray(p_ids + r_ids, np.int32)
-  mask = np.zeros(len(ids), bool)
-  mask[len(p_ids):] = True
-  return SFTExample(ids, mask)
-
-
-def encode_pair(tok, messages_or_prompt, response_a: str, response_b: str, p_a: float,
-                fmt: str, max_len: int) -> PairExample:
-  """Both conversations tokenised; sequences longer than max_len keep their end
-  (the preference model reads the last token)."""
-  if isinstance(messages_or_prompt, str):  # raw transcript prompt ending in "Assistant:"
-    prompt = messages_or_prompt
-    a_ids = _ids(tok, prompt + response_a)
-    b_ids = _ids(tok, prompt + response_b)
-  else:
-    pa, ra = render_pair(tok, messages_or_prompt, response_a, fmt)
-    pb, rb = render_pair(tok, messages_or_prompt, response_b, fmt)
-    a_ids, b_ids = _ids(tok, pa + ra), _ids(tok, pb + rb)
-  return PairExample(np.asarray(a_ids[-max_len:], np.int32),
-                     np.asarray(b_ids[-max_len:], np.int32), float(p_a))
+def pair_example(encoder, prompt, response_a: str, response_b: str, p_a: float,
+                 max_len: int) -> PairExample:
+  """Both conversations as the encoder writes them; longer ones keep their end,
+  where the preference model reads its score."""
+  a = encoder.conversation(prompt, response_a, max_len=max_len)
+  b = encoder.conversation(prompt, response_b, max_len=max_len)
+  return PairExample(a.ids, b.ids, float(p_a))
 
 
 # ------------------------------------------------------------------ batching

@@ -36,13 +36,13 @@ class TrainingDivergedError(RuntimeError):
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, state: TrainState,
                     mesh, batch_example: dict, trainable=None, donate: bool = True,
-                    rules=shd.DEFAULT_RULES):
+                    rules=shd.DEFAULT_RULES, lr_schedule=None):
   """Jitted `(state, batch, rng) -> (state, metrics)` with explicit shardings.
 
   `trainable`: optional bool tree; frozen params enter the loss behind
   stop_gradient so XLA skips their backward pass entirely. The loss is traced
   under `sharding.activation_sharding`, so the model's activations stay on the
-  batch axes.
+  batch axes. `lr_schedule` (step -> rate) adds the step's learning rate to the metrics.
   """
   @shd.activation_sharding(mesh, rules)
   def step(st: TrainState, batch, rng):
@@ -59,6 +59,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, state: Tr
     updates, opt_state = tx.update(grads, st.opt_state, st.params)
     params = optax.apply_updates(st.params, updates)
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+    if lr_schedule is not None:
+      metrics["learning_rate"] = lr_schedule(st.step)
     return TrainState(step=st.step + 1, params=params, opt_state=opt_state), metrics
 
   st_sh = state_shardings(state)
@@ -86,7 +88,7 @@ def _finite(m: dict) -> bool:
 
 def train(*, step_fn, state: TrainState, batches, mesh, num_steps: int, rng,
           manager=None, eval_fn: Optional[Callable] = None, eval_every: int = 0,
-          writer=None, flops_per_token: float = 0.0, log_every: int = 1,
+          metrics_writer=None, flops_per_token: float = 0.0, log_every: int = 1,
           stop_after: Optional[int] = None, desc: str = "train", progress: bool = True,
           rules=shd.DEFAULT_RULES) -> LoopResult:
   """Runs `step_fn` until `num_steps` (resuming from `manager` if it has a checkpoint).
@@ -95,6 +97,8 @@ def train(*, step_fn, state: TrainState, batches, mesh, num_steps: int, rng,
   eval_fn(params, step) -> dict of floats, run every `eval_every` steps and at the end.
   stop_after: stop (as if killed) once this step is reached; for tests and
   time-sliced jobs. flops_per_token: training FLOPs per token for MFU.
+  metrics_writer: a writer with `write(step, scalars, prefix="")` (runtime.MetricsWriter):
+  every step's scalars, and each eval's under "eval/".
   """
   rng = jnp.asarray(rng)
   resumed = None
@@ -140,10 +144,8 @@ def train(*, step_fn, state: TrainState, batches, mesh, num_steps: int, rng,
           rec["mfu"] = tps * flops_per_token / peak
           post["mfu"] = f"{100 * rec['mfu']:.1f}%"
         bar.set_postfix(post, refresh=False)
-        if writer is not None:
-          for k, v in rec.items():
-            if k != "step":
-              writer.add_scalar(f"{desc}/{k}", v, s)
+      if metrics_writer is not None:
+        metrics_writer.write(s, rec)
       bar.update(1)
 
   stopped = False
@@ -169,10 +171,8 @@ def train(*, step_fn, state: TrainState, batches, mesh, num_steps: int, rng,
         evals.append(ev)
         logging.info("%s eval @%d: %s", desc, step, {k: round(v, 4) for k, v in ev.items()
                                                     if isinstance(v, float)})
-        if writer is not None:
-          for k, v in ev.items():
-            if k != "step" and isinstance(v, (int, float)):
-              writer.add_scalar(f"{desc}_eval/{k}", v, step)
+        if metrics_writer is not None:
+          metrics_writer.write(step, ev, prefix="eval/")
       if stop_after is not None and step >= stop_after and not final:
         stopped = True
         break
@@ -181,8 +181,8 @@ def train(*, step_fn, state: TrainState, batches, mesh, num_steps: int, rng,
     bar.close()
     if manager is not None:
       manager.wait()
-    if writer is not None:
-      writer.flush()
+    if metrics_writer is not None:
+      metrics_writer.flush()
   return LoopResult(state, step, history, evals, resumed, stopped)
 
 

@@ -115,8 +115,8 @@ def _block_nll_bwd(C, recompute, res, g):
     return dh, dw.astype(w.dtype), None, None, None
   # The kept softmax gradient is zero outside the visited blocks. The weight
   # gradient is one matmul over every position, outside any loop: XLA:CPU runs
-  # it beside the trunk's backward pass, which a loop prevents (~6% of a
-  # SmolLM2 step with every position in the loss). Positions past the visited
+  # it beside the trunk's backward pass, which a loop prevents (benchmarks/README.md).
+  # Positions past the visited
   # blocks are zeroed so that nothing there (even a NaN) reaches it.
   dl = (saved * (g * ws)[..., None]).astype(h.dtype)
   dh = jax.lax.fori_loop(0, blocks, lambda j, dh: put(dh, j, _block(dl, j, C)),

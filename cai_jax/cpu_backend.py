@@ -1,18 +1,16 @@
-"""Process set-up that has to happen before the first allocation: glibc malloc.
+"""The CPU backend's process set-up (glibc malloc), done before the first allocation.
 
-XLA:CPU allocates each executable's temporary buffer (1.8 GB for a SmolLM2
+XLA:CPU allocates each executable's temporary buffer (gigabytes for a SmolLM2
 train step) with `posix_memalign` from a worker thread. glibc serves requests
 that large with a fresh `mmap` and unmaps them on free, so every step
-page-faults the whole buffer again: 1.4 M minor faults and 3-4 s of kernel
-time per step, about 10% of a CPU train step. PyTorch's CPU allocator pays the
-same. The settings below keep freed memory in one brk heap (no per-request
+page-faults the whole buffer again (the cost is measured in
+benchmarks/README.md). PyTorch's CPU allocator pays the same. The settings below keep freed memory in one brk heap (no per-request
 mmap, no trimming) on transparent huge pages, so steady-state steps fault
 nothing. The cost: the process keeps its peak heap until it exits.
 
-The single arena costs compile-bound work: the test suite's sampler and
-train-loop tests ran ~10% slower with it (lock contention among XLA's compile
-threads), and accelerator hosts gain nothing, as device buffers do not come
-from malloc.
+The single arena costs compile-bound work (lock contention among XLA's compile
+threads slows the test suite), and accelerator hosts gain nothing, as device
+buffers do not come from malloc.
 
 glibc reads GLIBC_TUNABLES only at start-up, so `reexec_with_malloc_tunables()`
 re-executes the current command with them set: once, and only on a Linux host

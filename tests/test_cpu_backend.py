@@ -1,4 +1,4 @@
-"""cai_jax.runtime: the glibc malloc re-exec, and that it stops per-step page faults."""
+"""cai_jax.cpu_backend: the glibc malloc re-exec, and that it stops per-step page faults."""
 import os
 import subprocess
 import sys
@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from cai_jax import runtime
+from cai_jax import cpu_backend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -15,8 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _PROBE = textwrap.dedent("""
     import os, resource, sys
     sys.path.insert(0, {root!r})
-    from cai_jax import runtime
-    runtime.reexec_with_malloc_tunables()
+    from cai_jax import cpu_backend
+    cpu_backend.reexec_with_malloc_tunables()
     import ctypes
     libc = ctypes.CDLL("libc.so.6")
     libc.malloc.restype = ctypes.c_void_p
@@ -30,7 +30,7 @@ _PROBE = textwrap.dedent("""
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(3):
         touch()
-    print(runtime.malloc_tunables_active(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    print(cpu_backend.malloc_tunables_active(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
 """)
 
 
@@ -48,14 +48,14 @@ def test_reexec_is_a_no_op_off_linux(monkeypatch):
   """glibc tunables exist only on Linux: elsewhere neither re-exec may run."""
   def no_exec(*a):
     raise AssertionError("re-exec attempted off Linux")
-  monkeypatch.setattr(runtime.os, "execve", no_exec)
-  monkeypatch.setattr(runtime.sys, "platform", "darwin")
+  monkeypatch.setattr(cpu_backend.os, "execve", no_exec)
+  monkeypatch.setattr(cpu_backend.sys, "platform", "darwin")
   monkeypatch.setenv("CAI_JAX_MALLOC_TUNABLES", "1")
   monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-  assert runtime.reexec_with_malloc_tunables() is None
-  monkeypatch.setenv("GLIBC_TUNABLES", runtime.MALLOC_TUNABLES)
-  assert runtime.reexec_for_sampling() is None
-  assert os.environ["GLIBC_TUNABLES"] == runtime.MALLOC_TUNABLES
+  assert cpu_backend.reexec_with_malloc_tunables() is None
+  monkeypatch.setenv("GLIBC_TUNABLES", cpu_backend.MALLOC_TUNABLES)
+  assert cpu_backend.reexec_for_sampling() is None
+  assert os.environ["GLIBC_TUNABLES"] == cpu_backend.MALLOC_TUNABLES
 
 
 def test_reexec_sets_tunables_and_stops_refaulting(tmp_path):
@@ -76,27 +76,27 @@ def test_reexec_sets_tunables_and_stops_refaulting(tmp_path):
 
 
 def test_tunables_env_appends_to_existing_settings():
-  env = runtime.tunables_env({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0", "X": "1"})
+  env = cpu_backend.tunables_env({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0", "X": "1"})
   assert env["GLIBC_TUNABLES"].startswith("glibc.malloc.tcache_count=0:")
-  assert runtime.malloc_tunables_active(env)
-  assert runtime.tunables_env(env)["GLIBC_TUNABLES"] == env["GLIBC_TUNABLES"]  # idempotent
+  assert cpu_backend.malloc_tunables_active(env)
+  assert cpu_backend.tunables_env(env)["GLIBC_TUNABLES"] == env["GLIBC_TUNABLES"]  # idempotent
   assert env["X"] == "1"
 
 
 def test_has_accelerator_follows_jax_platforms(monkeypatch):
   monkeypatch.setenv("JAX_PLATFORMS", "tpu")
-  assert runtime.has_accelerator()
+  assert cpu_backend.has_accelerator()
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  assert not runtime.has_accelerator()
+  assert not cpu_backend.has_accelerator()
 
 
 def test_sampling_env_swaps_the_train_tunables_for_huge_pages():
   other = "glibc.malloc.tcache_count=0"
-  env = runtime.sampling_env(runtime.tunables_env({"GLIBC_TUNABLES": other, "X": "1"}))
-  assert env["GLIBC_TUNABLES"] == f"{other}:{runtime.SAMPLING_MALLOC_TUNABLES}"
-  assert not runtime.malloc_tunables_active(env) and env["X"] == "1"
-  assert runtime.sampling_env(env) == env  # idempotent
-  assert runtime.sampling_env({})["GLIBC_TUNABLES"] == runtime.SAMPLING_MALLOC_TUNABLES
+  env = cpu_backend.sampling_env(cpu_backend.tunables_env({"GLIBC_TUNABLES": other, "X": "1"}))
+  assert env["GLIBC_TUNABLES"] == f"{other}:{cpu_backend.SAMPLING_MALLOC_TUNABLES}"
+  assert not cpu_backend.malloc_tunables_active(env) and env["X"] == "1"
+  assert cpu_backend.sampling_env(env) == env  # idempotent
+  assert cpu_backend.sampling_env({})["GLIBC_TUNABLES"] == cpu_backend.SAMPLING_MALLOC_TUNABLES
 
 
 def test_reexec_for_sampling(tmp_path):
@@ -105,20 +105,20 @@ def test_reexec_for_sampling(tmp_path):
   script.write_text(textwrap.dedent(f"""
       import os, sys
       sys.path.insert(0, {ROOT!r})
-      from cai_jax import runtime
-      runtime.reexec_for_sampling()
-      print(runtime.malloc_tunables_active(), os.environ.get("GLIBC_TUNABLES", "-"))
+      from cai_jax import cpu_backend
+      cpu_backend.reexec_for_sampling()
+      print(cpu_backend.malloc_tunables_active(), os.environ.get("GLIBC_TUNABLES", "-"))
   """))
   env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "CAI_JAX_MALLOC_TUNABLES")}
   def run(**extra):
     return subprocess.run([sys.executable, str(script)], env={**env, **extra}, text=True,
                           capture_output=True, timeout=120, check=True).stdout.split()
-  huge = runtime.SAMPLING_MALLOC_TUNABLES
+  huge = cpu_backend.SAMPLING_MALLOC_TUNABLES
   other = "glibc.malloc.tcache_count=0"
-  with_other = runtime.tunables_env({"GLIBC_TUNABLES": other})["GLIBC_TUNABLES"]
+  with_other = cpu_backend.tunables_env({"GLIBC_TUNABLES": other})["GLIBC_TUNABLES"]
   # The train tunables are swapped for huge pages; other settings are kept.
   assert run(GLIBC_TUNABLES=with_other) == ["False", f"{other}:{huge}"]
-  assert run(GLIBC_TUNABLES=runtime.MALLOC_TUNABLES) == ["False", huge]
+  assert run(GLIBC_TUNABLES=cpu_backend.MALLOC_TUNABLES) == ["False", huge]
   assert run() == ["False", huge]
   # Opted out, or on an accelerator host: the train tunables are only taken out.
   assert run(GLIBC_TUNABLES=with_other, CAI_JAX_MALLOC_TUNABLES="0") == ["False", other]

@@ -1,0 +1,37 @@
+"""A console a person can read: the stages, their progress bars and summaries.
+
+The terminal shows this project's own log lines and everyone's warnings;
+INFO lines of libraries (Orbax saves, TFDS builders, matplotlib) go only to the
+run's log file, WORKDIR/log.txt, together with everything else.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_FILE_HANDLER = None
+
+
+class _OwnLinesOrWarnings(logging.Filter):
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or \
+        os.path.abspath(record.pathname).startswith(_PACKAGE)
+
+
+def setup(log_path: str | None = None) -> None:
+  """Filters the terminal's handlers and adds the log file (local paths only)."""
+  global _FILE_HANDLER
+  root = logging.getLogger()
+  for h in root.handlers:
+    if not any(isinstance(f, _OwnLinesOrWarnings) for f in h.filters):
+      h.addFilter(_OwnLinesOrWarnings())
+  if log_path and "://" not in log_path and _FILE_HANDLER is None:
+    os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
+    _FILE_HANDLER = logging.FileHandler(log_path, encoding="utf-8")
+    _FILE_HANDLER.setFormatter(logging.Formatter(
+        "%(asctime)s %(levelname).1s %(filename)s:%(lineno)d] %(message)s"))
+    root.addHandler(_FILE_HANDLER)
+  if root.level > logging.INFO or root.level == logging.NOTSET:
+    root.setLevel(logging.INFO)

@@ -1,0 +1,118 @@
+"""Preference comparisons: reading them, encoding them, mixing sources, and scoring
+a preference model on held-out pairs (accuracy, soft ranking loss, calibration).
+
+Used by the PM stage and by any other model trained or judged on comparisons
+(an evaluation judge trained on human comparisons only).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cai_jax import multihost, sharding as shd, text as text_lib, utils
+from cai_jax.evaluation import calibration as calibration_lib
+from cai_jax.training import data, losses, objectives
+from cai_jax.utils import InputError
+
+
+def _paths(value) -> list[str]:
+  items = [value] if isinstance(value, str) else list(value or ())
+  return [p.strip() for x in items for p in str(x).split(",") if p.strip()]
+
+
+def read_ai_preferences(path: str) -> list[dict]:
+  """{prompt (messages), a, b, p} from the label stage's preferences.jsonl."""
+  out = []
+  for i, r in enumerate(utils.read_jsonl(path), 1):
+    where = f"{path}:{i}"
+    try:
+      p = float(r["p_a"])
+      item = {"prompt": r["prompt"], "a": str(r["response_a"]), "b": str(r["response_b"]),
+              "p": p, "source": "ai"}
+    except (KeyError, TypeError, ValueError):
+      raise InputError(f"{where}: expected prompt, response_a, response_b and p_a (a number); "
+                       "regenerate with the label stage") from None
+    if not 0.0 <= p <= 1.0 or not isinstance(item["prompt"], list):
+      raise InputError(f"{where}: p_a must lie in [0, 1] and prompt be a message list")
+    out.append(item)
+  return out
+
+
+def read_human_pairs(paths, limit: int = -1) -> list[dict]:
+  """hh-rlhf comparisons as hard-labelled pairs (A = chosen, p = 1)."""
+  from cai_jax.data import sources
+  out = []
+  for path in _paths(paths):
+    if not utils.exists(path):
+      raise InputError(f"{path}: human comparison file not found; fix config.pm.human_data "
+                       "or config.pm.pretrain_data")
+    for j, r in enumerate(sources.hh_rlhf_pairs(path)):
+      if 0 <= limit <= j:
+        break
+      msgs = sources.prompt_messages(text_lib.parse_transcript(r["prompt"], r["id"]), r["id"])
+      out.append({"prompt": msgs, "a": r["chosen"].strip(), "b": r["rejected"].strip(),
+                  "p": 1.0, "source": "human"})
+  return out
+
+
+def encode_pairs(enc, items: list[dict], L: int, seed: int) -> list[data.PairExample]:
+  """Tokenised pairs; hard human pairs are put in random A/B order (p 1 or 0)
+  so the model cannot learn a position."""
+  rng = np.random.default_rng([seed, 7])
+  out = []
+  for it in items:
+    a, b, p = it["a"], it["b"], it["p"]
+    if it["source"] == "human" and rng.random() < 0.5:
+      a, b, p = b, a, 1.0 - p
+    out.append(data.pair_example(enc, it["prompt"], a, b, p, L))
+  return out
+
+
+def mix(ai: list, human: list, fraction: float, seed: int) -> list:
+  """Training mixture with `fraction` human comparisons (subsampling the larger side)."""
+  if not human or fraction <= 0:
+    return list(ai)
+  if not ai or fraction >= 1:
+    return list(human)
+  rng = np.random.default_rng([seed, 11])
+  n_h = int(round(len(ai) * fraction / (1 - fraction)))
+  if n_h <= len(human):
+    return list(ai) + [human[i] for i in rng.permutation(len(human))[:n_h]]
+  n_ai = int(round(len(human) * (1 - fraction) / fraction))
+  return [ai[i] for i in rng.permutation(len(ai))[:n_ai]] + list(human)
+
+
+# ------------------------------------------------------------------ metrics
+def calibration(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> dict:
+  """ECE of P(A better) against (soft) labels, and its non-empty bins."""
+  b = calibration_lib.calibration_bins(probs, labels, bins)
+  table = [{"bin": k, "count": int(b["count"][k]), "predicted": float(b["confidence"][k]),
+            "observed": float(b["accuracy"][k])} for k in range(bins) if b["count"][k]]
+  return {"ece": calibration_lib.expected_calibration_error(probs, labels, bins), "bins": table}
+
+
+def pair_margins(cfg, params, pairs, L, pad, B, mesh, rules) -> np.ndarray:
+  """r_a - r_b for every pair (batched, last batch padded by repetition)."""
+  f = jax.jit(lambda p, b: jnp.subtract(*objectives.pair_rewards(cfg, p, b)))
+  out = []
+  for i in range(0, len(pairs), B):
+    chunk = list(pairs[i:i + B])
+    n = len(chunk)
+    chunk += [chunk[-1]] * (B - n)
+    batch = shd.shard_batch(data.pair_batch(chunk, L, pad), mesh, rules)
+    out.append(np.asarray(multihost.to_host(f(params, batch)))[:n])
+  return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+def evaluate_pairs(cfg, params, pairs, L, pad, B, mesh, rules, bins) -> dict:
+  d = pair_margins(cfg, params, pairs, L, pad, B, mesh, rules)
+  p = np.array([x.p_a for x in pairs], np.float64)
+  prob = 1.0 / (1.0 + np.exp(-d.astype(np.float64)))
+  decided = p != 0.5
+  acc = float(((d > 0) == (p > 0.5))[decided].mean()) if decided.any() else float("nan")
+  loss = float(np.mean(np.asarray(losses.ranking_loss(jnp.asarray(d), jnp.zeros_like(d),
+                                                       jnp.asarray(p, jnp.float32)))))
+  cal = calibration(prob, p, bins)
+  return {"accuracy": acc, "loss": loss, "ece": cal["ece"], "num_pairs": len(pairs),
+          "calibration_bins": cal["bins"]}

@@ -1,0 +1,123 @@
+"""Provenance: a workdir's results belong to the settings that made them.
+
+A changed result-affecting setting on a finished or partly done stage is refused
+(exit 2, the fields named, config.json untouched); --rerun=STAGE discards that
+stage and the ones after it; a moved workdir resumes; a failed start is fixed by
+rerunning with the corrected value."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from cai_jax import pipeline, utils
+from cai_jax.runtime import provenance
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(workdir, *extra):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", CAI_JAX_MALLOC_TUNABLES="0")
+  env.pop("XLA_FLAGS", None)
+  cmd = [sys.executable, "-m", "cai_jax.main", "--config=configs/tiny.py",
+         f"--workdir={workdir}", "--config.stages=revise", "--config.compilation_cache=",
+         "--config.revise.helpful_samples=0", "--config.data.num_red_team=2", *extra]
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_changed_settings_refused_rerun_moved_workdir_and_failed_start(tmp_path):
+  w = tmp_path / "run"
+  r = _cli(w, "--config.revise.num_revisions=1")
+  assert r.returncode == 0, r.stderr[-2000:]
+  config_before = (w / "config.json").read_bytes()
+  snap = json.loads((w / "revise" / provenance.SNAPSHOT).read_text())
+  assert snap["revise"]["num_revisions"] == 1 and "progress" not in snap["revise"]
+
+  # A changed result-affecting setting on a finished stage: one line, exit 2, nothing rewritten.
+  r = _cli(w, "--config.revise.num_revisions=2")
+  assert r.returncode == 2
+  err = [ln for ln in r.stderr.splitlines() if ln.startswith("cai-jax: error:")]
+  assert len(err) == 1 and "revise.num_revisions: 1 -> 2" in err[0]
+  assert "--rerun=revise" in err[0] and "fresh --workdir" in err[0]
+  assert (w / "config.json").read_bytes() == config_before
+  # A setting that does not change results is not refused.
+  assert _cli(w, "--config.revise.num_revisions=1", "--config.revise.progress=false"
+              ).returncode == 0
+
+  # --rerun discards the stage and runs it with the new settings.
+  r = _cli(w, "--config.revise.num_revisions=2", "--rerun=revise")
+  assert r.returncode == 0, r.stderr[-2000:]
+  snap = json.loads((w / "revise" / provenance.SNAPSHOT).read_text())
+  assert snap["revise"]["num_revisions"] == 2
+  assert json.loads((w / "config.json").read_text())["revise"]["num_revisions"] == 2
+  recs = [json.loads(x) for x in (w / "revise" / "records.jsonl").read_text().splitlines()]
+  assert all(len(rec["rounds"]) == 2 for rec in recs)
+
+  # A moved workdir resumes: its snapshot names paths relative to it.
+  moved = tmp_path / "moved"
+  shutil.move(str(w), str(moved))
+  r = _cli(moved, "--config.revise.num_revisions=2")
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "finished earlier" in r.stdout
+
+  # A partly done stage is refused too.
+  os.remove(moved / "revise" / "DONE")
+  r = _cli(moved, "--config.revise.num_revisions=2", "--config.seed=7")
+  assert r.returncode == 2 and "revise stage started with other settings" in r.stderr
+  assert "seed: 0 -> 7" in r.stderr
+
+  # A start that fails on a bad input never blocks its own fix.
+  bad = tmp_path / "broken_model"
+  bad.mkdir()
+  (bad / "config.json").write_text("{not json")
+  f = tmp_path / "fix"
+  r = _cli(f, f"--config.model={bad}")
+  assert r.returncode == 2 and "config.json" in r.stderr, r.stderr[-2000:]
+  assert not (f / "revise" / provenance.SNAPSHOT).exists()
+  r = _cli(f)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert _cli(tmp_path / "d", "--config.dtype=float17").returncode == 2
+
+
+class _Fake:
+
+  def __init__(self):
+    self.calls = []
+
+  def registry(self):
+    def make(name):
+      def run(config, workdir):
+        self.calls.append(name)
+        utils.mark_done(os.path.join(workdir, name), {"n": 1})
+        return {"n": 1}
+      return run
+    return {n: make(n) for n in pipeline.STAGES}
+
+
+def test_rerun_discards_the_stage_and_those_after_it(tmp_path):
+  c = pipeline.base_config()
+  c.compilation_cache = ""
+  fake = _Fake()
+  pipeline.run(c, str(tmp_path), registry=fake.registry(), write_report=False)
+  assert fake.calls == list(pipeline.DEFAULT_STAGES)
+  (tmp_path / "pm" / "extra.txt").write_text("stale")
+  fake.calls = []
+  pipeline.run(c, str(tmp_path), registry=fake.registry(), write_report=False, rerun="label")
+  assert fake.calls == ["label", "pm", "ppo", "evaluate"]
+  assert not (tmp_path / "pm" / "extra.txt").exists()
+  with pytest.raises(utils.InputError, match="--rerun=bogus: unknown stage"):
+    pipeline.run(c, str(tmp_path), registry=fake.registry(), rerun="bogus")
+
+
+def test_settings_name_workdir_paths_relatively(tmp_path):
+  c = pipeline.base_config()
+  c.pm.preferences = str(tmp_path / "label" / "preferences.jsonl")
+  from cai_jax.stages import preference
+  s = preference.settings(c, str(tmp_path))
+  assert s["pm"]["preferences"] == "$WORKDIR/label/preferences.jsonl"
+  assert provenance.differences(s, preference.settings(c, str(tmp_path))) == []
+  c.pm.batch_size = 16
+  assert [d[0] for d in provenance.differences(s, preference.settings(c, str(tmp_path)))] == \
+      ["pm.batch_size"]
