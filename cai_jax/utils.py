@@ -121,20 +121,26 @@ def _umask() -> int:
   return mask
 
 
-def atomic_write_bytes(path, data: bytes) -> None:
-  """The one writer: the file appears whole or not at all, with the user's umask."""
+def atomic_write_bytes(path, data) -> None:
+  """The one writer: the file appears whole or not at all, with the user's umask.
+  `data`: bytes, or a sequence of byte strings written one after another (large
+  files without one joined copy in memory)."""
+  parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
   if is_url(path):
     # An object store publishes an object whole when its upload completes.
     p = epath(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_bytes(data)
+    with p.open("wb") as f:
+      for part in parts:
+        f.write(part)
     return
   d = os.path.dirname(os.path.abspath(path))
   os.makedirs(d, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=d, prefix=TMP_PREFIX + os.path.basename(path) + "-")
   try:
     with os.fdopen(fd, "wb") as f:
-      f.write(data)
+      for part in parts:
+        f.write(part)
       f.flush()
       os.fsync(f.fileno())
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600

@@ -4,6 +4,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -13,6 +14,29 @@ from cai_jax.evaluation import multiple_choice as mc
 from cai_jax.evaluation import option_scores
 from cai_jax import roles
 from cai_jax.utils import InputError
+
+
+def full_row_logprobs(cfg, params, prompt_ids, option_ids, pad_id: int = 0) -> list[np.ndarray]:
+  """Reference: each prompt+option as its own row through `models.logits`."""
+  res = []
+  for p, opts in zip(prompt_ids, option_ids):
+    L = max(len(p) + len(o) for o in opts)
+    toks = np.full((len(opts), L), pad_id, np.int32)
+    mask = np.zeros((len(opts), L), bool)
+    for j, o in enumerate(opts):
+      row = list(p) + list(o)
+      toks[j, L - len(row):] = row
+      mask[j, L - len(row):] = True
+    lp = jax.nn.log_softmax(models.logits(cfg, params, jnp.asarray(toks), jnp.asarray(mask)),
+                            axis=-1)
+    lp = np.asarray(lp, np.float64)
+    v = []
+    for j, o in enumerate(opts):
+      # Option token t sits at column L-len(o)+t and is predicted by the column before.
+      cols = np.arange(L - len(o), L)
+      v.append(float(sum(lp[j, c - 1, tok] for c, tok in zip(cols, o))))
+    res.append(np.array(v))
+  return res
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +71,7 @@ def test_batched_option_scores_match_full_rows(tiny):
   prompts = [list(rng.integers(3, 5000, n)) for n in lens]
   opts = [[list(rng.integers(3, 5000, m)) for m in ms] for ms in opt_lens]
   fast = option_scores.option_logprobs(cfg, params, prompts, opts, max_tokens=200)
-  ref = option_scores.full_row_logprobs(cfg, params, prompts, opts)
+  ref = full_row_logprobs(cfg, params, prompts, opts)
   for a, b in zip(fast, ref):
     np.testing.assert_allclose(a, b, atol=2e-5, rtol=0)
 
@@ -227,7 +251,7 @@ def test_smollm2_subset_scores_match_full_rows(shared_data, smollm2):
   prompts = [tok(it.prompt)["input_ids"] for it in items]
   opts = [[tok(o, add_special_tokens=False)["input_ids"] for o in it.options] for it in items]
   fast = option_scores.option_logprobs(cfg, params, prompts, opts)
-  ref = option_scores.full_row_logprobs(cfg, params, prompts, opts)
+  ref = full_row_logprobs(cfg, params, prompts, opts)
   for a, b in zip(fast, ref):
     np.testing.assert_allclose(a, b, atol=2e-3, rtol=0)
   res = mc.evaluate(cfg, params, tok, items, progress=False)

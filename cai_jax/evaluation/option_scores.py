@@ -104,26 +104,3 @@ def option_logprobs(cfg, params, prompt_ids: Sequence[Sequence[int]],
     if progress is not None:
       progress(len(idx))
   return results
-
-
-def full_row_logprobs(cfg, params, prompt_ids, option_ids, pad_id: int = 0) -> list[np.ndarray]:
-  """Reference: each prompt+option as its own row through `models.logits`."""
-  res = []
-  for p, opts in zip(prompt_ids, option_ids):
-    L = max(len(p) + len(o) for o in opts)
-    toks = np.full((len(opts), L), pad_id, np.int32)
-    mask = np.zeros((len(opts), L), bool)
-    for j, o in enumerate(opts):
-      row = list(p) + list(o)
-      toks[j, L - len(row):] = row
-      mask[j, L - len(row):] = True
-    lp = jax.nn.log_softmax(models.logits(cfg, params, jnp.asarray(toks), jnp.asarray(mask)),
-                            axis=-1)
-    lp = np.asarray(lp, np.float64)
-    v = []
-    for j, o in enumerate(opts):
-      # Option token t sits at column L-len(o)+t and is predicted by the column before.
-      cols = np.arange(L - len(o), L)
-      v.append(float(sum(lp[j, c - 1, tok] for c, tok in zip(cols, o))))
-    res.append(np.array(v))
-  return res

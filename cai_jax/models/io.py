@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from cai_jax import utils
 from cai_jax.models.config import ModelConfig, ModelConfigError
 
 _ST_DTYPES = {
@@ -80,21 +81,7 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
   header["__metadata__"] = {"format": "pt"}
   hb = json.dumps(header, separators=(",", ":")).encode()
   hb += b" " * (-len(hb) % 8)
-  _atomic_write_bytes(path, [struct.pack("<Q", len(hb)), hb, *chunks])
-
-
-def _atomic_write_bytes(path: str, parts) -> None:
-  d = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      for p in parts:
-        f.write(p)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  utils.atomic_write_bytes(path, [struct.pack("<Q", len(hb)), hb, *chunks])
 
 
 # ----------------------------------------------------------------- HF <-> params
@@ -236,8 +223,8 @@ def save_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer=None, dtyp
     hf["torch_dtype"] = str(np.dtype(dtype))
   write_safetensors(os.path.join(out_dir, "model.safetensors"),
                     params_to_hf_tensors(cfg, params, dtype))
-  _atomic_write_bytes(os.path.join(out_dir, "config.json"),
-                      [json.dumps(hf, indent=2).encode()])
+  utils.atomic_write_bytes(os.path.join(out_dir, "config.json"),
+                           json.dumps(hf, indent=2).encode())
   if tokenizer is not None:
     tokenizer.save_pretrained(out_dir)
 

@@ -20,13 +20,27 @@ class _OwnLinesOrWarnings(logging.Filter):
         os.path.abspath(record.pathname).startswith(_PACKAGE)
 
 
+class _Short(logging.Formatter):
+  """Terminal lines without absl's timestamp/thread prefix: the message, and for
+  warnings the level and where they come from."""
+
+  def format(self, record: logging.LogRecord) -> str:
+    msg = record.getMessage()
+    if record.levelno >= logging.WARNING:
+      return f"{record.levelname.lower()}: {os.path.basename(record.pathname)}:{record.lineno}: {msg}"
+    return msg
+
+
 def setup(log_path: str | None = None) -> None:
-  """Filters the terminal's handlers and adds the log file (local paths only)."""
+  """Filters and shortens the terminal's handlers and adds the log file (local paths only)."""
   global _FILE_HANDLER
   root = logging.getLogger()
   for h in root.handlers:
+    if h is _FILE_HANDLER:
+      continue
     if not any(isinstance(f, _OwnLinesOrWarnings) for f in h.filters):
       h.addFilter(_OwnLinesOrWarnings())
+    h.setFormatter(_Short())
   if log_path and "://" not in log_path and _FILE_HANDLER is None:
     os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
     _FILE_HANDLER = logging.FileHandler(log_path, encoding="utf-8")

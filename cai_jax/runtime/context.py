@@ -84,7 +84,9 @@ class StageContext:
       provenance.record(self.dir, settings)
 
   def finish(self, summary: dict) -> dict:
-    """DONE, after every host's outputs are complete; returns the summary."""
+    """DONE, after every host's outputs are complete; returns the summary (paths in
+    the workdir written relative to it, as $WORKDIR/...)."""
+    summary = provenance.relativize(summary, self.workdir)
     multihost.sync(f"{self.name}: outputs complete")
     if multihost.is_main():
       utils.mark_done(self.dir, summary)

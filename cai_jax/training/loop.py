@@ -104,9 +104,9 @@ def train(*, step_fn, state: TrainState, batches, mesh, num_steps: int, rng,
   resumed = None
   if manager is not None and manager.latest_step() is not None:
     resumed = manager.latest_step()
-    target = {"train": abstract_state(state), "rng": jax.ShapeDtypeStruct(rng.shape, rng.dtype)}
-    restored, data = manager.restore(resumed, target=target)
-    state, rng = restored["train"], jnp.asarray(restored["rng"])
+    restored, data = manager.restore(resumed, target={"train": abstract_state(state)})
+    # The key travels as JSON: a host-local array cannot be saved by a multi-host Orbax save.
+    state, rng = restored["train"], jnp.asarray(np.asarray(data["rng"], np.uint32))
     try:
       batches.set_state(data["iterator"])
     except (ValueError, KeyError) as e:
@@ -163,8 +163,9 @@ def train(*, step_fn, state: TrainState, batches, mesh, num_steps: int, rng,
       final = step == num_steps
       if manager is not None and (final or manager.should_save(step)):
         drain()  # never save a state whose loss was not checked
-        manager.save(step, {"train": state, "rng": rng}, {"iterator": batches.get_state(),
-                                                         "step": step}, force=final)
+        manager.save(step, {"train": state},
+                     {"iterator": batches.get_state(), "step": step,
+                      "rng": np.asarray(jax.device_get(rng)).tolist()}, force=final)
       if eval_fn is not None and ((eval_every and step % eval_every == 0) or final):
         drain()
         ev = {"step": step, **eval_fn(state.params, step)}
