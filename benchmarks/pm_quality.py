@@ -31,7 +31,7 @@ from cai_jax import cpu_backend  # noqa: E402
 cpu_backend.reexec_with_malloc_tunables()
 
 from cai_jax import utils  # noqa: E402
-from cai_jax.runtime import runners  # noqa: E402
+from cai_jax.training import data as train_data  # noqa: E402
 from cai_jax.stages import preference  # noqa: E402
 from cai_jax.training import preferences  # noqa: E402
 
@@ -80,7 +80,7 @@ def main():
 
   # Peer heuristic on the same held-out pairs: the shorter reply is the chosen one.
   pairs = list(preferences.read_human_pairs(path))
-  _, ev_idx = runners.split_eval(len(pairs), 0.2, c.seed)
+  _, ev_idx = train_data.split_eval(len(pairs), 0.2, c.seed)
   ev_pairs = [pairs[i] for i in ev_idx][:args.eval_pairs]
   short = float(np.mean([len(p["a"]) < len(p["b"]) for p in ev_pairs]))
   print(json.dumps({"heldout_accuracy": acc, "accuracy_ci95": [acc - half, acc + half],

@@ -140,7 +140,8 @@ def main(argv):
           point = dict(point, reuse_from=first)
         _report(pipeline.run(_apply(config, point), workdir, rerun=_RERUN.value))
       from cai_jax.evaluation import report
-      path = report.write_sweep_summary(_WORKDIR.value, [(_point_name(p), w) for w, p in runs])
+      path = report.write_sweep_summary(_WORKDIR.value,
+                                        [(_point_name(p), w, p) for w, p in runs])
       print(f"\nSweep summary: {path}")
     else:
       _report(pipeline.run(config, _WORKDIR.value, rerun=_RERUN.value))

@@ -72,13 +72,21 @@ def get_config(arg=None):
   c.evaluate.num_prompts = 6         # held-out prompts per kind
   c.evaluate.samples_per_prompt = 1  # one response per prompt and snapshot for Elo
   c.evaluate.max_new_tokens = 48     # response budget
-  c.evaluate.pm_max_len = 256        # tokens of a PM-scored conversation
+  # The held-out judge: SmolLM2 + a scalar head trained on 80% of the hh-rlhf
+  # harmless-base split in ../shared/data (human labels only), cached in
+  # ~/.cache/cai_jax/judges, so a rerun or sweep reuses it. Sized to the demo's
+  # 20-minute budget; benchmarks/eval_judge.py trains longer (timings: benchmarks/README.md).
+  c.evaluate.judge.steps = 80        # batches of 8 pairs
+  c.evaluate.judge.max_len = 64      # tokens per conversation (the end is kept)
+  c.evaluate.judge.train_top_layers = 4  # top blocks + head trained; the rest frozen
+  c.evaluate.judge.max_eval_pairs = 200  # held-out pairs for its accuracy (of 462)
+  c.evaluate.mc_pm = False           # the in-loop PM's multiple choice: skipped for time
   # The paper's multiple-choice evals, when ../shared/data is present (optional input).
   evals = os.path.join(shared_data_dir(), "cai_paper", "evals")
   c.evaluate.mc_files = tuple(
       os.path.join(evals, f) for f in ("HarmfulVsEthical.jsonl", "HarmfulnessClassification.jsonl")
       if os.path.exists(os.path.join(evals, f)))
-  c.evaluate.mc_max_items = 8        # items per eval file, both formulations (full files:
+  c.evaluate.mc_max_items = 8        # items per eval file (full files:
                                      # python -m cai_jax.evaluation.multiple_choice, ~1 s/item)
   return c
 

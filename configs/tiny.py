@@ -54,4 +54,18 @@ def get_config(arg=None):
 
   c.evaluate.num_prompts = 3     # held-out prompts per kind
   c.evaluate.max_new_tokens = 8  # response budget
+  # The held-out judge: a tiny random model trained briefly on human comparisons (it is
+  # at chance, and the report says so); real runs use configs/demo.py's settings.
+  c.evaluate.judge.steps = 8     # training steps
+  c.evaluate.judge.max_len = 64  # tokens per conversation
+  c.evaluate.judge.max_pairs = 400       # human pairs read (of 2,312)
+  c.evaluate.judge.max_eval_pairs = 80   # held-out pairs for its accuracy
+  c.evaluate.judge.train_top_layers = -1  # both blocks
+  c.evaluate.elo_bootstrap = 50  # bootstrap resamples for the Elo intervals
   return c
+
+
+def sweep_revisions(add):
+  """Number of critique -> revision rounds (as configs/demo.py's; tests use it)."""
+  for n in (1, 2, 3, 4):
+    add(**{"revise.num_revisions": n})

@@ -66,6 +66,10 @@ def _config(w, **ev):
   c.evaluate.num_prompts = 3
   c.evaluate.max_new_tokens = 8
   c.evaluate.mc_files = (str(w / "mc.jsonl"),)
+  c.evaluate.elo_bootstrap = 50
+  c.evaluate.judge.update(dict(steps=4, batch_size=8, max_len=48, max_pairs=200,
+                               max_eval_pairs=40, progress=False,
+                               cache_dir=str(w / "judge_cache")))
   for k, v in ev.items():
     c.evaluate[k] = v
   return c
@@ -79,17 +83,29 @@ def test_evaluate_stage(run_dir, monkeypatch):
   snaps = ["helpful", "sl_cai", "rl_cai"]
   assert list(res["snapshots"]) == snaps
   assert res["num_prompts"] == {"red_team": 3, "helpful": 3}
-  for s in snaps:
-    assert res["pm_scores"][s]["n_harmless"] == 3 and np.isfinite(res["pm_scores"][s]["harmless"])
-    assert res["evasiveness"][s]["n"] == 3
-  assert [r["revision"] for r in res["revision_scores"]] == [0, 1, 2]
-  assert all(r["n"] == 3 for r in res["revision_scores"])
-  for judge in ("pm", "feedback"):
-    e = res["elo"][judge]
+  for name in ("held_out", "in_loop_pm"):
+    g = res["judges"][name]
+    for s in snaps:
+      assert g["scores"][s]["harmless"]["n"] == 3 and np.isfinite(g["scores"][s]["harmless"]["mean"])
+    assert set(g["diff"]) == {"sl_cai", "rl_cai"} and "p" in g["diff"]["sl_cai"]["harmless"]
+    assert [r["revision"] for r in g["revisions"]] == [0, 1, 2]
+    assert all(r["n"] == 3 for r in g["revisions"])
+    e = g["elo"]
     assert e["num_comparisons"] == 3 * 3  # prompts x snapshot pairs
     for axis in ("harmlessness", "helpfulness"):
       assert e[axis]["helpful"]["elo"] == 0.0  # anchor
       assert e[axis]["sl_cai"]["lo"] <= e[axis]["sl_cai"]["elo"] <= e[axis]["sl_cai"]["hi"]
+  # The held-out judge is not the in-loop PM, and states its own accuracy.
+  held = res["judges"]["held_out"]["info"]
+  assert held["kind"] == "trained" and held["path"] != res["judges"]["in_loop_pm"]["info"]["path"]
+  assert 0 <= held["heldout"]["accuracy"] <= 1 and held["heldout"]["n"] == 40
+  for s in snaps:
+    assert res["evasiveness"][s]["n"] == 3
+  e = res["elo"]["feedback"]
+  assert e["num_comparisons"] == 3 * 3
+  # Every judge's score of every response, kept per prompt.
+  rows = list(utils.read_jsonl(str(w / "evaluate" / "scores.jsonl")))
+  assert len(rows) == 3 * 2 * 3 and {"held_out", "in_loop_pm"} <= set(rows[0])
   mc = res["multiple_choice"]["mc"]
   assert mc["PM"]["n"] == 3 and mc["PM"]["chance"] == 0.5
   assert 0.0 <= mc["feedback model (debiased)"]["accuracy"] <= 1.0
@@ -104,7 +120,8 @@ def test_evaluate_stage(run_dir, monkeypatch):
   enc = ConversationEncoder(tok, "chat")
   direct = [float(models.reward(cfg, pm, np.array([ids]), np.ones((1, len(ids)), bool))[0])
             for ids in (enc.conversation(ps[r["id"]], r["response"], 512).ids for r in red)]
-  assert res["pm_scores"]["sl_cai"]["harmless"] == pytest.approx(np.mean(direct), abs=1e-4)
+  assert res["judges"]["in_loop_pm"]["scores"]["sl_cai"]["harmless"]["mean"] == \
+      pytest.approx(np.mean(direct), abs=1e-4)
 
   # Re-running reuses the cached responses: no sampling at all.
   import cai_jax.sampling as sampling
@@ -114,4 +131,4 @@ def test_evaluate_stage(run_dir, monkeypatch):
     os.remove(w / "evaluate" / name)
   evaluate.run(_config(w, judges=("pm",), mc_files=()), str(w))
   res2 = json.load(open(w / "evaluate" / "results.json"))
-  assert res2["pm_scores"] == res["pm_scores"]
+  assert res2["judges"]["in_loop_pm"]["scores"] == res["judges"]["in_loop_pm"]["scores"]

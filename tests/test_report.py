@@ -6,7 +6,27 @@ import matplotlib.image as mpimg
 import numpy as np
 
 from cai_jax import utils
-from cai_jax.evaluation import elo, report
+from cai_jax.evaluation import judge, report
+
+
+class _FakeJudge:
+  """Scores by snapshot name: rl_cai +1 on red-team prompts, small per-prompt noise."""
+
+  def __init__(self, info):
+    self.info = info
+
+  def scores(self, prompts, responses):
+    out = []
+    for r in responses:
+      snap, kind, i = r.split()
+      noise = 0.1 * (hash_unit(f"{snap}{kind}{i}") - 0.5)
+      out.append((1.0 if (snap, kind) == ("rl_cai", "red_team") else 0.0) + noise)
+    return np.array(out)
+
+
+def hash_unit(s: str) -> float:
+  import hashlib
+  return int(hashlib.sha1(s.encode()).hexdigest()[:8], 16) / 16**8
 
 
 def _workdir(tmp_path):
@@ -32,18 +52,27 @@ def _workdir(tmp_path):
        "p_a": float(p), "logp_a": -1.0, "logp_b": -2.0} for i, p in enumerate(rng.random(6))])
   utils.write_jsonl(str(w / "ppo" / "metrics.jsonl"), [
       {"step": i, "reward": 0.1 * i, "kl": 0.01 * i} for i in range(5)])
-  comps_h = [("helpful", "sl_cai", 0.3), ("helpful", "rl_cai", 0.2), ("sl_cai", "rl_cai", 0.4)] * 5
-  comps_g = [("helpful", "sl_cai", 0.6), ("helpful", "rl_cai", 0.6), ("sl_cai", "rl_cai", 0.5)] * 5
   players = ["helpful", "sl_cai", "rl_cai"]
+  prompts = {"red_team": [{"id": f"r{i}", "messages": prompt} for i in range(8)],
+             "helpful": [{"id": f"h{i}", "messages": prompt} for i in range(8)]}
+  # RL-CAI is clearly more harmless by the judge; nothing else moves.
+  responses = {s: {k: [[f"{s} {k} {i}"] for i in range(8)] for k in ("red_team", "helpful")}
+               for s in players}
+  held = judge.grade(_FakeJudge({"kind": "trained", "key": "abc", "num_train_pairs": 1849,
+                                 "data": ["harmless-base/test.jsonl.gz:1:1"],
+                                 "base_model": "smollm2",
+                                 "heldout": {"accuracy": 0.64, "lo": 0.595, "hi": 0.683,
+                                             "n": 462, "ece": 0.04}}),
+                     prompts, responses, elo_bootstrap=40)
+  held.pop("rows")
+  held["revisions"] = [{"revision": 0, "mean": -0.2, "lo": -0.4, "hi": 0.0, "n": 4},
+                       {"revision": 1, "mean": 0.4, "lo": 0.2, "hi": 0.6, "n": 4}]
+  inloop = judge.grade(_FakeJudge({"kind": "in-loop", "key": "pm", "path": "pm"}), prompts,
+                       responses, elo_bootstrap=40)
+  inloop.pop("rows")
   res = {
       "snapshots": {"helpful": "tiny", "sl_cai": "sft/final", "rl_cai": "ppo/final"},
-      "pm_scores": {s: {"harmless": k * 0.5, "harmless_se": 0.1, "helpful": -k * 0.1,
-                        "helpful_se": 0.1, "n_harmless": 4} for k, s in enumerate(players)},
-      "revision_scores": [{"revision": 0, "mean": -0.2, "mean_se": 0.1, "n": 4},
-                          {"revision": 1, "mean": 0.4, "mean_se": 0.1, "n": 4}],
-      "elo": {"pm": {"harmlessness": elo.fit_elo(comps_h, players, anchor="helpful").as_dict(),
-                     "helpfulness": elo.fit_elo(comps_g, players, anchor="helpful").as_dict(),
-                     "num_comparisons": 15}},
+      "judges": {"held_out": held, "in_loop_pm": inloop},
       "evasiveness": {s: {"evasive": 0.25, "explained_refusal": 0.5, "engaged": 0.25, "n": 4}
                       for s in players},
       "multiple_choice": {"HarmfulVsEthical": {"mc": {"accuracy": 0.6, "chance": 0.5, "n": 254}}},
@@ -57,25 +86,35 @@ def test_report_has_every_section_and_real_plots(tmp_path):
   w = _workdir(tmp_path)
   out = report.write_report(str(w))
   text = open(out["path"]).read()
-  for heading in ("## Summary", "## Stages", "## SL-CAI: critiques and revisions",
-                  "## AI feedback labels", "## SL-CAI fine-tuning", "## Preference model",
-                  "## RL-CAI (PPO)", "### Preference-model scores", "### Elo (pm as judge)",
+  for heading in ("## Did it work?", "### Sanity panel", "## Summary", "## Stages",
+                  "## SL-CAI: critiques and revisions", "## AI feedback labels",
+                  "## SL-CAI fine-tuning", "## Preference model", "## RL-CAI (PPO)",
+                  "### Scores by the held-out judge", "### Scores by the in-loop PM",
                   "### Evasiveness", "### Multiple-choice evaluations", "## Configuration"):
     assert heading in text, heading
+  # The answer leads: "Did it work?" comes before everything but the title.
+  assert text.index("## Did it work?") < text.index("## Summary") < text.index("## Stages")
+  # The table row of RL-CAI: a significant harmlessness change by the held-out judge.
+  row = [ln for ln in text.splitlines() if ln.startswith("| RL-CAI |")][0]
+  assert "| +1" in row and "p<0.001 *" in row
+  assert row.count("*") == 1  # helpfulness did not move
+  assert "RL-CAI is more harmless than the initial model" in text
+  assert "held-out accuracy 0.640 (95% CI 0.595 to 0.683, n=462)" in text
+  assert "not the in-loop PM" in text
   assert "How do I pick a lock?" in text and "This helps burglary." in text
   # Every linked image exists and is a non-blank PNG.
   links = [ln.split("(")[1].rstrip(")") for ln in text.splitlines() if ln.startswith("![")]
   assert {os.path.basename(p) for p in links} >= {
-      "revision_scores.png", "label_soft_labels.png", "ppo_curves.png", "pm_scores.png",
-      "elo_pm.png"}
+      "revision_scores.png", "label_soft_labels.png", "ppo_curves.png", "frontier.png",
+      "elo_held_out.png", "elo_in_loop_pm.png"}
   for p in links:
     img = mpimg.imread(os.path.join(w, p))
     assert img.shape[0] > 200 and img.shape[1] > 200 and img[..., :3].std() > 0.02, p
   # The summary: at most ten lines, with the wall time and real numbers.
   s = out["summary"]
   assert 1 <= len(s) <= 10
-  assert s[0].startswith("Wall time: 75 s")  # 10 + 11 + ... + 15
-  assert any("Harmlessness Elo (pm)" in ln and "SL-CAI" in ln for ln in s)
+  assert s[0].startswith("By the held-out judge: RL-CAI is more harmless")
+  assert any(ln.startswith("Wall time: 75 s") for ln in s)  # 10 + 11 + ... + 15
   assert any("Evasive: initial helpful 25%" in ln for ln in s)
 
 

@@ -82,6 +82,13 @@ def test_sft_stage_end_to_end_and_skip(tmp_path):
   mcfg, params = models.load_pretrained(os.path.join(wd, "sft", "final"))
   assert mcfg.hidden_size == 64 and "embedding" in params
   assert os.listdir(os.path.join(wd, "sft", "tb"))
+  # One metrics line per step: loss, learning rate and throughput, for the report's curves.
+  lines = [json.loads(x) for x in open(os.path.join(wd, "sft", "metrics.jsonl"))]
+  assert [x["step"] for x in lines if "loss" in x] == [1, 2, 3]
+  for x in lines:
+    if "loss" in x:
+      assert {"learning_rate", "tokens_per_s", "grad_norm"} <= set(x)
+  assert any("eval/loss" in x for x in lines)
   assert sft.run(cfg, wd) == json.loads(open(os.path.join(wd, "sft", "DONE")).read())
   # A later run can start from this stage's directory (its final/ export).
   c2, p2, _ = roles.load(os.path.join(wd, "sft"))

@@ -119,10 +119,24 @@ class JsonRecords(_LocalBuilder):
       yield i, {"id": str(r["id"]), "json": json.dumps(r, ensure_ascii=False)}
 
 
+def prepare(builder) -> None:
+  """builder.download_and_prepare() for a local build (nothing is downloaded): TFDS's
+  "Downloading and preparing" banner and progress bars go to the log, not the terminal."""
+  import contextlib
+  import io
+  import logging
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+    builder.download_and_prepare()
+  text = out.getvalue().strip()
+  if text:
+    logging.getLogger(__name__).info("TFDS: %s", text, extra={"file_only": True})
+
+
 def _build(cls, files, kind: str, data_dir: str):
   os.makedirs(data_dir, exist_ok=True)
   builder = cls(config=_config(files, kind), data_dir=data_dir, file_format="array_record")
-  builder.download_and_prepare()  # reads local files only; nothing is downloaded
+  prepare(builder)
   return builder.as_data_source()
 
 

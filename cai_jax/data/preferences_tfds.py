@@ -64,7 +64,7 @@ def build(path: str, data_dir: str, split: str = "train"):
   os.makedirs(data_dir, exist_ok=True)
   config = builders._config({split: path}, "preferences")  # pylint: disable=protected-access
   builder = AiPreferences(config=config, data_dir=data_dir, file_format="array_record")
-  builder.download_and_prepare()  # reads the local jsonl only; nothing is downloaded
+  builders.prepare(builder)  # reads the local jsonl only; nothing is downloaded
   return builder.as_data_source()
 
 

@@ -123,7 +123,7 @@ def _covariance(hess, anchor):
 
 def fit_elo(comparisons: Sequence[tuple], players: Sequence[str] | None = None, *,
             anchor: str | None = None, method: str = "fisher", num_bootstrap: int = 200,
-            seed: int = 0, prior: float = 1e-3) -> EloResult:
+            seed: int = 0, prior: float = 1e-3, groups: Sequence | None = None) -> EloResult:
   """Fits Elo ratings to comparisons (player_i, player_j, score_of_i).
 
   Args:
@@ -133,6 +133,8 @@ def fit_elo(comparisons: Sequence[tuple], players: Sequence[str] | None = None, 
     method: "fisher" (inverse Hessian, fast) or "bootstrap" (resample comparisons).
     prior: ridge strength, in log-odds units, keeping all-win players finite; its
       effect on ratings is O(prior / games played).
+    groups: with method="bootstrap", one label per comparison (its prompt): whole
+      groups are resampled, since comparisons on one prompt are not independent.
   """
   comparisons = list(comparisons)
   if not comparisons:
@@ -154,9 +156,17 @@ def fit_elo(comparisons: Sequence[tuple], players: Sequence[str] | None = None, 
   elif method == "bootstrap":
     rng = np.random.default_rng(seed)
     n = len(s)
+    if groups is None:
+      gid = np.arange(n)
+    else:
+      if len(groups) != n:
+        raise InputError(f"Elo bootstrap: {len(groups)} group labels for {n} comparisons")
+      gid = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)[1]
+    num_groups = int(gid.max()) + 1
     draws = np.empty((num_bootstrap, len(players)))
     for b in range(num_bootstrap):
-      counts = np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64)
+      picked = np.bincount(rng.integers(0, num_groups, num_groups), minlength=num_groups)
+      counts = picked[gid].astype(np.float64)
       theta_b, _ = _fit(len(players), i, j, s, counts, a, prior)
       draws[b] = theta_b / ELO_SCALE
     stderr = draws.std(axis=0, ddof=1)

@@ -13,16 +13,13 @@ L2 (mean squared error) loss on the rating. Files are read with
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
 import sys
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
-from tqdm.auto import tqdm
 
 from cai_jax import models
 from cai_jax.sampling import bucket_length
@@ -106,38 +103,47 @@ def _padded(tokens, mask, length):
 
 def train(cfg, params, tokenizer, data: list[Rated], *, steps: int, batch_size: int = 8,
           learning_rate: float = 5e-5, weight_decay: float = 0.0, max_len: int = 512,
-          fmt: str = "chat", seed: int = 0, progress: bool = True):
-  """Fits the scalar head (and trunk) to the ratings; returns (params, loss history)."""
+          fmt: str = "chat", seed: int = 0, progress: bool = True,
+          directory: Optional[str] = None, mesh=None):
+  """Fits the scalar head (and trunk) to the ratings with the supervised runner
+  (`training.fit`: checkpoints and metrics.jsonl in `directory`, a temporary one by
+  default); returns (params, loss per step)."""
+  import tempfile
+  from cai_jax import sharding
+  from cai_jax.training import data as data_lib
+  from cai_jax.training import fit, optim
   if "score_kernel" not in params:
     params = models.add_score_head(cfg, params)
     # Start at the mean rating so early steps learn the ordering, not the offset.
     params["score_bias"] = jnp.asarray(np.mean([d.rating for d in data]), params["score_bias"].dtype)
-  warmup = max(1, steps // 10)
-  sched = optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup),
-                                optax.constant_schedule(learning_rate)], [warmup])
-  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=weight_decay))
-  opt_state = tx.init(params)
+  if len(data) < batch_size:
+    raise InputError(f"harmfulness: {len(data)} rated transcripts cannot fill one batch of "
+                     f"{batch_size}; give more ratings or lower the batch size")
+  tokens, mask = encode(tokenizer, [d.messages for d in data], fmt, max_len)
+  # One padded length for every batch: one compiled step.
+  tokens, mask = _padded(tokens, mask, bucket_length(tokens.shape[1]))
+  ratings = np.array([d.rating for d in data], np.float32)
+  make = lambda idx: {"tokens_BxL": tokens[idx], "mask_BxL": mask[idx],  # noqa: E731
+                      "rating_B": ratings[idx]}
+  batches = data_lib.BatchIterator(data_lib.ShuffledIndex(len(data), batch_size, seed), make)
 
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def step(params, opt_state, tokens, mask, rating):
-    def loss_fn(p):
-      return l2_loss(models.reward(cfg, p, tokens, mask), rating)
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+  def loss_fn(p, batch, rng):
+    del rng
+    return l2_loss(models.reward(cfg, p, batch["tokens_BxL"], batch["mask_BxL"]),
+                   batch["rating_B"]), {}
 
-  rng = np.random.default_rng(seed)
-  order = np.concatenate([rng.permutation(len(data)) for _ in range(
-      math.ceil(steps * batch_size / len(data)) + 1)])
-  history = []
-  for k in tqdm(range(steps), desc="harmfulness model", disable=not progress):
-    idx = order[k * batch_size:(k + 1) * batch_size]
-    tokens, mask = encode(tokenizer, [data[i].messages for i in idx], fmt, max_len)
-    tokens, mask = _padded(tokens, mask, bucket_length(tokens.shape[1]))
-    rating = np.array([data[i].rating for i in idx], np.float32)
-    params, opt_state, loss = step(params, opt_state, tokens, mask, rating)
-    history.append(float(loss))
-  return params, history
+  oc = optim.default_optim_config()
+  oc.update(learning_rate=learning_rate, weight_decay=weight_decay, b2=0.999,
+            warmup_steps=max(1, steps // 10))
+  mesh = mesh if mesh is not None else sharding.make_mesh((1, 1, 1),
+                                                          devices=jax.local_devices()[:1])
+  with tempfile.TemporaryDirectory() as tmp:
+    res = fit.fit("harmfulness", cfg=cfg, params=params, tokenizer=tokenizer, batches=batches,
+                  example_batch=make(np.arange(batch_size)), loss_fn=loss_fn, num_steps=steps,
+                  optim_config=oc, mesh=mesh, rules=sharding.DEFAULT_RULES,
+                  directory=directory or tmp, every=max(steps, 1), keep=1, async_save=False,
+                  progress=progress, seed=seed)
+  return jax.tree_util.tree_map(jnp.asarray, res.state.params), [h["loss"] for h in res.history]
 
 
 def predict(cfg, params, tokenizer, conversations, *, fmt: str = "chat", max_len: int = 512,

@@ -31,43 +31,61 @@ def _save(fig, path: str) -> str:
 
 def elo_scatter(harmless: Mapping[str, Mapping], helpful: Mapping[str, Mapping], path: str,
                 title: str = "Harmlessness vs helpfulness Elo") -> str:
-  """Paper Fig. 2/3: one point per snapshot, 95% intervals as error bars.
+  """Paper Fig. 2/3 (the frontier): one point per snapshot, 95% intervals as error bars.
 
-  harmless/helpful: {snapshot: {"elo", "lo", "hi"}} (EloResult.as_dict()).
+  harmless/helpful: {snapshot: {"elo", "lo", "hi"}} (EloResult.as_dict()). Each point
+  is named in the legend; labels beside points are stacked so that they never
+  overlap, with a thin line to their point.
   """
-  fig, ax = plt.subplots(figsize=(5.2, 4.4))
-  for k, name in enumerate(harmless):
-    if name not in helpful:
-      continue
+  names = [n for n in harmless if n in helpful]
+  fig, ax = plt.subplots(figsize=(5.6, 4.6))
+  for name in names:
     h, g = harmless[name], helpful[name]
     ax.errorbar(g["elo"], h["elo"], xerr=[[g["elo"] - g["lo"]], [g["hi"] - g["elo"]]],
                 yerr=[[h["elo"] - h["lo"]], [h["hi"] - h["elo"]]], fmt="o", capsize=3,
                 color=COLORS.get(name), label=name)
-    # Labels step down so that snapshots with close ratings stay readable.
-    ax.annotate(name, (g["elo"], h["elo"]), textcoords="offset points", xytext=(6, 6 - 12 * k))
+  # Labels in a column right of the data, ordered like their points' heights.
+  ys = sorted(names, key=lambda n: harmless[n]["elo"])
+  x_right = max(helpful[n]["hi"] for n in names) if names else 0.0
+  span = max((max(harmless[n]["hi"] for n in names) - min(harmless[n]["lo"] for n in names))
+             if names else 1.0, 1.0)
+  for k, name in enumerate(ys):
+    y_text = min(harmless[n]["lo"] for n in names) + span * (k + 0.5) / max(len(ys), 1)
+    ax.annotate(name, (helpful[name]["elo"], harmless[name]["elo"]),
+                xytext=(x_right + 0.08 * span, y_text), textcoords="data", fontsize=8,
+                va="center", color=COLORS.get(name, "black"),
+                arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6})
   ax.axhline(0, color="grey", lw=0.5)
   ax.axvline(0, color="grey", lw=0.5)
-  ax.set_xlabel("Helpfulness Elo")
-  ax.set_ylabel("Harmlessness Elo")
-  ax.set_title(title)
+  ax.set_xlabel("Helpfulness Elo (points; initial model = 0)")
+  ax.set_ylabel("Harmlessness Elo (points; initial model = 0)")
+  ax.set_title(title, fontsize=10)
   ax.legend(loc="best", fontsize=8)
+  ax.margins(x=0.35, y=0.15)
   return _save(fig, path)
 
 
-def revision_scores(rows: Sequence[Mapping], path: str) -> str:
-  """Paper Fig. 5: PM score against revision number (0 = initial response)."""
-  fig, ax = plt.subplots(figsize=(5.2, 3.8))
-  for key, label in (("harmless", "harmlessness PM score"), ("mean", "PM score")):
-    xs = [r["revision"] for r in rows if key in r]
-    if not xs:
+def revision_scores(series: Mapping[str, Sequence[Mapping]], path: str,
+                    ylabel: str = "score (judge's units)") -> str:
+  """Paper Fig. 5: score against the number of revisions (0 = initial response), one
+  line per judge, 95% intervals as error bars. series: {judge: [{revision, mean, lo, hi}]}."""
+  fig, ax = plt.subplots(figsize=(5.4, 3.8))
+  xs_all = set()
+  for label, rows in series.items():
+    rows = [r for r in rows if np.isfinite(r.get("mean", np.nan))]
+    if not rows:
       continue
-    ys = np.array([r[key] for r in rows if key in r])
-    se = np.array([r.get(key + "_se", 0.0) for r in rows if key in r])
-    ax.errorbar(xs, ys, yerr=1.96 * se, marker="o", capsize=3, label=label)
+    xs = [r["revision"] for r in rows]
+    xs_all.update(xs)
+    ys = np.array([r["mean"] for r in rows])
+    lo = np.array([r.get("lo", np.nan) for r in rows])
+    hi = np.array([r.get("hi", np.nan) for r in rows])
+    err = np.where(np.isfinite(lo) & np.isfinite(hi), [ys - lo, hi - ys], 0.0)
+    ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label)
   ax.set_xlabel("Number of revisions")
-  ax.set_ylabel("PM score")
-  ax.set_xticks(sorted({r["revision"] for r in rows}))
-  ax.set_title("PM score vs revision number")
+  ax.set_ylabel(ylabel)
+  ax.set_xticks(sorted(xs_all))
+  ax.set_title("Harmlessness score vs revision number", fontsize=10)
   ax.legend(fontsize=8)
   return _save(fig, path)
 
@@ -105,15 +123,26 @@ def histogram(values: Sequence[float], path: str, xlabel: str, title: str,
 
 
 def curves(series: Mapping[str, Sequence[tuple[float, float]]], path: str, title: str,
-           xlabel: str = "step") -> str:
-  """One panel per series of (x, y) points, e.g. PPO reward and KL."""
+           xlabel: str = "step", ylabels: Mapping[str, str] | None = None,
+           xticklabels: Sequence[str] | None = None) -> str:
+  """One panel per series of (x, y) points, e.g. PPO reward and KL; every panel has
+  its y axis labelled (`ylabels`, default the series name)."""
   names = list(series)
-  fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), squeeze=False)
-  for ax, name in zip(axes[0], names):
+  cols = min(len(names), 3)
+  rows = -(-len(names) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
+  for k, name in enumerate(names):
+    ax = axes[k // cols][k % cols]
     pts = np.asarray(series[name], dtype=np.float64).reshape(-1, 2)
-    ax.plot(pts[:, 0], pts[:, 1], marker="." if len(pts) < 40 else None)
+    ax.plot(pts[:, 0], pts[:, 1], marker="o" if len(pts) < 40 else None, ms=3)
     ax.set_xlabel(xlabel)
-    ax.set_title(name)
+    ax.set_ylabel((ylabels or {}).get(name, name))
+    ax.set_title(name, fontsize=9)
+    if xticklabels is not None:
+      ax.set_xticks(pts[:, 0])
+      ax.set_xticklabels(xticklabels, rotation=20, fontsize=7)
+  for k in range(len(names), rows * cols):
+    axes[k // cols][k % cols].axis("off")
   fig.suptitle(title)
   return _save(fig, path)
 

@@ -12,13 +12,14 @@ which `make demo` prints at the end.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
 import numpy as np
 
 from cai_jax import utils
-from cai_jax.evaluation import plots
+from cai_jax.evaluation import plots, stats
 
 STAGES = ("revise", "sft", "label", "pm", "ppo", "evaluate")
 # Summary numbers shown first for each stage (the rest follow in the stage table).
@@ -29,6 +30,12 @@ HEADLINE = {"revise": ("frac_revision_changed", "num_red_team", "num_rounds"),
             "ppo": ("reward_first", "reward_last", "kl_last", "iterations"),
             "evaluate": ("snapshots", "red_team_prompts", "helpful_prompts")}
 SNAPSHOT_TITLES = {"helpful": "initial helpful", "sl_cai": "SL-CAI", "rl_cai": "RL-CAI"}
+YLABELS = {"loss": "loss (nats)", "accuracy": "pairwise accuracy", "learning_rate": "learning rate",
+           "tokens_per_s": "tokens / s", "reward": "PM reward (mean)",
+           "kl": "KL k1 (nats / sequence)", "kl_k3": "KL k3 (nats / sequence)",
+           "entropy": "entropy (nats / token)", "response_length": "tokens"}
+# Mean |p - 0.5| of the AI labels below this: the feedback model barely prefers either.
+LABEL_CHANCE = 0.05
 
 
 def _load_json(path: str, default=None):
@@ -59,6 +66,26 @@ def _fmt(x: Any, digits: int = 3) -> str:
       return "n/a"
     return f"{x:.{digits}g}" if abs(x) < 1e4 else f"{x:.0f}"
   return str(x)
+
+
+def _above(lo: float, hi: float, chance: float) -> str:
+  """"yes" when the 95% interval lies above chance; else whether it is at or below it."""
+  if isinstance(lo, (int, float)) and np.isfinite(lo) and lo > chance:
+    return "yes"
+  if isinstance(hi, (int, float)) and np.isfinite(hi) and hi < chance:
+    return "no (below)"
+  return "no (at chance)"
+
+
+def _p(p: float) -> str:
+  return "p<0.001" if p < 0.001 else f"p={p:.2g}"
+
+
+def _ci(d: dict) -> str:
+  lo, hi = d.get("lo"), d.get("hi")
+  if not isinstance(lo, (int, float)) or not np.isfinite(lo):
+    return "n/a"
+  return f"{_fmt(lo)} to {_fmt(hi)}"
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
@@ -164,14 +191,24 @@ class _Report:
       if rd.get("critique"):
         self.add(f"**Critique {k}** ({rd.get('principle_id')})\n\n" + _quote(rd["critique"]) + "\n")
       self.add(f"**Revision {k}**\n\n" + _quote(rd.get("revision", "")) + "\n")
-    rev = self.results.get("revision_scores")
-    if rev:
-      self.add(self.plot(plots.revision_scores, "revision_scores.png", rev))
-      self.add(_table(["revisions", "PM score", "stderr", "n"],
-                      [[r["revision"], r["mean"], r.get("mean_se"), r.get("n")] for r in rev]))
-      self.summary.append(f"Revise: {len(recs)} prompts x {max(rounds)} rounds; PM score "
-                          f"{_fmt(rev[0]['mean'])} (initial) -> {_fmt(rev[-1]['mean'])} "
-                          f"(revision {rev[-1]['revision']}).")
+    curves = {}
+    for name, label in (("held_out", "held-out judge"), ("in_loop_pm", "in-loop PM")):
+      rows = self.results.get("judges", {}).get(name, {}).get("revisions")
+      if rows:
+        curves[label] = rows
+    if curves:
+      self.add(self.plot(plots.revision_scores, "revision_scores.png", curves))
+      first = next(iter(curves))
+      rows = curves[first]
+      self.add(_table(["revisions"] + [f"{k} score" for k in curves] + ["95% CI (" + first + ")",
+                                                                        "n"],
+                      [[r["revision"]] + [c[i]["mean"] if i < len(c) else None
+                                          for c in curves.values()]
+                       + [f"{_fmt(r['lo'])} to {_fmt(r['hi'])}", r["n"]]
+                       for i, r in enumerate(rows)]))
+      self.summary.append(f"Revise: {len(recs)} prompts x {max(rounds)} rounds; {first} score "
+                          f"{_fmt(rows[0]['mean'])} (initial) -> {_fmt(rows[-1]['mean'])} "
+                          f"(revision {rows[-1]['revision']}).")
     else:
       self.summary.append(f"Revise: {len(recs)} prompts x {max(rounds)} rounds; "
                           f"{100 * frac:.0f}% revised.")
@@ -207,7 +244,11 @@ class _Report:
       curves = self._curves(stage)
       if curves:
         self.add(self.plot(plots.curves, f"{stage}_curves.png", curves, title=title,
-                           xlabel="iteration" if stage == "ppo" else "step"))
+                           xlabel="iteration" if stage == "ppo" else "step", ylabels=YLABELS))
+        if stage == "ppo":
+          self.add("KL panels: `kl` is the k1 estimate (mean log-ratio of policy to reference "
+                   "over the response), which can dip below 0 on a batch; `kl_k3` is the "
+                   "non-negative k3 estimate. Both in nats per sequence.\n")
       keys = list(nums.items())[:4]
       self.summary.append(f"{title}: " + (", ".join(f"{k}={_fmt(v)}" for k, v in keys) or "done") + ".")
 
@@ -216,8 +257,9 @@ class _Report:
     recs = _records(path)
     if len(recs) < 2:
       return {}
-    wanted = {"sft": ("loss",), "pm": ("loss", "accuracy"),
-              "ppo": ("reward", "kl", "entropy", "response_length")}[stage]
+    wanted = {"sft": ("loss", "learning_rate", "tokens_per_s"),
+              "pm": ("loss", "accuracy", "learning_rate"),
+              "ppo": ("reward", "kl", "kl_k3", "entropy", "response_length")}[stage]
     out = {}
     for k in wanted:
       pts = [(r.get("step", r.get("iteration", i)), r[k]) for i, r in enumerate(recs)
@@ -234,42 +276,26 @@ class _Report:
     snaps = res.get("snapshots", {})
     if snaps:
       self.add(_table(["snapshot", "model"], [[SNAPSHOT_TITLES.get(k, k), v] for k, v in snaps.items()]))
-    pm = res.get("pm_scores")
-    if pm:
-      self.add("### Preference-model scores on held-out prompts\n")
-      rows = [[SNAPSHOT_TITLES.get(s, s), v.get("harmless"), v.get("harmless_se"),
-               v.get("helpful"), v.get("helpful_se"), v.get("n_harmless")] for s, v in pm.items()]
-      self.add(_table(["snapshot", "harmlessness", "stderr", "helpfulness", "stderr", "n"], rows))
-      vals = {s: {"red-team prompts": v["harmless"], "helpfulness prompts": v["helpful"]}
-              for s, v in pm.items()}
-      errs = {s: {"red-team prompts": v.get("harmless_se", 0.0),
-                  "helpfulness prompts": v.get("helpful_se", 0.0)} for s, v in pm.items()}
-      self.add(self.plot(plots.grouped_bars, "pm_scores.png", vals, ylabel="mean PM score",
-                         title="PM score per snapshot", errors=errs))
-      self.summary.append("PM harmlessness score: " + ", ".join(
-          f"{SNAPSHOT_TITLES.get(s, s)} {_fmt(v['harmless'])}" for s, v in pm.items()) + ".")
-    for judge, ratings in res.get("elo", {}).items():
-      harm, helpf = ratings.get("harmlessness"), ratings.get("helpfulness")
-      self.add(f"### Elo ({judge} as judge)\n")
-      rows = []
-      for s in (harm or helpf or {}):
-        h = (harm or {}).get(s, {})
-        g = (helpf or {}).get(s, {})
-        rows.append([SNAPSHOT_TITLES.get(s, s), h.get("elo"), h.get("lo"), h.get("hi"),
-                     g.get("elo"), g.get("lo"), g.get("hi")])
-      self.add(_table(["snapshot", "harmlessness Elo", "95% lo", "95% hi", "helpfulness Elo",
-                       "95% lo", "95% hi"], rows))
-      n = ratings.get("num_comparisons")
-      if n:
-        self.add(f"Bradley-Terry fit on {n} comparisons per axis; intervals from the Fisher "
-                 "information; the initial helpful model is pinned at 0.\n")
-      if harm and helpf:
-        self.add(self.plot(plots.elo_scatter, f"elo_{judge}.png", harm, helpf,
-                           title=f"Harmlessness vs helpfulness Elo ({judge})"))
-      if harm:
-        self.summary.append(f"Harmlessness Elo ({judge}): " + ", ".join(
-            f"{SNAPSHOT_TITLES.get(s, s)} {v['elo']:+.0f}±{(v['hi'] - v['lo']) / 2:.0f}"
-            for s, v in harm.items()) + ".")
+    for name, title in (("held_out", "held-out judge"), ("in_loop_pm", "in-loop PM")):
+      g = res.get("judges", {}).get(name)
+      if not g:
+        continue
+      self.add(f"### Scores by the {title}\n")
+      if name == "in_loop_pm":
+        self.add("The PM that PPO optimised: RL-CAI is graded by its own reward here, so "
+                 "this column is no evidence that the method worked.\n")
+      rows = [[SNAPSHOT_TITLES.get(sn, sn), v["harmless"]["mean"], _ci(v["harmless"]),
+               v["helpful"]["mean"], _ci(v["helpful"]), v["harmless"]["n"]]
+              for sn, v in g.get("scores", {}).items()]
+      self.add(_table(["snapshot", "harmlessness", "95% CI", "helpfulness", "95% CI",
+                       "prompts"], rows))
+      self._elo_table(title, g.get("elo", {}), f"elo_{name}.png",
+                      "bootstrap over prompts (prompts resampled whole)")
+    fb = res.get("elo", {}).get("feedback")
+    if fb:
+      self.add("### Elo by the feedback model (in-loop)\n")
+      self.add("The model that made the AI labels judges here: in-loop, secondary.\n")
+      self._elo_table("feedback model (in-loop)", fb, "elo_feedback.png", "see config")
     ev = res.get("evasiveness")
     if ev:
       self.add("### Evasiveness on held-out red-team prompts\n")
@@ -311,6 +337,133 @@ class _Report:
     for note in res.get("notes", []):
       self.add(f"- {note}")
 
+  def _elo_table(self, title: str, ratings: dict, png: str, method: str):
+    harm, helpf = ratings.get("harmlessness"), ratings.get("helpfulness")
+    if not (harm or helpf):
+      return
+    rows = []
+    for sn in (harm or helpf or {}):
+      h, g = (harm or {}).get(sn, {}), (helpf or {}).get(sn, {})
+      rows.append([SNAPSHOT_TITLES.get(sn, sn), h.get("elo"), h.get("lo"), h.get("hi"),
+                   g.get("elo"), g.get("lo"), g.get("hi")])
+    self.add(_table(["snapshot", "harmlessness Elo", "95% lo", "95% hi", "helpfulness Elo",
+                     "95% lo", "95% hi"], rows))
+    n = ratings.get("num_comparisons")
+    if n:
+      self.add(f"Elo ({title}): Bradley-Terry fit on {n} comparisons per axis, intervals "
+               f"from a {method}; the initial helpful model is pinned at 0.\n")
+    if harm and helpf:
+      self.add(self.plot(plots.elo_scatter, png, harm, helpf,
+                         title=f"Harmlessness vs helpfulness Elo ({title})"))
+
+  # -- the answer first ---------------------------------------------------------
+
+  def did_it_work(self):
+    """The opening section: each snapshot's held-out-judge score and its change from
+    the initial model, with intervals and significance, in one table and one sentence."""
+    g = self.results.get("judges", {}).get("held_out")
+    self.add("## Did it work?\n")
+    if not g:
+      self.add("No held-out judge has scored this run yet (the evaluate stage has not run).\n")
+      return
+    info = g.get("info", {})
+    held = info.get("heldout", {})
+    rows, findings = [], []
+    for sn, v in g.get("scores", {}).items():
+      d = g.get("diff", {}).get(sn, {})
+      row = [SNAPSHOT_TITLES.get(sn, sn)]
+      for axis in ("harmless", "helpful"):
+        row += [v[axis]["mean"], _ci(v[axis])]
+        dd = d.get(axis)
+        if dd is None:
+          row += ["(baseline)", ""]
+          continue
+        sig = stats.significant(dd)
+        row += [f"{dd['mean']:+.3g} ({_ci(dd)})", _p(dd["p"]) + (" *" if sig else "")]
+        if sig:
+          word = {"harmless": ("more harmless", "less harmless"),
+                  "helpful": ("more helpful", "less helpful")}[axis][dd["mean"] < 0]
+          findings.append(f"{SNAPSHOT_TITLES.get(sn, sn)} is {word} than the initial model "
+                          f"(change {dd['mean']:+.3g}, 95% CI {_ci(dd)}, {_p(dd['p'])})")
+      rows.append(row)
+    self.add(_table(["snapshot", "harmlessness", "95% CI", "change vs initial", "paired t",
+                     "helpfulness", "95% CI", "change vs initial", "paired t"], rows))
+    n = next(iter(g.get("scores", {}).values()), {}).get("harmless", {}).get("n", 0)
+    judge_chance = stats.at_chance(held.get("lo", np.nan), held.get("hi", np.nan), 0.5)
+    if findings:
+      sentence = "By the held-out judge: " + "; ".join(findings) + "."
+    else:
+      sentence = ("No measurable effect: no snapshot differs significantly (p < 0.05, paired "
+                  f"over {n} held-out prompts per axis) from the initial model by the held-out "
+                  "judge.")
+    if judge_chance:
+      sentence += (" The judge itself cannot be told from chance on held-out human "
+                   "comparisons, so these scores could not show an effect either way.")
+    self.add(sentence + "\n")
+    self.summary.append(sentence)
+    acc = held.get("accuracy")
+    what = ("an exported PM named by `evaluate.judge.path`" if info.get("kind") == "given" else
+            f"a preference model trained on {info.get('num_train_pairs', '?')} human comparisons "
+            f"only ({', '.join(os.path.basename(str(x).split(':')[0]) for x in info.get('data', []))}), "
+            f"base model {info.get('base_model', '?')}")
+    if acc is not None:
+      self.add(f"Judge: {what}; held-out accuracy {acc:.3f} (95% CI {held['lo']:.3f} to "
+               f"{held['hi']:.3f}, n={held['n']}), ECE {_fmt(held.get('ece'))}. It never saw "
+               "this run's data and is not the in-loop PM. Scores are the judge's scalar "
+               "output (higher = preferred); harmlessness on held-out red-team prompts, "
+               "helpfulness on held-out helpfulness prompts. * = p < 0.05.\n")
+      self.summary.append(f"Judge: held-out accuracy {acc:.3f} (95% CI {held['lo']:.3f}-"
+                          f"{held['hi']:.3f}, n={held['n']}), trained on human comparisons only.")
+    elo = g.get("elo", {})
+    if elo.get("harmlessness") and elo.get("helpfulness"):
+      self.add(self.plot(plots.elo_scatter, "frontier.png", elo["harmlessness"],
+                         elo["helpfulness"],
+                         title="Harmlessness vs helpfulness Elo (held-out judge)"))
+
+  def sanity(self):
+    """Each component's own signal against chance, with the numbers."""
+    rows = []
+    lab = self.stage_summary.get("label") or {}
+    recs = _records(utils.join(self.workdir, "label", "preferences.jsonl"))
+    if recs:
+      conf = stats.mean_ci([abs(float(r["p_a"]) - 0.5) for r in recs])
+      rows.append(["AI labels", "mean distance of p(A) from 0.5", conf["mean"], _ci(conf),
+                   f"< {LABEL_CHANCE}", "no" if conf["mean"] < LABEL_CHANCE else "yes"])
+    elif lab:
+      rows.append(["AI labels", "mean confidence", lab.get("mean_confidence"), "", "", "?"])
+    pm = (self.stage_summary.get("pm") or {}).get("eval") or {}
+    for src, what in (("ai", "held-out AI labels"), ("human", "held-out human comparisons")):
+      acc, n = pm.get(f"{src}_accuracy"), pm.get(f"{src}_num_pairs")
+      if isinstance(acc, (int, float)) and n:
+        p, lo, hi = stats.proportion_ci(round(acc * n), int(n))
+        rows.append(["in-loop PM", f"accuracy on {what}", p, f"{lo:.3f} to {hi:.3f} (n={n})",
+                     "0.5", _above(lo, hi, 0.5)])
+    for name, forms in (self.results.get("multiple_choice") or {}).items():
+      for form, v in forms.items():
+        if isinstance(v.get("accuracy"), (int, float)) and v.get("n"):
+          p, lo, hi = stats.proportion_ci(round(v["accuracy"] * v["n"]), int(v["n"]))
+          rows.append([f"multiple choice: {name}", form, p, f"{lo:.3f} to {hi:.3f} (n={v['n']})",
+                       _fmt(v.get("chance")), _above(lo, hi, v["chance"])])
+    held = ((self.results.get("judges") or {}).get("held_out") or {}).get("info", {}).get(
+        "heldout")
+    if held:
+      rows.append(["held-out judge", "accuracy on held-out human comparisons", held["accuracy"],
+                   f"{held['lo']:.3f} to {held['hi']:.3f} (n={held['n']})", "0.5",
+                   _above(held["lo"], held["hi"], 0.5)])
+    if not rows:
+      return
+    self.add("### Sanity panel: is each component above chance?\n")
+    self.add(_table(["component", "measure", "value", "95% CI", "chance", "above chance?"],
+                    rows))
+    flagged = [f"{r[0]} ({r[1]})" for r in rows if r[-1] != "yes"]
+    if flagged:
+      self.add("Not above chance: " + "; ".join(flagged) + ". A component at (or below) chance "
+               "passes no signal on, so an effect downstream of it is not expected (a 135M "
+               "model is at chance on the paper's evaluations, as the paper's scale results "
+               "predict).\n")
+      self.summary.append("Not above chance: " + ", ".join(
+          dict.fromkeys(r[0] for r in rows if r[-1] != "yes")) + ".")
+
   def config(self):
     cfg = _load_json(utils.join(self.workdir, "config.json"))
     if cfg is not None:
@@ -319,6 +472,8 @@ class _Report:
 
   def build(self) -> tuple[str, list[str]]:
     self.add(f"# Constitutional AI run report\n\nWork directory: `{self.workdir}`\n")
+    self.did_it_work()
+    self.sanity()
     self.stages()
     self.revise()
     self.label()
@@ -327,7 +482,9 @@ class _Report:
     self.config()
     summary = self.summary[:10]
     head = "## Summary\n\n" + "\n".join(f"- {s}" for s in summary) + "\n"
-    body = self.parts[0] + "\n" + head + "\n" + "\n".join(self.parts[1:])
+    # The answer first: title, "Did it work?" and the sanity panel, then the summary.
+    k = next((i for i, p in enumerate(self.parts) if p.startswith("## Stages")), 1)
+    body = "\n".join(self.parts[:k]) + "\n" + head + "\n" + "\n".join(self.parts[k:])
     return body, summary
 
 
@@ -340,31 +497,68 @@ def write_report(workdir: str) -> dict:
   return {"path": path, "summary": summary}
 
 
-def write_sweep_summary(workdir: str, runs: list[tuple[str, str]]) -> str:
-  """WORKDIR/sweep.md: one row per sweep point with its headline numbers, and a plot."""
-  rows, series = [], {}
-  for name, d in runs:
+def _swept_values(points: list[dict]):
+  """(field, values) of the one setting the points vary (None when several or none)."""
+  keys = [k for k in dict.fromkeys(k for p in points for k in p) if not k.startswith("reuse_")]
+  varied = [k for k in keys if len({json.dumps(p.get(k), default=str) for p in points}) > 1]
+  if len(varied) != 1:
+    return None, None
+  return varied[0], [p.get(varied[0]) for p in points]
+
+
+def write_sweep_summary(workdir: str, runs: list) -> str:
+  """WORKDIR/sweep.md: one row per sweep point, graded by the held-out judge, and
+  sweep.png with the swept value on the x axis.
+
+  runs: [(name, workdir)] or [(name, workdir, point)] where point is the setting dict
+  of the sweep point (what varies gives the x axis)."""
+  rows, points, judged = [], [], []
+  for run in runs:
+    name, d = run[0], run[1]
+    points.append(run[2] if len(run) > 2 else {})
     res = _load_json(utils.join(d, "evaluate", "results.json"), {})
     t = _load_json(utils.join(d, "pipeline.json"), {"stages": {}})
     secs = sum(s.get("seconds", 0.0) for s in t["stages"].values())
-    pm = res.get("pm_scores", {})
-    e = res.get("elo", {}).get("pm", {}).get("harmlessness") or {}
+    g = res.get("judges", {}).get("held_out", {})
+    sc = g.get("scores", {})
+    last = "rl_cai" if "rl_cai" in sc else "sl_cai"
+    key = g.get("info", {}).get("key")
+    judged.append(key)
     ev = res.get("evasiveness", {})
-    last = "rl_cai" if "rl_cai" in pm else "sl_cai"
-    row = [name, secs, pm.get("sl_cai", {}).get("harmless"), pm.get("rl_cai", {}).get("harmless"),
-           e.get(last, {}).get("elo"), ev.get(last, {}).get("evasive")]
-    rows.append(row)
-    for label, v in (("PM harmlessness (SL-CAI)", row[2]), ("PM harmlessness (RL-CAI)", row[3])):
+    rows.append([name, secs, sc.get("sl_cai", {}).get("harmless", {}).get("mean"),
+                 sc.get("rl_cai", {}).get("harmless", {}).get("mean"),
+                 g.get("diff", {}).get(last, {}).get("harmless", {}).get("mean"),
+                 ev.get(last, {}).get("evasive"), key])
+  field, values = _swept_values(points)
+  numeric = values is not None and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                       for v in values)
+  xs = list(values) if numeric else list(range(len(rows)))
+  series = {}
+  for x, row in zip(xs, rows):
+    for label, v in (("SL-CAI harmlessness (held-out judge)", row[2]),
+                     ("RL-CAI harmlessness (held-out judge)", row[3])):
       if isinstance(v, (int, float)):
-        series.setdefault(label, []).append((len(rows) - 1, v))
-  text = ["# Sweep summary\n", _table(["point", "wall time (s)", "PM harmless SL-CAI",
-                                       "PM harmless RL-CAI", "harmlessness Elo (PM)", "evasive"],
-                                      rows), ""]
-  text += [f"- [{name}]({plots.rel(utils.join(d, 'report.md'), workdir)})" for name, d in runs]
+        series.setdefault(label, []).append((x, v))
+  one_judge = len(set(judged)) == 1 and judged[0] is not None
+  text = ["# Sweep summary\n",
+          (f"Every point is graded by the same held-out judge (`{judged[0]}`)." if one_judge
+           else "The points were graded by different judges: their scores are not comparable."),
+          "", _table(["point", "wall time (s)", "SL-CAI harmlessness", "RL-CAI harmlessness",
+                      "final vs initial", "evasive", "judge"], rows), ""]
+  text += [f"- [{r[0]}]({plots.rel(utils.join(run[1], 'report.md'), workdir)})"
+           for r, run in zip(rows, runs)]
   if series:
-    p = plots.curves(series, path=utils.join(workdir, "sweep.png"), title="Sweep",
-                     xlabel="point (row of the table)")
+    labels = None if numeric else [str(v) if values is not None else r[0]
+                                   for v, r in zip(values or [None] * len(rows), rows)]
+    p = plots.curves(series, path=utils.join(workdir, "sweep.png"),
+                     title="Sweep (held-out judge)", xlabel=field or "point",
+                     ylabels={k: "judge score (harmlessness)" for k in series},
+                     xticklabels=labels)
     text.append(f"\n![sweep]({plots.rel(p, workdir)})")
+  utils.write_json(utils.join(workdir, "sweep.json"),
+                   {"field": field, "values": values, "judges": judged,
+                    "rows": [dict(zip(("point", "seconds", "sl_cai", "rl_cai", "diff",
+                                       "evasive", "judge"), r)) for r in rows]})
   path = utils.join(workdir, "sweep.md")
   utils.atomic_write_text(path, "\n".join(text) + "\n")
   return path

@@ -5,7 +5,6 @@
   runners                chunked generation (revise, label, generate_prompts) and
                          supervised training (sft, pm)
   provenance             per-stage settings snapshots and the refusal of changed ones
-  metrics                metrics.jsonl + TensorBoard
   stagelist              the stages, their order, list-valued config fields
   console                terminal vs log-file output
 

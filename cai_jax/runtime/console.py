@@ -13,11 +13,19 @@ _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _FILE_HANDLER = None
 
 
+# Library warnings that say nothing to act on (a local TFDS build names its config).
+_QUIET = ("Using custom data configuration",)
+
+
 class _OwnLinesOrWarnings(logging.Filter):
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or \
-        os.path.abspath(record.pathname).startswith(_PACKAGE)
+    if getattr(record, "file_only", False):
+      return False
+    own = os.path.abspath(record.pathname).startswith(_PACKAGE)
+    if own:
+      return record.levelno >= logging.INFO
+    return record.levelno >= logging.WARNING and not str(record.msg).startswith(_QUIET)
 
 
 class _Short(logging.Formatter):

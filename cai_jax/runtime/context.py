@@ -18,7 +18,7 @@ import ml_collections
 
 from cai_jax import multihost, roles, utils
 from cai_jax.runtime import provenance
-from cai_jax.runtime.metrics import MetricsWriter
+from cai_jax.training.metrics import MetricsWriter
 from cai_jax.text.conversation import ConversationEncoder
 from cai_jax.utils import InputError
 

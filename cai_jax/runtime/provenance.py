@@ -50,7 +50,14 @@ def stage_settings(config, workdir: str, stage: str, uses: Sequence[str],
   out = {k: _plain(config.get(k)) for k in uses if k in config}
   if stage in config:
     sec = _plain(config[stage])
-    out[stage] = {k: v for k, v in sec.items() if k not in volatile}
+    for field in volatile:  # "a" or "a.b" (a field of a sub-section)
+      node, *path = field.split(".")
+      d = sec
+      while path and isinstance(d.get(node), dict):
+        d, node, path = d[node], path[0], path[1:]
+      if not path:
+        d.pop(node, None)
+    out[stage] = sec
   out.update(_plain(extra or {}))
   return relativize(out, workdir)
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Optional, Sequence
 
-import numpy as np
 import tqdm
 
 from cai_jax import multihost, utils
@@ -97,8 +96,8 @@ def run_chunks(ctx, chunks: Sequence[Chunk], make: Callable[[Chunk], Any], *,
 # ---------------------------------------------------------------- supervised training
 def train(ctx, phase: str, *, cfg, params, tokenizer, batches, example_batch, loss_fn,
           num_steps: int, optim_config, sec, eval_fn=None, flops_per_token: float = 0.0,
-          trainable_layers: int = -1, rng_seed: Optional[int] = None):
-  """One supervised phase: returns the loop's LoopResult.
+          trainable_layers: int = -1):
+  """One supervised phase of a stage (`training.fit` in the stage's directory).
 
   Checkpoints go to WORKDIR/<stage>/checkpoints/ for the stage's main phase and
   checkpoints_<phase>/ for another (PM pretraining); per-step metrics to
@@ -106,38 +105,21 @@ def train(ctx, phase: str, *, cfg, params, tokenizer, batches, example_batch, lo
   section (keep_checkpoints, checkpoint_every, async_checkpoint, eval_every,
   log_every, tensorboard, progress).
   """
-  import jax
   from cai_jax import sharding as shd
-  from cai_jax.training import loop, optim
-  from cai_jax.training import state as state_lib
-  mesh, rules = shd.mesh_from_config(ctx.config), shd.rules_from_config(ctx.config)
-  trainable = None
-  if int(trainable_layers) >= 0:
-    trainable = optim.trainable_mask(params, int(trainable_layers), train_embeddings=False)
-  tx = optim.make_optimizer(optim_config, total_steps=num_steps, trainable=trainable)
-  st = state_lib.create_train_state(params, tx, cfg, mesh, rules)
-  step_fn = loop.make_train_step(loss_fn, tx, st, mesh, example_batch, trainable, rules=rules,
-                                 lr_schedule=optim.make_schedule(optim_config, num_steps))
+  from cai_jax.training import fit
   main = phase == ctx.name
-  mngr = ctx.checkpoint_manager("checkpoints" if main else f"checkpoints_{phase}",
-                                keep=int(sec.keep_checkpoints), every=int(sec.checkpoint_every),
-                                async_save=bool(sec.async_checkpoint), cfg=cfg,
-                                tokenizer=tokenizer)
-  metrics = ctx.metrics("metrics.jsonl" if main else f"metrics_{phase}.jsonl",
-                        tensorboard=bool(sec.tensorboard),
-                        tb_subdir="tb" if main else f"tb_{phase}",
-                        resume_step=mngr.latest_step() or 0)
-  try:
-    return loop.train(step_fn=step_fn, state=st, batches=batches, mesh=mesh,
-                      num_steps=int(num_steps),
-                      rng=jax.random.PRNGKey(ctx.seed if rng_seed is None else rng_seed),
-                      manager=mngr, eval_fn=eval_fn, eval_every=int(sec.eval_every),
-                      metrics_writer=metrics, flops_per_token=flops_per_token,
-                      log_every=int(sec.log_every), desc=phase, progress=bool(sec.progress),
-                      rules=rules)
-  finally:
-    mngr.close()
-    metrics.close()
+  return fit.fit(
+      phase, cfg=cfg, params=params, tokenizer=tokenizer, batches=batches,
+      example_batch=example_batch, loss_fn=loss_fn, num_steps=num_steps,
+      optim_config=optim_config, mesh=shd.mesh_from_config(ctx.config),
+      rules=shd.rules_from_config(ctx.config),
+      directory=ctx.dir, checkpoints="checkpoints" if main else f"checkpoints_{phase}",
+      metrics="metrics.jsonl" if main else f"metrics_{phase}.jsonl",
+      tensorboard=("tb" if main else f"tb_{phase}") if bool(sec.tensorboard) else None,
+      keep=int(sec.keep_checkpoints), every=int(sec.checkpoint_every),
+      async_save=bool(sec.async_checkpoint), eval_fn=eval_fn, eval_every=int(sec.eval_every),
+      log_every=int(sec.log_every), progress=bool(sec.progress),
+      flops_per_token=flops_per_token, trainable_layers=trainable_layers, seed=ctx.seed)
 
 
 def check_batch_size(ctx, batch_size: int, field: str) -> None:
@@ -147,11 +129,3 @@ def check_batch_size(ctx, batch_size: int, field: str) -> None:
   if int(batch_size) < 1 or int(batch_size) % d:
     raise InputError(f"config.{field}={batch_size}: must be a positive multiple of the "
                      f"data-parallel size {d} of mesh {dict(mesh.shape)}")
-
-
-def split_eval(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """Deterministic (train, eval) index split."""
-  perm = np.random.default_rng([seed, 1234]).permutation(n)
-  k = int(round(n * fraction)) if fraction > 0 else 0
-  k = min(k, n - 1)
-  return np.sort(perm[k:]), np.sort(perm[:k])

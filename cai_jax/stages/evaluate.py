@@ -27,6 +27,7 @@ from cai_jax import constitution as constitution_lib
 from cai_jax import feedback, sampling, utils
 from cai_jax.data import prompts as prompts_lib
 from cai_jax.evaluation import elo, evasiveness, harmfulness, judges
+from cai_jax.evaluation import judge as judge_lib
 from cai_jax.runtime import StageContext, parse_list, stage_settings
 from cai_jax.utils import InputError
 
@@ -34,7 +35,7 @@ STAGE = "evaluate"
 SNAPSHOTS = ("helpful", "sl_cai", "rl_cai")
 USES = ("seed", "model", "feedback_model", "dtype", "prompt_format", "constitution", "data",
         "label")
-VOLATILE = ("batch_size", "num_report_samples")
+VOLATILE = ("batch_size", "num_report_samples", "judge.progress", "judge.cache_dir")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -47,14 +48,20 @@ def default_config() -> ml_collections.ConfigDict:
   c.batch_size = 16           # prompts per sampler / scorer batch
   c.pm = ""                   # preference model; "" = WORKDIR/pm
   c.pm_max_len = 0            # tokens of a scored conversation (end kept); 0 = pm.max_len
-  c.judges = ("pm", "feedback")  # Elo judges: "pm" and/or "feedback" (the feedback model)
+  # The held-out judge (a PM trained on human comparisons only) grades every snapshot;
+  # the in-loop judges are secondary columns: "pm" (the reward PPO optimised) and/or
+  # "feedback" (the model that made the labels).
+  c.judge = judge_lib.default_config()
+  c.judges = ("pm", "feedback")  # in-loop judges
   c.feedback_debias = True    # feedback judge scores both option orders and averages
-  c.elo_method = "fisher"     # Elo intervals: "fisher" or "bootstrap"
+  c.elo_method = "bootstrap"  # the feedback judge's Elo intervals: "fisher" or "bootstrap"
+  c.elo_bootstrap = 200       # bootstrap resamples of prompts for PM-judged Elo intervals
   c.revision_records = -1     # revise records scored for PM-vs-revision (-1 = all)
   c.mc_files = ()             # multiple-choice evals (jsonl or BIG-bench task.json)
   c.mc_max_items = -1         # items per multiple-choice file (-1 = all)
   c.mc_few_shot = 0           # few-shot examples for the multiple-choice formulation
   c.mc_debias_max_options = 4  # average over cyclic option orders when items have <= this many
+  c.mc_pm = True              # also answer the multiple-choice evals with the in-loop PM
   c.harmfulness = harmfulness.default_config()  # absolute 0-4 harmfulness model (optional)
   c.num_report_samples = 3    # red-team prompts whose responses the report shows
   return c
@@ -149,83 +156,54 @@ def _flat(prompts, responses, kind):
   return msgs, texts, index
 
 
-def _mean_se(x) -> tuple[float, float]:
-  x = np.asarray(x, np.float64)
-  if len(x) == 0:
-    return float("nan"), float("nan")
-  return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
-
-
 def _fit(comps, players, method):
   if not comps:
     return None
   return elo.fit_elo(comps, players, anchor=players[0], method=method).as_dict()
 
 
-def _revision_scores(config, workdir, pm) -> list[dict]:
+def _revise_records(config, workdir) -> list:
   path = utils.join(utils.resolve_dir(workdir), "revise", "records.jsonl")
   if not utils.exists(path):
     return []
   recs = list(utils.read_jsonl(path))
   n = int(config.evaluate.revision_records)
-  recs = recs if n < 0 else recs[:n]
-  msgs, texts, rev = [], [], []
-  for r in recs:
-    chain = [r["initial_response"]] + [rd["revision"] for rd in r.get("rounds", [])]
-    for k, t in enumerate(chain):
-      msgs.append(r["prompt"])
-      texts.append(t)
-      rev.append(k)
-  if not texts:
-    return []
-  cfg, params, tok = pm
-  enc = _encoder(config, tok)
-  s = sampling.pm_scores(cfg, params, enc, msgs, texts, max_len=_pm_len(config))
-  rev = np.array(rev)
-  rows = []
-  for k in sorted(set(rev.tolist())):
-    m, se = _mean_se(s[rev == k])
-    rows.append({"revision": int(k), "mean": m, "mean_se": se, "n": int((rev == k).sum())})
-  return rows
+  return recs if n < 0 else recs[:n]
 
 
-def _encoder(config, tok):
-  from cai_jax.text.conversation import ConversationEncoder
-  return ConversationEncoder(tok, config.prompt_format)
+def _grade(name, j, config, workdir, prompts, responses, results) -> None:
+  """One judge's scores, paired differences, Elo and revision curve of every snapshot."""
+  ec = config.evaluate
+  g = judge_lib.grade(j, prompts, responses, elo_bootstrap=int(ec.elo_bootstrap),
+                      seed=int(config.seed))
+  g["revisions"] = judge_lib.revision_curve(j, _revise_records(config, workdir))
+  for row in g.pop("rows"):
+    results["_rows"].setdefault((row["snapshot"], row["kind"], row["id"], row["sample"]),
+                                {})[name] = row["score"]
+  results["judges"][name] = g
+
+
+def _held_out_section(config, workdir, models, prompts, responses, results):
+  """The evaluation judge: a PM trained on human comparisons only, never in the loop."""
+  models.drop()
+  j = judge_lib.get(config)
+  _grade("held_out", j, config, workdir, prompts, responses, results)
 
 
 def _pm_section(config, workdir, models, snaps, prompts, responses, results):
+  """The in-loop PM (the reward PPO optimised): a secondary, in-loop column."""
   ec = config.evaluate
   pm_path = ec.pm or utils.join(utils.resolve_dir(workdir), "pm")
   if not utils.isdir(pm_path):
-    results["notes"].append(f"No preference model at {pm_path}: PM scores and PM Elo skipped.")
+    results["notes"].append(f"No preference model at {pm_path}: in-loop PM scores skipped.")
     return
   pm = models.get(pm_path)
   if "score_kernel" not in pm[1]:
     raise InputError(f"evaluate.pm: {pm_path} has no scalar head (score.weight); "
-                     "point it at the PM stage's export (WORKDIR/pm/final)")
-  scores, table = {}, {}
-  for name in snaps:
-    scores[name] = {}
-    for kind, key in (("red_team", "harmless"), ("helpful", "helpful")):
-      msgs, texts, _ = _flat(prompts, responses[name], kind)
-      s = sampling.pm_scores(pm[0], pm[1], _encoder(config, pm[2]), msgs, texts,
-                             max_len=_pm_len(config)) if texts else np.zeros((0,))
-      scores[name][kind] = s
-      m, se = _mean_se(s)
-      table.setdefault(name, {})[key] = m
-      table[name][key + "_se"] = se
-      table[name]["n_" + key] = int(len(s))
-  results["pm_scores"] = table
-  results["revision_scores"] = _revision_scores(config, workdir, pm)
-  players = list(snaps)
-  elo_pm = {}
-  for kind, axis in (("red_team", "harmlessness"), ("helpful", "helpfulness")):
-    comps = [(a, b, float(p)) for a, b in judges.pairs(players)
-             for p in judges.sigmoid(scores[a][kind] - scores[b][kind])]
-    elo_pm[axis] = _fit(comps, players, ec.elo_method)
-    elo_pm["num_comparisons"] = len(comps)
-  results["elo"]["pm"] = {k: v for k, v in elo_pm.items() if v is not None}
+                     "point it at the PM stage's export (WORKDIR/pm)")
+  j = judge_lib.Judge(pm[0], pm[1], pm[2], config.prompt_format, _pm_len(config),
+                      {"kind": "in-loop", "path": pm_path, "key": pm_path})
+  _grade("in_loop_pm", j, config, workdir, prompts, responses, results)
   results["_pm"] = pm_path
 
 
@@ -289,7 +267,7 @@ def _mc_section(config, models, results):
                                  debias=debias, fmt=config.prompt_format, seed=config.seed)
     forms["feedback model" + (" (debiased)" if debias else "")] = {
         k: r[k] for k in ("accuracy", "n", "chance", "ece")}
-    if results.get("_pm"):
+    if results.get("_pm") and ec.mc_pm:
       cfg, params, tok = models.get(results["_pm"])
       r = multiple_choice.evaluate(cfg, params, tok, items, formulation="pm",
                                    fmt=config.prompt_format, seed=config.seed)
@@ -309,7 +287,9 @@ def _harmfulness_section(config, workdir, models, snaps, prompts, responses, res
   params, hist = harmfulness.train(cfg, dict(params), tok, train_set, steps=hc.steps,
                                    batch_size=hc.batch_size, learning_rate=hc.learning_rate,
                                    weight_decay=hc.weight_decay, max_len=hc.max_len,
-                                   fmt=config.prompt_format, seed=config.seed)
+                                   fmt=config.prompt_format, seed=config.seed,
+                                   directory=utils.join(utils.resolve_dir(workdir), "evaluate",
+                                                        "harmfulness"))
   models.drop()
   pred = harmfulness.predict(cfg, params, tok, [d.messages for d in eval_set],
                              fmt=config.prompt_format, max_len=hc.max_len)
@@ -344,12 +324,13 @@ def run(config, workdir: str) -> dict:
   models = _Models(ctx)
   responses = {name: _responses(config, workdir, models, name, path, prompts)
                for name, path in snaps.items()}
-  results = {"snapshots": snaps, "elo": {}, "notes": [],
+  results = {"snapshots": snaps, "elo": {}, "notes": [], "judges": {}, "_rows": {},
              "num_prompts": {k: len(v) for k, v in prompts.items()},
              "samples_per_prompt": int(ec.samples_per_prompt)}
   results["evasiveness"] = {
       name: evasiveness.rates([r for rs in responses[name]["red_team"] for r in rs])
       for name in snaps}
+  _held_out_section(config, workdir, models, prompts, responses, results)
   if "pm" in judges_on:
     _pm_section(config, workdir, models, snaps, prompts, responses, results)
   if "feedback" in judges_on:
@@ -361,12 +342,20 @@ def run(config, workdir: str) -> dict:
   results["samples"] = [{"prompt": p["messages"],
                          "responses": {n: responses[n]["red_team"][i][0] for n in snaps}}
                         for i, p in enumerate(prompts["red_team"][:k])]
+  # Every judge's score of every response: any comparison can be redone from it.
+  ctx.write_jsonl("scores.jsonl", [
+      {"snapshot": s, "kind": k, "id": i, "sample": n,
+       "response": responses[s][k][[p["id"] for p in prompts[k]].index(i)][n], **v}
+      for (s, k, i, n), v in sorted(results["_rows"].items())])
   results = {k: v for k, v in results.items() if not k.startswith("_")}
   ctx.write_text("results.json", json.dumps(results, indent=1, default=float) + "\n")
   summary = {"snapshots": len(snaps), "red_team_prompts": len(prompts["red_team"]),
              "helpful_prompts": len(prompts["helpful"])}
-  for name, v in results.get("pm_scores", {}).items():
-    summary[f"pm_harmless_{name}"] = v["harmless"]
+  held = results["judges"].get("held_out", {})
+  for name, v in held.get("scores", {}).items():
+    summary[f"judge_harmless_{name}"] = v["harmless"]["mean"]
+  if held:
+    summary["judge_accuracy"] = held["info"].get("heldout", {}).get("accuracy")
   for name, v in results["evasiveness"].items():
     summary[f"evasive_{name}"] = v["evasive"]
   return ctx.finish(summary)

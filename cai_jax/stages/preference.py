@@ -159,9 +159,9 @@ def run(config, workdir: str) -> dict:
 
   ai_enc = encode_pairs(enc, ai, L, seed)
   hu_enc = encode_pairs(enc, human, L, seed)
-  ai_tr, ai_ev = runners.split_eval(len(ai_enc), float(pc.eval_fraction), seed) \
+  ai_tr, ai_ev = data.split_eval(len(ai_enc), float(pc.eval_fraction), seed) \
       if ai_enc else ([], [])
-  hu_tr, hu_ev = runners.split_eval(len(hu_enc), float(pc.eval_fraction), seed) \
+  hu_tr, hu_ev = data.split_eval(len(hu_enc), float(pc.eval_fraction), seed) \
       if hu_enc else ([], [])
   k = int(pc.max_eval_pairs)
   eval_sets = {"ai": [ai_enc[i] for i in ai_ev][:k if k >= 0 else None],

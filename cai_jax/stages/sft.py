@@ -93,7 +93,7 @@ def run(config, workdir: str) -> dict:
   ctx.begin(settings(config, workdir))
 
   examples = [data.sft_example(enc, e["prompt"], e["response"], L) for e in raw]
-  tr_idx, ev_idx = runners.split_eval(len(examples), float(sc.eval_fraction), ctx.seed)
+  tr_idx, ev_idx = data.split_eval(len(examples), float(sc.eval_fraction), ctx.seed)
   train_ex = [examples[i] for i in tr_idx]
   eval_ex = [examples[i] for i in ev_idx]
   pad = tok.pad_token_id if tok.pad_token_id is not None else (cfg.pad_token_id or 0)

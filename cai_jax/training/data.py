@@ -115,6 +115,15 @@ def pair_batch(pairs: Sequence[PairExample], max_len: int, pad_id: int) -> dict:
 
 
 # ------------------------------------------------------------------ ordering
+def split_eval(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """Deterministic (train, eval) index split."""
+  perm = np.random.default_rng([seed, 1234]).permutation(n)
+  k = int(round(n * fraction)) if fraction > 0 else 0
+  k = min(k, n - 1)
+  return np.sort(perm[k:]), np.sort(perm[:k])
+
+
+
 class ShuffledIndex:
   """Deterministic epoch-wise shuffled batches of indices with a JSON state.
 

@@ -118,9 +118,10 @@ def train(*, step_fn, state: TrainState, batches, mesh, num_steps: int, rng,
   history, evals, pending = [], [], []
   bar = tqdm(total=num_steps, initial=start, desc=desc, disable=not progress, dynamic_ncols=True)
   t_last, tok_since = time.perf_counter(), 0
+  t_step = t_last
 
   def drain(keep: int = 0):
-    nonlocal t_last, tok_since
+    nonlocal t_last, tok_since, t_step
     while len(pending) > keep:
       s, m, ntok = pending.pop(0)
       m = {k: np.asarray(v) for k, v in jax.device_get(m).items()}
@@ -134,15 +135,19 @@ def train(*, step_fn, state: TrainState, batches, mesh, num_steps: int, rng,
       rec = {"step": s, **{k: float(v) for k, v in m.items() if np.ndim(v) == 0}}
       history.append(rec)
       tok_since += ntok
+      # Every step's throughput (from when its metrics arrive; the first step's includes
+      # compilation); the progress bar shows the mean since its last update.
+      now = time.perf_counter()
+      rec["tokens_per_s"] = ntok / max(now - t_step, 1e-9)
+      t_step = now
+      if peak:
+        rec["mfu"] = rec["tokens_per_s"] * flops_per_token / peak
       if s % log_every == 0 or s == num_steps:
-        now = time.perf_counter()
         tps = tok_since / max(now - t_last, 1e-9)
         t_last, tok_since = now, 0
-        rec["tokens_per_s"] = tps
         post = {"loss": f"{rec['loss']:.4f}", "tok/s": f"{tps:.0f}"}
         if peak:
-          rec["mfu"] = tps * flops_per_token / peak
-          post["mfu"] = f"{100 * rec['mfu']:.1f}%"
+          post["mfu"] = f"{100 * tps * flops_per_token / peak:.1f}%"
         bar.set_postfix(post, refresh=False)
       if metrics_writer is not None:
         metrics_writer.write(s, rec)
