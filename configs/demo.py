@@ -76,11 +76,13 @@ def get_config(arg=None):
   # harmless-base split in ../shared/data (human labels only), cached in
   # ~/.cache/cai_jax/judges, so a rerun or sweep reuses it. Sized to the demo's
   # 20-minute budget; benchmarks/eval_judge.py trains longer (timings: benchmarks/README.md).
-  c.evaluate.judge.steps = 80        # batches of 8 pairs
+  c.evaluate.judge.steps = 70        # batches of 8 pairs
   c.evaluate.judge.max_len = 64      # tokens per conversation (the end is kept)
   c.evaluate.judge.train_top_layers = 4  # top blocks + head trained; the rest frozen
   c.evaluate.judge.max_eval_pairs = 200  # held-out pairs for its accuracy (of 462)
   c.evaluate.mc_pm = False           # the in-loop PM's multiple choice: skipped for time
+  c.evaluate.judges = ("pm",)        # in-loop Elo by the PM only (the feedback model answers
+                                     # the multiple-choice evals instead)
   # The paper's multiple-choice evals, when ../shared/data is present (optional input).
   evals = os.path.join(shared_data_dir(), "cai_paper", "evals")
   c.evaluate.mc_files = tuple(

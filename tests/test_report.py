@@ -96,7 +96,7 @@ def test_report_has_every_section_and_real_plots(tmp_path):
   assert text.index("## Did it work?") < text.index("## Summary") < text.index("## Stages")
   # The table row of RL-CAI: a significant harmlessness change by the held-out judge.
   row = [ln for ln in text.splitlines() if ln.startswith("| RL-CAI |")][0]
-  assert "| +1" in row and "p<0.001 *" in row
+  assert "| +1" in row and "p<0.001, Holm<0.001 *" in row
   assert row.count("*") == 1  # helpfulness did not move
   assert "RL-CAI is more harmless than the initial model" in text
   assert "held-out accuracy 0.640 (95% CI 0.595 to 0.683, n=462)" in text

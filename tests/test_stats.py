@@ -42,6 +42,12 @@ def test_paired_difference_by_hand():
   assert stats.significant(stats.paired_difference([5, 6, 7, 8, 9.5], [1, 2, 3, 4, 5]))
 
 
+def test_holm_by_hand():
+  # Sorted p: 0.01, 0.02, 0.04, 0.30 -> x4, x3, x2, x1 = 0.04, 0.06, 0.08, 0.30 (monotone).
+  assert stats.holm([0.04, 0.01, 0.30, 0.02]) == pytest.approx([0.08, 0.04, 0.30, 0.06])
+  assert stats.holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])  # capped, monotone
+
+
 def test_at_chance_flags():
   assert stats.at_chance(0.45, 0.70, 0.5)       # interval includes chance
   assert not stats.at_chance(0.55, 0.70, 0.5)

@@ -4,6 +4,7 @@ differences between snapshots, and whether a component is at chance.
   proportion_ci(62, 100)            -> (0.62, 0.522, 0.709)   Wilson 95% interval
   mean_ci([...])                    -> {"mean", "lo", "hi", "n", "sd"}   t interval
   paired_difference(new, base)      -> {"mean", "lo", "hi", "p", "n"}    paired t test
+  holm([p1, p2, ...])               -> Holm-Bonferroni adjusted p-values
   at_chance(lo, hi, chance)         -> True when the 95% interval includes chance
 """
 from __future__ import annotations
@@ -64,6 +65,18 @@ def paired_difference(new: Sequence[float], base: Sequence[float]) -> dict:
   t = out["mean"] / (out["sd"] / math.sqrt(n))
   out["p"] = float(2 * stats.t.sf(abs(t), n - 1))
   out["t"] = float(t)
+  return out
+
+
+def holm(ps: Sequence[float]) -> list[float]:
+  """Holm-Bonferroni adjusted p-values: several snapshots x axes are tested at once,
+  and one p < 0.05 among four tests is expected by chance alone."""
+  ps = [float(p) for p in ps]
+  order = sorted(range(len(ps)), key=lambda i: ps[i])
+  out, running = [0.0] * len(ps), 0.0
+  for rank, i in enumerate(order):
+    running = max(running, min(1.0, (len(ps) - rank) * ps[i]))
+    out[i] = running
   return out
 
 
