@@ -14,6 +14,7 @@ import pytest
 
 from cai_jax import models, roles, sampling
 from cai_jax.data import prompts as prompts_lib
+from cai_jax.evaluation import judge
 from cai_jax.evaluation import score as score_cli
 from cai_jax.stages import evaluate, ppo
 from cai_jax.text.conversation import ConversationEncoder, encode_text
@@ -155,11 +156,11 @@ def test_pm_stage_evaluation_scoring_cli_and_evaluate_agree(tmp_path, name, fmt)
   lines = [json.loads(x) for x in out.getvalue().splitlines()]
   cli = np.array([x["score"] for x in lines[:-1]])
   assert lines[-1]["n"] == len(ITEMS)
-  # The evaluate stage's scorer with its own encoder and length.
+  # The evaluate stage's scorer of the in-loop PM (a Judge at the PM stage's length).
   c = ml_collections.ConfigDict({"prompt_format": fmt, "evaluate": {"pm_max_len": 0},
                                  "pm": {"max_len": max_len}})
-  ev = sampling.pm_scores(cfg, params, evaluate._encoder(c, tok), [p for p, _ in ITEMS],
-                          [r for _, r in ITEMS], max_len=evaluate._pm_len(c))
+  j = judge.Judge(cfg, params, tok, fmt, evaluate._pm_len(c), {"kind": "in-loop"})
+  ev = j.scores([p for p, _ in ITEMS], [r for _, r in ITEMS])
   np.testing.assert_allclose(cli, stage, atol=1e-4)
   np.testing.assert_allclose(ev, stage, atol=1e-4)
   assert np.std(stage) > 0.05  # scores that differ: the comparison can fail

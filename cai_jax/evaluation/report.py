@@ -520,6 +520,7 @@ def write_sweep_summary(workdir: str, runs: list) -> str:
   runs: [(name, workdir)] or [(name, workdir, point)] where point is the setting dict
   of the sweep point (what varies gives the x axis)."""
   rows, points, judged = [], [], []
+  judge_acc = ""
   for run in runs:
     name, d = run[0], run[1]
     points.append(run[2] if len(run) > 2 else {})
@@ -531,6 +532,11 @@ def write_sweep_summary(workdir: str, runs: list) -> str:
     last = "rl_cai" if "rl_cai" in sc else "sl_cai"
     key = g.get("info", {}).get("key")
     judged.append(key)
+    held = g.get("info", {}).get("heldout")
+    if held:
+      judge_acc = (f" Its held-out accuracy on human comparisons: {held['accuracy']:.3f} "
+                   f"(95% CI {held['lo']:.3f} to {held['hi']:.3f}, n={held['n']}), ECE "
+                   f"{_fmt(held.get('ece'))}.")
     ev = res.get("evasiveness", {})
     rows.append([name, secs, sc.get("sl_cai", {}).get("harmless", {}).get("mean"),
                  sc.get("rl_cai", {}).get("harmless", {}).get("mean"),
@@ -548,8 +554,9 @@ def write_sweep_summary(workdir: str, runs: list) -> str:
         series.setdefault(label, []).append((x, v))
   one_judge = len(set(judged)) == 1 and judged[0] is not None
   text = ["# Sweep summary\n",
-          (f"Every point is graded by the same held-out judge (`{judged[0]}`)." if one_judge
-           else "The points were graded by different judges: their scores are not comparable."),
+          (f"Every point is graded by the same held-out judge (`{judged[0]}`).{judge_acc}"
+           if one_judge else
+           "The points were graded by different judges: their scores are not comparable."),
           "", _table(["point", "wall time (s)", "SL-CAI harmlessness", "RL-CAI harmlessness",
                       "final vs initial", "evasive", "judge"], rows), ""]
   text += [f"- [{r[0]}]({plots.rel(utils.join(run[1], 'report.md'), workdir)})"
