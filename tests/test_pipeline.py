@@ -152,7 +152,9 @@ def test_tiny_pipeline_end_to_end_with_kill_and_resume(tmp_path):
   assert os.path.getmtime(w / "revise" / "DONE") == revise_done
   assert "Report: " in r.stdout and (w / "report.md").exists()
   text = (w / "report.md").read_text()
-  for heading in ("## Summary", "## SL-CAI: critiques and revisions", "## AI feedback labels",
-                  "## Preference model", "## RL-CAI (PPO)", "### Elo (pm as judge)",
-                  "### Evasiveness"):
+  for heading in ("## Did it work?", "## Summary", "## SL-CAI: critiques and revisions",
+                  "## AI feedback labels", "## Preference model", "## RL-CAI (PPO)",
+                  "### Scores by the held-out judge", "### Scores by the in-loop PM",
+                  "### Elo by the feedback model (in-loop)", "### Evasiveness",
+                  "### Sanity panel"):
     assert heading in text, heading
