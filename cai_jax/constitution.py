@@ -297,7 +297,7 @@ def from_dict(data: Any, source: str = "<constitution>") -> Constitution:
     principles.append(Principle(c.field(p, "id", w), c.field(p, "critique_request", w),
                                 c.field(p, "revision_request", w)))
   choice = []
-  for i, p in enumerate(data.get("choice_principles", [])):
+  for i, p in enumerate(_list(c, data, "choice_principles")):
     w = f"choice_principles[{i}]"
     p = c.obj(p, w)
     c.unknown(p, ("id", "text"), w)

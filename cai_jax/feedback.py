@@ -236,12 +236,24 @@ class Labeller:
     return out
 
   def _score(self, texts: Sequence[str]) -> list:
-    ids = [conversation.encode_text(self.tok, t) for t in texts]
+    ids = [self._fit_context(conversation.encode_text(self.tok, t)) for t in texts]
     lps = option_scores.option_logprobs(self.cfg, self.params, ids, [self.options] * len(ids),
                                         max_tokens=int(self.lc.score_tokens), pad_id=self.pad)
     for lp in lps:
       self.first_position.append(soft_label(lp[0], lp[1]))
     return lps
+
+  def _fit_context(self, ids: list) -> list:
+    """A question the few-shot cuts could not fit (a prompt longer than the context)
+    keeps its end, where the options and the answer cue are, as the sampler keeps the
+    end of an over-long prompt; counted in `prompter.shortened`."""
+    limit = self.prompter.limit or self.cfg.max_position_embeddings - 16
+    if len(ids) <= limit:
+      return ids
+    self.prompter.shortened += 1
+    bos = self.tok.bos_token_id
+    head = ids[:1] if bos is not None and ids and ids[0] == bos else []
+    return head + ids[len(ids) - (limit - len(head)):]
 
   def __call__(self, items: Sequence[dict], rng: np.random.Generator, seed: int) -> list:
     """items: {prompt (messages), response_a, response_b}; returns label fields per item."""

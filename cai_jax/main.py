@@ -9,7 +9,8 @@
 `sweep_NAME(add)` points, each into WORKDIR/<point>/. A workdir whose stages ran
 with other settings is refused (exit 2, the fields named) unless `--rerun=STAGE`
 discards that stage and the ones after it. Bad configuration and bad input
-print one line and exit with status 2. The terminal shows stages, progress
+print one line and exit with status 2; SIGTERM and SIGINT save progress at the
+next safe point and exit with 143 and 130 (rerun the command to resume). The terminal shows stages, progress
 bars and summaries; WORKDIR/log.txt holds every log line.
 """
 from __future__ import annotations
@@ -22,6 +23,8 @@ from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from cai_jax import interrupts
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (get_config(arg)); append :arg to pass an argument.",
@@ -50,6 +53,20 @@ def one_line(e: BaseException) -> str:
   return text
 
 
+def os_error_line(e: OSError) -> str:
+  """One line for a filesystem error: the path, the cause and the fix."""
+  import errno
+  where = e.filename or "the work directory"
+  fix = {errno.ENOSPC: "the disk is full: free space and rerun the same command (finished "
+                       "work is kept)",
+         errno.EDQUOT: "the disk quota is exhausted: free space and rerun the same command",
+         errno.EROFS: "read-only filesystem: choose another --workdir",
+         errno.EACCES: "permission denied: make it writable or choose another --workdir",
+         errno.ENOTDIR: "a file stands where a directory belongs: move it or choose another "
+                        "--workdir"}.get(e.errno, "fix the path and rerun")
+  return f"{where}: {e.strerror or type(e).__name__}; {fix}"
+
+
 def _unquote(text: str) -> str:
   # KeyError (and AttributeError wrapping one) render their message as a repr.
   import ast
@@ -66,8 +83,12 @@ def _unquote(text: str) -> str:
 
 
 def _fail(msg: str) -> None:
-  print(f"cai-jax: error: {msg}", file=sys.stderr, flush=True)
-  sys.exit(EXIT_BAD_INPUT)
+  _stop(EXIT_BAD_INPUT, f"error: {msg}")
+
+
+def _stop(status: int, msg: str) -> None:
+  print(f"cai-jax: {msg}", file=sys.stderr, flush=True)
+  sys.exit(status)
 
 
 def _parse_flags(argv):
@@ -124,11 +145,10 @@ def main(argv):
     _fail("--workdir is required, e.g. --workdir=workdir/demo")
   # Multi-host (CAI_JAX_DISTRIBUTED=1 or config.distributed.enabled): join the
   # other hosts before anything touches a device.
-  from cai_jax import sharding, utils
+  from cai_jax import sharding
   from cai_jax.runtime import console
   sharding.maybe_initialize_distributed(config)
-  workdir = utils.resolve_dir(_WORKDIR.value)
-  console.setup(None if utils.is_url(workdir) else os.path.join(workdir, "log.txt"))
+  console.setup()  # the pipeline adds WORKDIR/log.txt once the run's input is checked
   try:
     if _SWEEP.value:
       points = _sweep_points(_SWEEP.value)
@@ -145,10 +165,18 @@ def main(argv):
       print(f"\nSweep summary: {path}")
     else:
       _report(pipeline.run(config, _WORKDIR.value, rerun=_RERUN.value))
+  except interrupts.Interrupted as e:
+    _stop(e.exit_status, str(e))
+  except OSError as e:  # the filesystem: full, read-only, a file where a folder belongs
+    _fail(os_error_line(e))
   except (InputError, KeyError, AttributeError, TypeError) as e:
     if isinstance(e, InputError) or _is_config_error(e):
       _fail(one_line(e))
     raise
+  signum = interrupts.received()
+  if signum is not None:  # after the last safe point: the run is complete
+    _stop(128 + signum, f"stopped by {interrupts.NAMES.get(signum, signum)} after the run "
+          "finished; its outputs are complete")
 
 
 def _report(results: dict) -> None:
@@ -163,17 +191,11 @@ def _is_config_error(e) -> bool:
   return "config is locked" in str(e) or "does not exist" in str(e)
 
 
-def _on_sigterm(signum, frame):
-  # Preemption and `timeout` send SIGTERM: unwind like Ctrl-C so stages close
-  # their checkpoint managers and the pipeline records the interrupted attempt.
-  del frame
-  raise KeyboardInterrupt(f"signal {signum}")
-
-
 def run():
   """Runs the command line in this process (tests call this directly)."""
-  import signal
-  signal.signal(signal.SIGTERM, _on_sigterm)
+  # Preemption and `timeout` send SIGTERM, Ctrl-C SIGINT: recorded, acted on at the
+  # loops' safe points (cai_jax/interrupts.py), exit 143 / 130 with one line.
+  interrupts.install()
   logging.set_verbosity(logging.INFO)
   app.run(main, flags_parser=_parse_flags)
 

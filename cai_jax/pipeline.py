@@ -13,23 +13,26 @@ and the run ends by writing WORKDIR/report.md.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import json
+import os
 import time
 from typing import Callable, Optional
 
 from absl import logging
 import ml_collections
 
-from cai_jax import roles, utils
+from cai_jax import interrupts, roles, utils
 from cai_jax.data import prompts
-from cai_jax.runtime import provenance
+from cai_jax.runtime import checks, console, provenance
 from cai_jax.runtime.stagelist import (DEFAULT_STAGES, STAGE_MODULES, STAGES, later_stages,
                                        parse_list, parse_stages)
 from cai_jax.utils import InputError
 
 TIMINGS_FILE = "pipeline.json"
 CONFIG_FILE = "config.json"
+LOG_FILE = "log.txt"  # every log line of the runs in this workdir
 
 
 def _stage_module(name: str):
@@ -82,6 +85,12 @@ def validate(config) -> list[str]:
   roles.check("model", config.model)
   if config.feedback_model:
     roles.check("feedback_model", config.feedback_model)
+  # Models a configured stage names itself; "" means a default resolved at run time.
+  for field in ("sft.init_from", "label.policy", "pm.init_from", "ppo.init_from", "ppo.pm",
+                "evaluate.pm", "evaluate.judge.path", "evaluate.judge.model"):
+    value = functools.reduce(lambda d, k: d[k], field.split("."), config)
+    if field.split(".")[0] in stages and value:
+      roles.check(field, str(value))
   for field in ("red_team", "helpful"):
     path = config.data[field]
     if path != "builtin" and not utils.exists(str(path)):
@@ -91,15 +100,52 @@ def validate(config) -> list[str]:
                      "or 'float16'")
   if config.prompt_format not in ("chat", "raw"):
     raise InputError(f"config.prompt_format={config.prompt_format!r}; use 'chat' or 'raw'")
+  checks.check(config, stages)
+  checks.check_mesh(config, {s: config[s] for s in stages if s in config})
   for name in stages:
     mod = _stage_module(name)
     if mod is not None and hasattr(mod, "check_config"):
       mod.check_config(config)
+  _check_inputs(config, stages)
   reuse = parse_stages(config.reuse_stages, "config.reuse_stages")
   if reuse and not config.reuse_from:
     raise InputError("config.reuse_stages is set but config.reuse_from is empty; "
                      "set --config.reuse_from=OTHER_WORKDIR")
   return stages
+
+
+def _check_inputs(config, stages) -> None:
+  """The constitution and prompt sets the configured stages will read, loaded now, so
+  that a gap is found before the first stage rather than in a later one."""
+  if {"revise", "label", "evaluate"} & set(stages):
+    from cai_jax import constitution
+    const = constitution.load(config.constitution)
+    wants_choice = "label" in stages or (
+        "evaluate" in stages and "feedback" in parse_list(config.evaluate.judges))
+    if wants_choice and not const.choice_principles:
+      raise InputError(f"{const.source or config.constitution}: no choice_principles, which "
+                       "the label stage (and the feedback judge) ask the feedback model; add some "
+                       "(format: constitutions/README.md)")
+  grown = str(config.generate_prompts.kind) if "generate_prompts" in stages else None
+  need = []
+  if "revise" in stages:
+    need.append(("red_team", str(config.revise.split), "revise"))
+    if int(config.revise.helpful_samples) > 0:
+      need.append(("helpful", "train", "revise.helpful_samples"))
+  if "label" in stages:
+    need.append(("red_team", str(config.label.split), "label"))
+  if "ppo" in stages:
+    frac = float(config.ppo.red_team_fraction)
+    need += ([("red_team", "train", "ppo")] if frac > 0 else []) + \
+        ([("helpful", "train", "ppo")] if frac < 1 else [])
+  if "evaluate" in stages:
+    need += [("red_team", "eval", "evaluate"), ("helpful", "eval", "evaluate")]
+  for kind, split, who in need:
+    if kind != grown and not prompts.load_prompts(config.data, kind, split):
+      raise InputError(f"config.data.{kind}={config.data[kind]}: no {kind} prompts in the "
+                       f"{split!r} split that "
+                       f"{who} reads (data.num_{kind}={config.data['num_' + kind]}, "
+                       f"data.eval_fraction={config.data.eval_fraction}); give more prompts")
 
 
 def effective_config(config, workdir: str, stages) -> ml_collections.ConfigDict:
@@ -139,7 +185,30 @@ def _link_reused(config, workdir: str) -> None:
 
 
 def read_timings(workdir: str) -> dict:
-  return utils.read_json(utils.join(workdir, TIMINGS_FILE), {"stages": {}})
+  path = utils.join(workdir, TIMINGS_FILE)
+  t = utils.read_json(path, {"stages": {}})
+  if not (isinstance(t, dict) and isinstance(t.get("stages"), dict)):
+    raise InputError(f"{path}: not a pipeline record (no 'stages' object); delete it (it holds "
+                     "only timings) and rerun")
+  return t
+
+
+def check_workdir(workdir: str) -> None:
+  """The work directory can be created and written, before anything is."""
+  if utils.is_url(workdir):
+    return
+  import tempfile
+  probe = workdir
+  while not os.path.lexists(probe):
+    probe = os.path.dirname(probe)
+  if not os.path.isdir(probe):
+    raise InputError(f"--workdir={workdir}: {probe} is a file, not a directory; choose another "
+                     "--workdir")
+  try:
+    tempfile.TemporaryFile(dir=probe).close()
+  except OSError as e:
+    raise InputError(f"--workdir={workdir}: cannot write in {probe} ({e.strerror}); choose "
+                     "another --workdir or make it writable") from None
 
 
 def _record(workdir: str, name: str, seconds: float, status: str, summary=None,
@@ -239,6 +308,8 @@ def run(config, workdir: str, registry: Optional[dict[str, Callable]] = None,
   """
   stages = validate(config)
   workdir = utils.resolve_dir(workdir)
+  check_workdir(workdir)
+  read_timings(workdir)
   config = effective_config(config, workdir, stages)
   if rerun:
     if rerun not in STAGES:
@@ -259,6 +330,7 @@ def run(config, workdir: str, registry: Optional[dict[str, Callable]] = None,
   if multihost.is_main():
     utils.makedirs(workdir)
     _link_reused(config, workdir)
+    console.log_to(None if utils.is_url(workdir) else utils.join(workdir, LOG_FILE))
   multihost.sync("pipeline: workdir ready")
   todo = [n for n in stages if not multihost.from_main(utils.is_done(stage_dir(workdir, n)))]
   if todo and multihost.is_main():
@@ -277,6 +349,7 @@ def run(config, workdir: str, registry: Optional[dict[str, Callable]] = None,
         _record(workdir, name, 0.0, "skipped")
       results[name] = {"status": "skipped"}
       continue
+    interrupts.check(f"the pipeline, before {name}", collective=True)
     _say(f"{head}: running (resumes any partial output in {d})")
     t0, c0 = time.time(), time.process_time()
     status = "interrupted"
@@ -285,13 +358,19 @@ def run(config, workdir: str, registry: Optional[dict[str, Callable]] = None,
       summary = fns[name](config, workdir) or {}
       status = "done"
     except BaseException as e:
-      status = "failed" if isinstance(e, Exception) else "interrupted"
+      status = ("interrupted" if isinstance(e, (interrupts.Interrupted, KeyboardInterrupt))
+                else "failed")
       raise
     finally:
       dt = time.time() - t0
       if multihost.is_main():
-        _record(workdir, name, dt, status, summary if status == "done" else None,
-                cpu_seconds=time.process_time() - c0)
+        try:
+          _record(workdir, name, dt, status, summary if status == "done" else None,
+                  cpu_seconds=time.process_time() - c0)
+        except OSError as e:  # a full disk: the stage's own error is the one to report
+          if status == "done":
+            raise
+          logging.warning("could not record the %s attempt in %s: %s", name, TIMINGS_FILE, e)
     if multihost.is_main() and not utils.is_done(d):
       # Stages write DONE last themselves; this covers stages with nothing to store.
       utils.mark_done(d, _jsonable(summary))

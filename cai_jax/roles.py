@@ -47,17 +47,12 @@ def load_tokenizer(path: str):
   return models.load_tokenizer(TINY_TOKENIZER if path == "tiny" else path)
 
 
-def _cache_root() -> str:
-  return os.environ.get("CAI_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache",
-                                                      "cai_jax"))
-
-
 def local_copy(path: str) -> str:
   """A local path for `path`: itself, or a cached copy of a gs:// directory."""
   if not utils.is_url(path):
     return os.path.expanduser(path)
   key = hashlib.sha1(path.encode()).hexdigest()[:16]
-  out = os.path.join(_cache_root(), "remote", key)
+  out = os.path.join(models.cache_dir(), "remote", key)
   utils.remove(out)
   utils.copy_dir_from(path, out)
   return out
@@ -97,7 +92,7 @@ def describe(spec: str) -> str:
 
 def check(field: str, spec: str) -> None:
   """One-line InputError unless `spec` names something `load` can read."""
-  kind, _ = resolve(spec)
+  kind, path = resolve(spec)
   if kind == "missing" and not spec:
     raise InputError(f"config.{field} is empty; set --config.{field}=PATH ({FORMS})")
   if kind == "missing":
@@ -105,6 +100,11 @@ def check(field: str, spec: str) -> None:
   if kind == "unknown":
     raise InputError(f"config.{field}: {spec}: neither an HF checkpoint (config.json), a stage "
                      "directory with final/ nor a checkpoint directory; point it at one of those")
+  if kind in ("hf", "file") and not utils.is_url(path):
+    try:  # config, tokenizer files and safetensors headers, without reading the weights
+      models.check_pretrained(path)
+    except models.CheckpointError as e:
+      raise InputError(f"config.{field}: {e}") from None
 
 
 def load(spec: str, *, seed: int = 0, dtype=None, heads=("lm",), field: str = "model"):

@@ -15,6 +15,7 @@ LAYERS = {
     "cai_jax.data": 0, "cai_jax.tools.config_file": 0, "cai_jax.resources": 0,
     # The model and how its arrays are laid out over devices and hosts.
     "cai_jax.models": 1, "cai_jax.sharding": 1, "cai_jax.multihost": 1,
+    "cai_jax.interrupts": 1,
     "cai_jax.sampling": 2, "cai_jax.training": 2, "cai_jax.rl": 2, "cai_jax.evaluation": 2,
     "cai_jax.roles": 2, "cai_jax.feedback": 2,
     "cai_jax.runtime": 3,

@@ -97,3 +97,32 @@ def test_sweep_runs_each_point_and_reuses(tmp_path, monkeypatch, capsys):
   assert os.path.islink(tmp_path / "w" / "seed=2" / "revise")
   assert (tmp_path / "w" / "sweep.md").exists()
   assert "Sweep summary" in capsys.readouterr().out
+
+
+def test_full_disk_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+  import errno
+  import signal
+
+  def full(config, workdir):
+    raise OSError(errno.ENOSPC, "No space left on device", os.path.join(workdir, "x.jsonl"))
+  monkeypatch.setattr(pipeline, "resolve_stage", lambda name: full)
+  saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+  flags.FLAGS.unparse_flags()
+  cfg = tmp_path / "revise_only.py"
+  cfg.write_text("from cai_jax import pipeline\n\n\ndef get_config(arg=None):\n"
+                 "  c = pipeline.base_config()\n  c.stages = ('revise',)\n  return c\n")
+  w = tmp_path / "w"
+  monkeypatch.setattr(sys, "argv", ["cai-jax", f"--config={cfg}", f"--workdir={w}"])
+  try:
+    with pytest.raises(SystemExit) as e:
+      main.run()
+  finally:
+    flags.FLAGS.unparse_flags()
+    for s, h in saved.items():
+      signal.signal(s, h)
+  assert e.value.code == 2
+  err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("cai-jax")]
+  assert err == [f"cai-jax: error: {w}/x.jsonl: No space left on device; the disk is "
+                 "full: free space and rerun the same command (finished work is kept)"]
+  t = pipeline.read_timings(str(w))
+  assert t["stages"]["revise"]["status"] == "failed"

@@ -1,10 +1,11 @@
 """Pipeline: stage order, DONE skipping, resume after an interruption, timings, reuse."""
 import json
 import os
+import signal
 
 import pytest
 
-from cai_jax import pipeline, utils
+from cai_jax import interrupts, pipeline, utils
 from cai_jax.utils import InputError
 
 
@@ -26,7 +27,7 @@ class FakeStages:
       with open(partial, "a") as f:
         f.write("x")
       if self.interrupt == name and not resumed:
-        raise KeyboardInterrupt
+        raise interrupts.Interrupted(signal.SIGTERM, name)  # what a stage raises on SIGTERM
       if name != "pm":  # pm relies on the pipeline writing DONE
         utils.mark_done(d, {"items": 3, "resumed": resumed})
       return {"items": 3, "resumed": resumed}
@@ -65,7 +66,7 @@ def test_runs_in_canonical_order_and_skips_done(tmp_path):
 def test_interrupted_stage_resumes_without_redoing_finished(tmp_path):
   fake = FakeStages(interrupt="label")
   c = _config()
-  with pytest.raises(KeyboardInterrupt):
+  with pytest.raises(interrupts.Interrupted):
     pipeline.run(c, str(tmp_path), registry=fake.registry(), write_report=False)
   assert fake.calls == [("revise", False), ("sft", False), ("label", False)]
   assert not utils.is_done(str(tmp_path / "label"))

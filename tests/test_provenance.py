@@ -121,3 +121,71 @@ def test_settings_name_workdir_paths_relatively(tmp_path):
   c.pm.batch_size = 16
   assert [d[0] for d in provenance.differences(s, preference.settings(c, str(tmp_path)))] == \
       ["pm.batch_size"]
+
+
+def _leaves(d, prefix=""):
+  for k, v in d.items():
+    if hasattr(v, "items"):
+      yield from _leaves(v, f"{prefix}{k}.")
+    else:
+      yield prefix + k, v
+
+
+def _changed(v):
+  if isinstance(v, bool):
+    return not v
+  if isinstance(v, int):
+    return v + 3
+  if isinstance(v, float):
+    return v * 2 + 0.125
+  if isinstance(v, str):
+    return v + "_other"
+  if isinstance(v, tuple):
+    return v + ("other",)
+  return "other"
+
+
+OTHER = {"constitution": "traits"}  # values that must name something that exists
+
+
+def _set(c, dotted, value):
+  *path, last = dotted.split(".")
+  node = c
+  for k in path:
+    node = node[k]
+  with node.ignore_type():
+    node[last] = value
+
+
+@pytest.mark.parametrize("stage", [s for s in pipeline.STAGES])
+def test_every_setting_of_every_stage_is_checked_on_resume(stage, tmp_path):
+  """Each stage's recorded settings hold every field of its section but the volatile
+  ones (and the top-level fields it uses): changing any of them on a started stage
+  is refused before anything runs; changing a volatile one is not."""
+  mod = pipeline._stage_module(stage)
+  c0 = pipeline.base_config()
+  w = str(tmp_path)
+  os.makedirs(os.path.join(w, stage))
+  utils.write_json(os.path.join(w, stage, provenance.SNAPSHOT), mod.settings(c0, w))
+  volatile = set(mod.VOLATILE)
+  fields = [f"{stage}.{k}" for k, _ in _leaves(c0[stage]) if k not in volatile]
+  for k in mod.USES:
+    fields += [f"{k}.{f}" for f, _ in _leaves(c0[k])] if hasattr(c0[k], "items") else [k]
+  assert len(fields) > 5
+  for field in fields:
+    c1 = pipeline.base_config()
+    c1.unlock()
+    _set(c1, field, OTHER.get(field) or _changed(functools_get(c0, field)))
+    with pytest.raises(utils.InputError, match=f"the {stage} stage started with other "
+                       f"settings \\({field.replace('.', '[.]')}"):
+      pipeline.check_settings(c1, w, [stage])
+  for field in volatile:
+    c1 = pipeline.base_config()
+    c1.unlock()
+    _set(c1, f"{stage}.{field}", _changed(functools_get(c0, f"{stage}.{field}")))
+    pipeline.check_settings(c1, w, [stage])
+
+
+def functools_get(c, dotted):
+  import functools
+  return functools.reduce(lambda d, k: d[k], dotted.split("."), c)

@@ -190,3 +190,28 @@ def test_exact_resume_after_sigkill(tmp_path):
   for x, y in zip(jax.tree_util.tree_leaves(jax.device_get(straight.state.params)),
                   jax.tree_util.tree_leaves(jax.device_get(resumed.state.params))):
     assert np.array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete_metadata"])
+def test_damaged_checkpoint_names_the_step_to_delete(tmp_path, damage):
+  d = str(tmp_path / "ck")
+  _run(d, 4)
+  steps = sorted(int(x) for x in os.listdir(d) if x.isdigit())
+  last = steps[-1]
+  hit = 0
+  for root, _, files in os.walk(os.path.join(d, str(last), "state")):
+    for f in files:
+      p = os.path.join(root, f)
+      if damage == "truncate":
+        open(p, "wb").close()
+        hit += 1
+      elif "metadata" in f.lower():
+        os.remove(p)
+        hit += 1
+  assert hit
+  with pytest.raises(InputError) as e:
+    _run(d, 6)
+  msg = str(e.value)
+  assert "\n" not in msg
+  assert f"checkpoint step {last} under {d} is damaged" in msg, msg
+  assert f"delete {d}/{last} to resume from step {steps[-2]}" in msg, msg

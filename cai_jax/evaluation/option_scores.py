@@ -24,6 +24,7 @@ import numpy as np
 
 from cai_jax import models
 from cai_jax.sampling import bucket_length, group_by_shape
+from cai_jax.utils import InputError
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -75,8 +76,9 @@ def option_logprobs(cfg, params, prompt_ids: Sequence[Sequence[int]],
     if not opts or any(len(o) == 0 for o in opts):
       raise ValueError(f"question {i}: no options or an empty option")
     if len(p) + max(len(o) for o in opts) > cfg.max_position_embeddings:
-      raise ValueError(f"question {i}: {len(p)} prompt tokens exceed the model's context "
-                       f"of {cfg.max_position_embeddings}")
+      raise InputError(f"question {i}: {len(p)} prompt tokens and its longest option do not "
+                       f"fit the model's context of {cfg.max_position_embeddings}; shorten the "
+                       "question or use fewer few-shot examples")
   keys = [(bucket_length(len(p)), len(opts), bucket_length(max(len(o) for o in opts)))
           for p, opts in zip(prompt_ids, option_ids)]
   results: list = [None] * len(prompt_ids)

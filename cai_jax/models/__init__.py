@@ -13,6 +13,6 @@ from cai_jax.models.core import (abstract_params, add_score_head, cache_logical_
                                  init_cache, init_params, last_token_index, lm_head_weight,
                                  logits, module, positions_from_mask, reward, scores,
                                  stack_layers, unstack_layers)
-from cai_jax.models.io import (CheckpointError, load_gguf, load_hf, load_pretrained,
-                               load_tokenizer, resolve_path, save_pretrained,
+from cai_jax.models.io import (CheckpointError, cache_dir, check_pretrained, load_gguf, load_hf,
+                               load_pretrained, load_tokenizer, resolve_path, save_pretrained,
                                smollm2_gguf_path)

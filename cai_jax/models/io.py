@@ -33,8 +33,9 @@ class CheckpointError(ValueError):
 
 
 # ----------------------------------------------------------------- safetensors
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """Reads a .safetensors file into numpy arrays, validating every offset."""
+def safetensors_entries(path: str) -> tuple[dict, int]:
+  """({name: (dtype, start, end, shape)}, offset of the data) of a .safetensors file,
+  every entry checked against the file's size; the tensors are not read."""
   try:
     size = os.path.getsize(path)
     with open(path, "rb") as f:
@@ -48,25 +49,40 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
         header = json.loads(f.read(n))
       except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-      data = f.read()
   except FileNotFoundError:
     raise CheckpointError(f"{path}: file not found") from None
-  out = {}
+  if not isinstance(header, dict):
+    raise CheckpointError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, "
+                          "not an object); re-export or re-download the checkpoint")
+  entries, data_len = {}, size - 8 - n
   for name, info in header.items():
     if name == "__metadata__":
       continue
     try:
       dt = _ST_DTYPES[info["dtype"]]
-      start, end = info["data_offsets"]
-      shape = tuple(info["shape"])
+      start, end = (int(x) for x in info["data_offsets"])
+      shape = tuple(int(x) for x in info["shape"])
+      if min(shape, default=0) < 0 or not 0 <= start <= end:
+        raise ValueError
     except (KeyError, TypeError, ValueError):
-      raise CheckpointError(f"{path}: corrupt safetensors entry for tensor {name!r}") from None
-    if end > len(data) or end - start != int(np.prod(shape)) * np.dtype(dt).itemsize:
+      raise CheckpointError(f"{path}: corrupt safetensors entry for tensor {name!r}; re-export "
+                            "or re-download the checkpoint") from None
+    if end > data_len or end - start != int(np.prod(shape)) * np.dtype(dt).itemsize:
       raise CheckpointError(
           f"{path}: truncated or corrupt safetensors file (tensor {name!r} needs bytes "
-          f"{start}..{end}, data has {len(data)})")
-    out[name] = np.frombuffer(data, dtype=dt, count=int(np.prod(shape)), offset=start).reshape(shape)
-  return out
+          f"{start}..{end}, data has {data_len})")
+    entries[name] = (dt, start, end, shape)
+  return entries, 8 + n
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+  """Reads a .safetensors file into numpy arrays, validating every offset."""
+  entries, base = safetensors_entries(path)
+  with open(path, "rb") as f:
+    f.seek(base)
+    data = f.read()
+  return {name: np.frombuffer(data, dtype=dt, count=int(np.prod(shape)), offset=start)
+          .reshape(shape) for name, (dt, start, _, shape) in entries.items()}
 
 
 def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
@@ -351,13 +367,75 @@ def load_pretrained(path: str, **overrides):
   return cfg, jax.tree_util.tree_map(jnp.asarray, params)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def check_pretrained(path: str) -> None:
+  """What `load_pretrained` and `load_tokenizer` will read, checked without loading
+  the weights: the GGUF magic; or config.json, the tokenizer's files (and that it
+  runs no code of its own) and every safetensors header. CheckpointError if not."""
+  path = resolve_path(path)
+  if os.path.isfile(path):
+    if not _is_gguf(path):
+      raise CheckpointError(f"{path}: not a GGUF file (no GGUF magic); give a .gguf file or an "
+                            "HF checkpoint directory")
+    return
+  if not os.path.isdir(path):
+    raise CheckpointError(f"{path}: not found (expected an HF checkpoint directory or a .gguf file)")
+  cfg_path = os.path.join(path, "config.json")
+  try:
+    with open(cfg_path) as f:
+      ModelConfig.from_hf_dict(json.load(f), source=cfg_path)
+  except FileNotFoundError:
+    raise CheckpointError(f"{cfg_path}: file not found (not a Hugging Face checkpoint "
+                          "directory)") from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{cfg_path}: corrupt JSON ({e})") from None
+  except ModelConfigError as e:
+    raise CheckpointError(str(e)) from None
+  if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+    raise CheckpointError(f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); save the "
+                          "model's tokenizer into the directory (tokenizer.save_pretrained)")
+  _refuse_tokenizer_code(path)
+  index = os.path.join(path, "model.safetensors.index.json")
+  if os.path.exists(index):
+    try:
+      with open(index) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+      raise CheckpointError(f"{index}: corrupt index ({e})") from None
+  elif os.path.exists(os.path.join(path, "model.safetensors")):
+    shards = ["model.safetensors"]
+  else:
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+  for shard in shards:
+    safetensors_entries(os.path.join(path, shard))
+
+
 def _is_gguf(path: str) -> bool:
   with open(path, "rb") as f:
     return f.read(4) == b"GGUF"
 
 
-def _cache_dir() -> str:
+def cache_dir() -> str:
+  """Where built tokenizers and copied-down models are kept (CAI_JAX_CACHE)."""
   return os.environ.get("CAI_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "cai_jax"))
+
+
+def _refuse_tokenizer_code(directory: str) -> None:
+  """A tokenizer that names its own Python classes (auto_map) would run the
+  checkpoint's code: refused before transformers reads it."""
+  f = os.path.join(directory, "tokenizer_config.json")
+  try:
+    with open(f, encoding="utf-8") as fh:
+      meta = json.load(fh)
+  except (OSError, ValueError):
+    return  # absent or unreadable: transformers' own error names it
+  auto = meta.get("auto_map") if isinstance(meta, dict) else None
+  if auto:
+    raise CheckpointError(f"{f}: the tokenizer asks to run the checkpoint's own Python code "
+                          f"(auto_map {json.dumps(auto)[:80]}); cai_jax never runs checkpoint "
+                          "code: use a checkpoint whose tokenizer is a standard tokenizer.json")
 
 
 def load_tokenizer(path: str):
@@ -365,20 +443,22 @@ def load_tokenizer(path: str):
   from transformers import AutoTokenizer, PreTrainedTokenizerFast
   path = resolve_path(path)
   if os.path.isdir(path):
+    _refuse_tokenizer_code(path)
     try:
-      return AutoTokenizer.from_pretrained(path, local_files_only=True)
+      return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as e:
       raise CheckpointError(f"{path}: no usable tokenizer ({str(e).splitlines()[0]})") from None
   if not os.path.exists(path):
     raise CheckpointError(f"{path}: file not found")
   st = os.stat(path)
   key = hashlib.sha1(f"{os.path.abspath(path)}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
-  cached = os.path.join(_cache_dir(), "tokenizers", key)
+  cached = os.path.join(cache_dir(), "tokenizers", key)
   if os.path.exists(os.path.join(cached, "tokenizer.json")):
-    return PreTrainedTokenizerFast.from_pretrained(cached, local_files_only=True)
+    return PreTrainedTokenizerFast.from_pretrained(cached, local_files_only=True,
+                                                   trust_remote_code=False)
   try:
     tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                        local_files_only=True)
+                                        local_files_only=True, trust_remote_code=False)
   except Exception as e:
     raise CheckpointError(f"{path}: cannot build a tokenizer from this GGUF ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''})") from None

@@ -39,9 +39,8 @@ class _Short(logging.Formatter):
     return msg
 
 
-def setup(log_path: str | None = None) -> None:
-  """Filters and shortens the terminal's handlers and adds the log file (local paths only)."""
-  global _FILE_HANDLER
+def setup() -> None:
+  """Filters and shortens the terminal's handlers."""
   root = logging.getLogger()
   for h in root.handlers:
     if h is _FILE_HANDLER:
@@ -49,11 +48,24 @@ def setup(log_path: str | None = None) -> None:
     if not any(isinstance(f, _OwnLinesOrWarnings) for f in h.filters):
       h.addFilter(_OwnLinesOrWarnings())
     h.setFormatter(_Short())
-  if log_path and "://" not in log_path and _FILE_HANDLER is None:
-    os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
+  if root.level > logging.INFO or root.level == logging.NOTSET:
+    root.setLevel(logging.INFO)
+
+
+def log_to(log_path: str | None) -> None:
+  """Every log line from now on also goes to `log_path` (local paths; None stops it).
+  The pipeline attaches it once the run's input has been checked, so a refused
+  run leaves no file behind."""
+  global _FILE_HANDLER
+  root = logging.getLogger()
+  if _FILE_HANDLER is not None:
+    if log_path and _FILE_HANDLER.baseFilename == os.path.abspath(log_path):
+      return
+    root.removeHandler(_FILE_HANDLER)
+    _FILE_HANDLER.close()
+    _FILE_HANDLER = None
+  if log_path and "://" not in log_path:
     _FILE_HANDLER = logging.FileHandler(log_path, encoding="utf-8")
     _FILE_HANDLER.setFormatter(logging.Formatter(
         "%(asctime)s %(levelname).1s %(filename)s:%(lineno)d] %(message)s"))
     root.addHandler(_FILE_HANDLER)
-  if root.level > logging.INFO or root.level == logging.NOTSET:
-    root.setLevel(logging.INFO)

@@ -17,7 +17,7 @@ from absl import logging
 import ml_collections
 
 from cai_jax import multihost, roles, utils
-from cai_jax.runtime import provenance
+from cai_jax.runtime import checks, provenance
 from cai_jax.training.metrics import MetricsWriter
 from cai_jax.text.conversation import ConversationEncoder
 from cai_jax.utils import InputError
@@ -54,6 +54,9 @@ class StageContext:
     self.workdir = utils.resolve_dir(workdir)
     self.dir = utils.join(self.workdir, name)
     self.section = section(config, name, defaults) if defaults is not None else None
+    if self.section is not None:  # a stage run alone is checked as the pipeline checks it
+      checks.check_section(name, self.section)
+      checks.check_mesh(config, {name: self.section})
     self.seed = int(config.get("seed", 0) or 0)
     self.dtype = config.get("dtype", None) or None
     self.fmt = str(config.get("prompt_format", "chat") or "chat")

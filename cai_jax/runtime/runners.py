@@ -4,7 +4,8 @@
 chunks, each turned into records by the stage's function and written once to
 WORKDIR/<stage>/chunks/ under a temporary name, then renamed. A chunk draws
 all its randomness from its own index, so a killed run resumes at the first
-missing chunk and ends with exactly an uninterrupted run's records. With
+missing chunk and ends with exactly an uninterrupted run's records; after
+SIGTERM/SIGINT it stops before the next chunk (finished chunks are on disk). With
 several processes the chunks are dealt round robin (chunk j to host
 j % process_count), each host samples its own on its own devices and the
 records are gathered over the collectives (no shared disk needed).
@@ -20,7 +21,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import tqdm
 
-from cai_jax import multihost, utils
+from cai_jax import interrupts, multihost, utils
 from cai_jax.utils import InputError
 
 
@@ -80,6 +81,7 @@ def run_chunks(ctx, chunks: Sequence[Chunk], make: Callable[[Chunk], Any], *,
     recs = _read_chunk(path, chunk)
     extra, resumed = None, recs is not None
     if recs is None:
+      interrupts.check(f"{desc}, before chunk {chunk.kind}-{chunk.index:05d}")
       out = make(chunk)
       recs, extra = out if isinstance(out, tuple) else (out, None)
       utils.write_once(path, utils.jsonl_text(recs))
@@ -121,11 +123,3 @@ def train(ctx, phase: str, *, cfg, params, tokenizer, batches, example_batch, lo
       log_every=int(sec.log_every), progress=bool(sec.progress),
       flops_per_token=flops_per_token, trainable_layers=trainable_layers, seed=ctx.seed)
 
-
-def check_batch_size(ctx, batch_size: int, field: str) -> None:
-  from cai_jax import sharding as shd
-  mesh, rules = shd.mesh_from_config(ctx.config), shd.rules_from_config(ctx.config)
-  d = shd.batch_divisor(mesh, rules)
-  if int(batch_size) < 1 or int(batch_size) % d:
-    raise InputError(f"config.{field}={batch_size}: must be a positive multiple of the "
-                     f"data-parallel size {d} of mesh {dict(mesh.shape)}")

@@ -19,7 +19,7 @@ import numpy as np
 import tqdm
 
 from cai_jax import models
-from cai_jax import multihost
+from cai_jax import interrupts, multihost
 from cai_jax import sharding as sharding_lib
 from cai_jax import text as text_lib
 from cai_jax.text import conversation
@@ -178,6 +178,7 @@ def generate(cfg, params, tokenizer, prompts, *, fmt: str = "chat", max_new_toke
   results: list = [None] * len(ids)
   for bi, (rows, L) in enumerate(tqdm.tqdm(list(zip(batches, lengths)), desc=desc,
                                            disable=not progress)):
+    interrupts.check(f"{desc}, batch {bi + 1} of {len(batches)}")
     tokens, mask = _left_pad([ids[j] for j in rows], L, batch_size, pad_id)
     # Length-sorted batches hold little padding: a packed prefill would save
     # little and add compilations.
@@ -245,6 +246,7 @@ def score_tokens(cfg, params, prompt_ids, cont_ids, *, batch_size: int = 16, mes
   lens = choose_buckets([max(len(seqs[j][0]) + len(seqs[j][1]) for j in b) for b in batches],
                         max_buckets)
   for rows, L in tqdm.tqdm(list(zip(batches, lens)), desc="scoring", disable=not progress):
+    interrupts.check("scoring")
     C = max(8, 1 << (max(len(seqs[j][1]) for j in rows) - 1).bit_length())
     L = bucket_length(max(L, C + 1))
     tokens, mask = _left_pad([seqs[j][0] + seqs[j][1] for j in rows], L, batch_size, pad_id)

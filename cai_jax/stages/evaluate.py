@@ -24,11 +24,11 @@ import ml_collections
 import numpy as np
 
 from cai_jax import constitution as constitution_lib
-from cai_jax import feedback, sampling, utils
+from cai_jax import feedback, interrupts, sampling, utils
 from cai_jax.data import prompts as prompts_lib
 from cai_jax.evaluation import elo, evasiveness, harmfulness, judges
 from cai_jax.evaluation import judge as judge_lib
-from cai_jax.runtime import StageContext, parse_list, stage_settings
+from cai_jax.runtime import StageContext, parse_list, provenance, stage_settings
 from cai_jax.utils import InputError
 
 STAGE = "evaluate"
@@ -122,10 +122,12 @@ def _responses(config, workdir, models: _Models, name: str, path: str, prompts) 
   cache = utils.join(utils.resolve_dir(workdir), "evaluate", "responses", f"{name}.jsonl")
   want = {(kind, p["id"], s) for kind, ps in prompts.items() for p in ps
           for s in range(ec.samples_per_prompt)}
+  # The model as the workdir names it ($WORKDIR/sft/final): a moved workdir keeps its cache.
+  named = provenance.relativize(path, workdir)
   got = {}
   if utils.exists(cache):
     got = {(r["kind"], r["id"], r["sample"]): r["response"] for r in utils.read_jsonl(cache)
-           if r.get("model") == path}
+           if r.get("model") == named}
   if not want <= set(got):
     cfg, params, tok = models.get(path)
     todo = [(kind, p, s) for kind, ps in prompts.items() for p in ps
@@ -140,7 +142,7 @@ def _responses(config, workdir, models: _Models, name: str, path: str, prompts) 
       for (kind, p), c in zip(batch, comps):
         got[(kind, p["id"], s)] = c.text.strip()
     if models.ctx.is_main:
-      utils.write_jsonl(cache, [{"model": path, "kind": k, "id": i, "sample": s, "response": r}
+      utils.write_jsonl(cache, [{"model": named, "kind": k, "id": i, "sample": s, "response": r}
                                 for (k, i, s), r in sorted(got.items())])
   return {kind: [[got[(kind, p["id"], s)] for s in range(ec.samples_per_prompt)] for p in ps]
           for kind, ps in prompts.items()}
@@ -311,13 +313,6 @@ def run(config, workdir: str) -> dict:
   if done is not None:
     return done
   judges_on = set(parse_list(ec.judges))
-  unknown = judges_on - {"pm", "feedback"}
-  if unknown:
-    raise InputError(f"config.evaluate.judges: unknown judge(s) {sorted(unknown)}; use 'pm' "
-                     "and/or 'feedback'")
-  for k in ("samples_per_prompt", "max_new_tokens", "batch_size"):
-    if int(ec[k]) < 1:
-      raise InputError(f"config.evaluate.{k}={ec[k]}: must be >= 1")
   snaps = snapshot_paths(config, workdir)
   prompts = _prompts(config)
   ctx.begin(settings(config, workdir))
@@ -330,12 +325,19 @@ def run(config, workdir: str) -> dict:
   results["evasiveness"] = {
       name: evasiveness.rates([r for rs in responses[name]["red_team"] for r in rs])
       for name in snaps}
+  # Responses are cached and the judge resumes from its checkpoints; the scoring
+  # sections are short, so a signal stops the stage between them.
+  interrupts.check("evaluate, before the held-out judge")
   _held_out_section(config, workdir, models, prompts, responses, results)
   if "pm" in judges_on:
+    interrupts.check("evaluate, before the in-loop PM")
     _pm_section(config, workdir, models, snaps, prompts, responses, results)
   if "feedback" in judges_on:
+    interrupts.check("evaluate, before the feedback model's Elo")
     _feedback_section(config, models, snaps, prompts, responses, results)
+  interrupts.check("evaluate, before the multiple-choice evaluations")
   _mc_section(config, models, results)
+  interrupts.check("evaluate, before the harmfulness model")
   _harmfulness_section(config, workdir, models, snaps, prompts, responses, results)
   models.drop()
   k = int(ec.num_report_samples)

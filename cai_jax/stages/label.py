@@ -86,9 +86,6 @@ def run(config, workdir: str) -> dict:
   done = ctx.done()
   if done is not None:
     return done
-  for k in ("chunk_size", "batch_size", "num_principles", "cot_samples", "score_tokens"):
-    if int(lc[k]) < 1:
-      raise InputError(f"config.label.{k}={lc[k]}: must be >= 1")
   feedback.parse_clamp(lc.cot_clamp)
   const = constitution_lib.load(config.get("constitution", "harmlessness"))
   red = prompts_lib.load_prompts(config.get("data", None), "red_team", str(lc.split))

@@ -23,7 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from cai_jax import models, sharding, utils
+from cai_jax import interrupts, models, sharding, utils
 from cai_jax.data import prompts as prompts_lib
 from cai_jax.rl import config as rl_config
 from cai_jax.rl import prompt_mix, rollout as rollout_lib, trainer as trainer_lib
@@ -98,12 +98,6 @@ def run(config, workdir: str, reward_fn=None) -> dict:
   done = ctx.done()
   if done is not None:
     return done
-  for k in ("batch_size", "num_iterations", "num_minibatches", "num_epochs", "max_new_tokens"):
-    if int(pc[k]) < 1:
-      raise InputError(f"config.ppo.{k}={pc[k]}: must be >= 1")
-  if int(pc.batch_size) % int(pc.num_minibatches):
-    raise InputError(f"config.ppo.batch_size={pc.batch_size} is not divisible by "
-                     f"num_minibatches={pc.num_minibatches}")
   mesh = sharding.mesh_from_config(config)
   rules = sharding.rules_from_config(config)
 
@@ -190,12 +184,15 @@ def run(config, workdir: str, reward_fn=None) -> dict:
       bar.set_postfix(reward=f"{m['reward']:.3f}", kl=f"{m['kl']:.2f}", beta=f"{m['beta']:.3g}")
       bar.update(1)
       last = m
-      if it % int(pc.checkpoint_every) == 0 or it == total:
+      signum = interrupts.requested(collective=True)
+      if it % int(pc.checkpoint_every) == 0 or it == total or signum is not None:
         metrics.flush()
         samples.flush()
         mngr.save(it, state, {"iteration": it, "controller": trainer.controller_state(),
                               "prompts": mix.state_dict(),
                               "rng": np.asarray(jax.device_get(rng)).tolist()}, force=True)
+      if signum is not None and it < total:
+        raise interrupts.Interrupted(signum, f"ppo at iteration {it}")
   finally:
     bar.close()
     metrics.close()

@@ -133,7 +133,6 @@ def run(config, workdir: str) -> dict:
   B = int(pc.batch_size)
   if L < 2:
     raise InputError(f"config.pm.max_len={L}: must be >= 2")
-  runners.check_batch_size(ctx, B, "pm.batch_size")
   pref_path = pc.preferences or ctx.stage_dir("label") + "/preferences.jsonl"
   ai = []
   if pref_path != "none":

@@ -33,7 +33,6 @@ from cai_jax import constitution as constitution_lib
 from cai_jax.data import prompts as prompts_lib
 from cai_jax.runtime import StageContext, runners, stage_settings
 from cai_jax.sampling import generation_mesh
-from cai_jax.utils import InputError
 
 STAGE = "revise"
 # Independent random streams of one run.
@@ -200,10 +199,6 @@ def run(config, workdir: str) -> dict:
   done = ctx.done()
   if done is not None:
     return done
-  if int(rc.chunk_size) < 1 or int(rc.batch_size) < 1:
-    raise InputError("config.revise.chunk_size and batch_size must be >= 1")
-  if int(rc.num_revisions) < 1:
-    raise InputError(f"config.revise.num_revisions={rc.num_revisions}: must be >= 1")
   const = constitution_lib.load(config.get("constitution", "harmlessness"))
   pool = const.subset(int(rc.num_principles))
   examples = pool.critique_examples if int(rc.num_fewshot) < 0 else \

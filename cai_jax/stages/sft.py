@@ -83,7 +83,6 @@ def run(config, workdir: str) -> dict:
   L, B = int(sc.max_len), int(sc.batch_size)
   if L < 2:
     raise InputError(f"config.sft.max_len={L}: must be >= 2")
-  runners.check_batch_size(ctx, B, "sft.batch_size")
   # A resumed run rebuilds the configured model, then the loop restores its
   # checkpoint (checking that the shapes match this model).
   cfg, params, tok = ctx.load(ctx.role_spec("initial", sc.init_from), field="sft.init_from")

@@ -65,13 +65,23 @@ class Manager:
   def all_steps(self):
     return list(self._mngr.all_steps())
 
+  def damaged(self, step: int, e: BaseException) -> InputError:
+    """The one-line error for an unreadable checkpoint step, with the fix."""
+    earlier = [s for s in self.all_steps() if s < step]
+    fix = (f"to resume from step {max(earlier)}" if earlier else "to start this phase over")
+    why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+    return InputError(f"checkpoint step {step} under {self.directory} is damaged "
+                      f"({type(e).__name__}: {why}): delete {self.directory}/{step} {fix}")
+
   def saved_shapes(self, step: int) -> dict:
     """{"a/b/c": shape} of the saved state, read from metadata only."""
-    meta = self._mngr.item_metadata(step)
-    tree = meta["state"]
+    try:
+      meta = self._mngr.item_metadata(step)
+      tree = meta["state"]
+    except Exception as e:  # pylint: disable=broad-except  # Orbax, TensorStore, JSON errors alike
+      raise self.damaged(step, e) from None
     if tree is None:
-      raise InputError(f"{self.directory}/{step}: checkpoint has no readable train state; "
-                       "it is incomplete or not a cai_jax checkpoint")
+      raise self.damaged(step, ValueError("no readable train state"))
     tree = tree.tree if hasattr(type(tree), "tree") else tree
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -112,9 +122,8 @@ class Manager:
     try:
       out = self._mngr.restore(step, args=ocp.args.Composite(
           state=state_arg, data=ocp.args.JsonRestore()))
-    except (ValueError, KeyError, FileNotFoundError) as e:
-      raise InputError(f"{self.directory}/{step}: cannot restore checkpoint "
-                       f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    except Exception as e:  # pylint: disable=broad-except  # Orbax, TensorStore, JSON errors alike
+      raise self.damaged(step, e) from None
     return out["state"], out["data"]
 
 

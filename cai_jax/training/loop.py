@@ -22,6 +22,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from cai_jax import interrupts
 from cai_jax import sharding as shd
 from cai_jax.training import flops as flops_lib
 from cai_jax.training.state import TrainState, abstract_state, state_shardings
@@ -96,7 +97,8 @@ def train(*, step_fn, state: TrainState, batches, mesh, num_steps: int, rng,
   batches: iterator of host numpy dicts with get_state()/set_state().
   eval_fn(params, step) -> dict of floats, run every `eval_every` steps and at the end.
   stop_after: stop (as if killed) once this step is reached; for tests and
-  time-sliced jobs. flops_per_token: training FLOPs per token for MFU.
+  time-sliced jobs. After SIGTERM/SIGINT (`interrupts`) the step reached is saved
+  and `interrupts.Interrupted` raised. flops_per_token: training FLOPs per token for MFU.
   metrics_writer: a writer with `write(step, scalars, prefix="")` (runtime.MetricsWriter):
   every step's scalars, and each eval's under "eval/".
   """
@@ -153,8 +155,14 @@ def train(*, step_fn, state: TrainState, batches, mesh, num_steps: int, rng,
         metrics_writer.write(s, rec)
       bar.update(1)
 
+  def save(force: bool):
+    drain()  # never save a state whose loss was not checked
+    manager.save(step, {"train": state},
+                 {"iterator": batches.get_state(), "step": step,
+                  "rng": np.asarray(jax.device_get(rng)).tolist()}, force=force)
+
   stopped = False
-  step = start
+  step = saved = start
   try:
     while step < num_steps:
       host = next(batches)
@@ -167,10 +175,8 @@ def train(*, step_fn, state: TrainState, batches, mesh, num_steps: int, rng,
       drain(keep=1)  # fetch the previous step's metrics while this one runs
       final = step == num_steps
       if manager is not None and (final or manager.should_save(step)):
-        drain()  # never save a state whose loss was not checked
-        manager.save(step, {"train": state},
-                     {"iterator": batches.get_state(), "step": step,
-                      "rng": np.asarray(jax.device_get(rng)).tolist()}, force=final)
+        save(force=final)
+        saved = step
       if eval_fn is not None and ((eval_every and step % eval_every == 0) or final):
         drain()
         ev = {"step": step, **eval_fn(state.params, step)}
@@ -182,6 +188,11 @@ def train(*, step_fn, state: TrainState, batches, mesh, num_steps: int, rng,
       if stop_after is not None and step >= stop_after and not final:
         stopped = True
         break
+      signum = interrupts.requested(collective=True)
+      if signum is not None and not final:
+        if manager is not None and saved != step:
+          save(force=True)
+        raise interrupts.Interrupted(signum, f"{desc} at step {step}")
     drain()
   finally:
     bar.close()
