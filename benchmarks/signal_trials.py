@@ -121,12 +121,13 @@ def main(argv=None) -> dict:
     w = os.path.join(root, f"trial{i:02d}")
     shutil.rmtree(w, ignore_errors=True)
     shutil.rmtree(w + "-judges", ignore_errors=True)
-    r = trial(ref, w, xla, signum, rng.uniform(3.0, 0.9 * warm_s))
+    r = trial(ref, w, xla, signum, rng.uniform(3.0, 0.8 * warm_s))
     results.append(r)
     print(json.dumps(r), flush=True)
   stops = [r["stop_s"] for r in results if not r["finished_before_signal"]]
   summary = {"benchmark": "signal_trials", "trials": len(results),
              "ok": sum(r["ok"] for r in results),
+             "signalled": sum(not r["finished_before_signal"] for r in results),
              "sigterm_143": sum(r["status"] == 143 for r in results if r["signal"] == "SIGTERM"),
              "sigint_130": sum(r["status"] == 130 for r in results if r["signal"] == "SIGINT"),
              "max_stop_s": max(stops) if stops else None,
