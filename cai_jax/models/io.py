@@ -101,26 +101,32 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
 
 
 # ----------------------------------------------------------------- HF <-> params
-def _hf_tensors(path: str) -> dict[str, np.ndarray]:
+def _hf_shards(path: str) -> tuple[list[str], Optional[dict]]:
+  """(the safetensors files of an HF directory, the index's weight map or None)."""
   index = os.path.join(path, "model.safetensors.index.json")
-  single = os.path.join(path, "model.safetensors")
   if os.path.exists(index):
     try:
       with open(index) as f:
         wmap = json.load(f)["weight_map"]
-    except (json.JSONDecodeError, KeyError) as e:
+      return [os.path.join(path, s) for s in sorted(set(wmap.values()))], wmap
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
       raise CheckpointError(f"{index}: corrupt index ({e})") from None
-    out = {}
-    for shard in sorted(set(wmap.values())):
-      out.update(read_safetensors(os.path.join(path, shard)))
-    missing = set(wmap) - set(out)
-    if missing:
-      raise CheckpointError(f"{index}: tensors missing from shards: {sorted(missing)[:3]}")
-    return out
-  if os.path.exists(single):
-    return read_safetensors(single)
+  if os.path.exists(os.path.join(path, "model.safetensors")):
+    return [os.path.join(path, "model.safetensors")], None
   raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json "
                         "(only safetensors checkpoints are supported)")
+
+
+def _hf_tensors(path: str) -> dict[str, np.ndarray]:
+  shards, wmap = _hf_shards(path)
+  out = {}
+  for shard in shards:
+    out.update(read_safetensors(shard))
+  missing = set(wmap or ()) - set(out)
+  if missing:
+    raise CheckpointError(f"{path}/model.safetensors.index.json: tensors missing from shards: "
+                          f"{sorted(missing)[:3]}")
+  return out
 
 
 def _expect(name, arr, shape, source):
@@ -211,7 +217,8 @@ def params_to_hf_tensors(cfg: ModelConfig, params, dtype=None) -> dict[str, np.n
   return t
 
 
-def load_hf(path: str, **overrides):
+def _hf_config(path: str, **overrides) -> ModelConfig:
+  """The ModelConfig of an HF directory's config.json (CheckpointError naming the file)."""
   cfg_path = os.path.join(path, "config.json")
   if not os.path.isdir(path):
     raise CheckpointError(f"{path}: checkpoint directory not found")
@@ -220,12 +227,16 @@ def load_hf(path: str, **overrides):
       hf = json.load(f)
   except FileNotFoundError:
     raise CheckpointError(f"{cfg_path}: file not found (not a Hugging Face checkpoint directory)") from None
-  except json.JSONDecodeError as e:
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise CheckpointError(f"{cfg_path}: corrupt JSON ({e})") from None
   try:
-    cfg = ModelConfig.from_hf_dict(hf, source=cfg_path, **overrides)
+    return ModelConfig.from_hf_dict(hf, source=cfg_path, **overrides)
   except ModelConfigError as e:
     raise CheckpointError(str(e)) from None
+
+
+def load_hf(path: str, **overrides):
+  cfg = _hf_config(path, **overrides)
   return cfg, params_from_hf_tensors(cfg, _hf_tensors(path), source=path)
 
 
@@ -382,34 +393,13 @@ def check_pretrained(path: str) -> None:
     return
   if not os.path.isdir(path):
     raise CheckpointError(f"{path}: not found (expected an HF checkpoint directory or a .gguf file)")
-  cfg_path = os.path.join(path, "config.json")
-  try:
-    with open(cfg_path) as f:
-      ModelConfig.from_hf_dict(json.load(f), source=cfg_path)
-  except FileNotFoundError:
-    raise CheckpointError(f"{cfg_path}: file not found (not a Hugging Face checkpoint "
-                          "directory)") from None
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise CheckpointError(f"{cfg_path}: corrupt JSON ({e})") from None
-  except ModelConfigError as e:
-    raise CheckpointError(str(e)) from None
+  _hf_config(path)
   if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
     raise CheckpointError(f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); save the "
                           "model's tokenizer into the directory (tokenizer.save_pretrained)")
   _refuse_tokenizer_code(path)
-  index = os.path.join(path, "model.safetensors.index.json")
-  if os.path.exists(index):
-    try:
-      with open(index) as f:
-        shards = sorted(set(json.load(f)["weight_map"].values()))
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-      raise CheckpointError(f"{index}: corrupt index ({e})") from None
-  elif os.path.exists(os.path.join(path, "model.safetensors")):
-    shards = ["model.safetensors"]
-  else:
-    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
-  for shard in shards:
-    safetensors_entries(os.path.join(path, shard))
+  for shard in _hf_shards(path)[0]:
+    safetensors_entries(shard)
 
 
 def _is_gguf(path: str) -> bool:
