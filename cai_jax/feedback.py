@@ -245,15 +245,12 @@ class Labeller:
 
   def _fit_context(self, ids: list) -> list:
     """A question the few-shot cuts could not fit (a prompt longer than the context)
-    keeps its end, where the options and the answer cue are, as the sampler keeps the
-    end of an over-long prompt; counted in `prompter.shortened`."""
+    keeps its end, where the options and the answer cue are (its BOS stays in front);
+    counted in `prompter.shortened`."""
     limit = self.prompter.limit or self.cfg.max_position_embeddings - 16
-    if len(ids) <= limit:
-      return ids
-    self.prompter.shortened += 1
-    bos = self.tok.bos_token_id
-    head = ids[:1] if bos is not None and ids and ids[0] == bos else []
-    return head + ids[len(ids) - (limit - len(head)):]
+    if len(ids) > limit:
+      self.prompter.shortened += 1
+    return conversation.keep_end(self.tok, ids, limit)
 
   def __call__(self, items: Sequence[dict], rng: np.random.Generator, seed: int) -> list:
     """items: {prompt (messages), response_a, response_b}; returns label fields per item."""

@@ -17,6 +17,7 @@ from cai_jax.data import prompts as prompts_lib
 from cai_jax.evaluation import judge
 from cai_jax.evaluation import score as score_cli
 from cai_jax.stages import evaluate, ppo
+from cai_jax.text import conversation
 from cai_jax.text.conversation import ConversationEncoder, encode_text
 from cai_jax.training import data, objectives, preferences
 
@@ -109,6 +110,20 @@ def test_bos_exactly_as_the_tokenizer_adds_it(name, fmt):
     ids = [int(i) for i in ids]
     assert (ids[0] == tok.bos_token_id) == want, what
     assert ids[1] != tok.bos_token_id, what
+
+
+@pytest.mark.parametrize("name", sorted(TOKENIZERS))
+def test_keep_end_keeps_the_bos_and_the_last_ids(name):
+  """The label stage's cut of an over-long question: its end, BOS still in front."""
+  tok = TOKENIZERS[name]()
+  ids = conversation.encode_text(tok, "word " * 50)
+  out = conversation.keep_end(tok, ids, 10)
+  assert len(out) == 10
+  if _adds_bos(tok):
+    assert out[0] == tok.bos_token_id and out[1:] == ids[-9:]
+  else:
+    assert out == ids[-10:]
+  assert conversation.keep_end(tok, ids, len(ids)) == ids
 
 
 def _tiny_pm(seed=1):

@@ -52,6 +52,26 @@ def _bos_added(tokenizer) -> list[int]:
   return with_special[:len(with_special) - len(plain)]
 
 
+def _leading(tokenizer, ids: Sequence[int], prefix: Sequence[int]) -> list[int]:
+  """The ids a truncation keeps in front: the tokenizer's prefix, or a BOS the chat
+  template wrote itself."""
+  bos = getattr(tokenizer, "bos_token_id", None)
+  if prefix and list(ids[:len(prefix)]) == list(prefix):
+    return list(prefix)
+  if bos is not None and list(ids[:1]) == [bos]:
+    return [bos]
+  return []
+
+
+def keep_end(tokenizer, ids: Sequence[int], n: int) -> list[int]:
+  """At most n ids: the last ones of `ids`, with its leading BOS kept in front."""
+  ids = list(ids)
+  if len(ids) <= n:
+    return ids
+  pre = _leading(tokenizer, ids, _bos_added(tokenizer))
+  return pre + ids[len(ids) - (n - len(pre)):]
+
+
 def encode_text(tokenizer, text: str) -> list[int]:
   """Ids of a rendered prompt: the tokenizer's special prefix (BOS) is added unless
   the text already begins with it (a chat template that writes BOS itself)."""
@@ -139,13 +159,7 @@ class ConversationEncoder:
 
   def _truncate(self, p_ids: list, r_ids: list, n: int, keep: str):
     # The leading BOS stays, whether the tokenizer added it or the template wrote it.
-    bos = getattr(self.tok, "bos_token_id", None)
-    if self.prefix and p_ids[:len(self.prefix)] == self.prefix:
-      pre = list(self.prefix)
-    elif bos is not None and p_ids[:1] == [bos]:
-      pre = [bos]
-    else:
-      pre = []
+    pre = _leading(self.tok, p_ids, self.prefix)
     body = p_ids[len(pre):]
     room = n - len(pre)
     if room < 1:
