@@ -11,8 +11,9 @@ SIGINT). A second signal while the first is being handled exits at once
 (everything on disk is written whole, so nothing is half-written).
 
 With several processes a host stops only where every host checks together
-(`check(collective=True)`: the train loop, the PPO loop, between stages), so
-the hosts agree on where they stop and no save or collective is left waiting.
+(`check(collective=True)`: the train loop every COLLECTIVE_EVERY steps, the PPO
+loop, between stages), so the hosts agree on where they stop and no save or
+collective is left waiting.
 """
 from __future__ import annotations
 
@@ -79,6 +80,20 @@ def requested(collective: bool = False) -> Optional[int]:
   got = np.asarray(multihost_utils.process_allgather(np.asarray([_received or 0], np.int32)))
   got = [int(x) for x in got.reshape(-1) if int(x)]
   return got[0] if got else None
+
+
+# Steps between the hosts' agreement in the train loop: the all-gather waits for the
+# step in flight, so a per-step one would stop the host preparing the next batch.
+COLLECTIVE_EVERY = 10
+
+
+def requested_at(step: int) -> Optional[int]:
+  """`requested(collective=True)` for a loop the hosts run in lockstep, at `step`:
+  every step with one process, every COLLECTIVE_EVERY steps with several."""
+  from cai_jax import multihost
+  if multihost.process_count() > 1 and step % COLLECTIVE_EVERY:
+    return None
+  return requested(collective=True)
 
 
 def check(where: str, collective: bool = False) -> None:

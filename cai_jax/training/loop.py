@@ -188,7 +188,7 @@ def train(*, step_fn, state: TrainState, batches, mesh, num_steps: int, rng,
       if stop_after is not None and step >= stop_after and not final:
         stopped = True
         break
-      signum = interrupts.requested(collective=True)
+      signum = interrupts.requested_at(step)
       if signum is not None and not final:
         if manager is not None and saved != step:
           save(force=True)
