@@ -59,6 +59,21 @@ def test_plan_reports_both_steps(rows):
   assert "| sft | 1,4,2 | 8 |" in plan.format_table(rows)
 
 
+def test_critic_free_update_holds_no_value_model():
+  rows = plan.plan(tiny(), [MESH], SHAPES, steps=("ppo", "grpo"), progress=None)
+  ppo, grpo = rows
+  assert grpo.step == "grpo"
+  # Exactly one model (the value model) and its optimizer state fewer.
+  from cai_jax.training import optim
+  mesh = sharding.make_mesh(MESH, devices=jax.devices()[:8])
+  value = plan.abstract_sharded_params(tiny(), mesh, ("score",), sharding.DEFAULT_RULES)
+  opt = plan.abstract_opt_state(optim.make_optimizer(optim.default_optim_config()), value, mesh)
+  value_gib = (plan.per_device_bytes(value) + plan.per_device_bytes(opt)) / plan.GiB
+  assert ppo.state_gib - grpo.state_gib == pytest.approx(value_gib, rel=1e-6)
+  assert grpo.total_gib < ppo.total_gib
+  assert grpo.frozen_gib == ppo.frozen_gib    # reference and PM stay resident in both
+
+
 def test_abstract_state_matches_real_train_state(rows):
   """The planned per-device state bytes equal a real sharded TrainState's."""
   from cai_jax import training

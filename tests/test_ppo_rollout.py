@@ -107,7 +107,7 @@ def test_first_update_step_matches_maths_and_mesh_shapes(tiny):
     trans, _, _ = ro(state["policy"], state["value"], prompt, pmask, jax.random.PRNGKey(0), 0.1)
     batch = sharding.shard_batch(jax.device_get(update.batch_from_transition(trans)), mesh)
     fn = tr._update_fn(state)
-    new_state, m = fn(state, batch, jax.random.PRNGKey(3))
+    new_state, m = fn(state, batch, jax.random.PRNGKey(3), jnp.float32(0.0))
     assert int(new_state["step"]) == 1
     # First step: ratio = 1, so the loss is −mean(A) and nothing is clipped.
     adv_mean = float(losses.masked_mean(trans.advantages_BxN, trans.response_mask_BxN))

@@ -27,7 +27,7 @@ def _workdir(root):
   return root
 
 
-def _config():
+def _config(algorithm="ppo"):
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.model = "tiny"
@@ -46,6 +46,7 @@ def _config():
   p.policy_optim.learning_rate = 1e-3
   p.value_optim.learning_rate = 1e-3
   p.progress = False
+  p.algorithm, p.group_size, p.kl_in = algorithm, 4, "loss" if algorithm == "grpo" else "reward"
   return c
 
 
@@ -55,15 +56,25 @@ def _trajectory(workdir):
 
 
 @pytest.mark.slow
-def test_ppo_stage_exports_and_resumes_exactly(tmp_path, monkeypatch):
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo", "rloo"])
+def test_rl_stage_exports_and_resumes_exactly(tmp_path, monkeypatch, algorithm):
   full = _workdir(str(tmp_path / "full"))
-  summary = ppo.run(_config(), full)
+  summary = ppo.run(_config(algorithm), full)
   out = os.path.join(full, "ppo")
   assert utils.is_done(out) and summary["iterations"] == 4
-  for name in ("curves.png", "samples.jsonl", "final/config.json", "value_final/config.json"):
+  assert summary["algorithm"] == algorithm
+  for name in ("curves.png", "samples.jsonl", "final/config.json"):
     assert os.path.exists(os.path.join(out, name)), name
-  vcfg, vparams = models.load_pretrained(os.path.join(out, "value_final"))
-  assert "score" in models.heads_of(vcfg, vparams)
+  if algorithm == "ppo":
+    vcfg, vparams = models.load_pretrained(os.path.join(out, "value_final"))
+    assert "score" in models.heads_of(vcfg, vparams)
+  else:
+    # Critic-free: no value model is trained, checkpointed or exported.
+    assert not os.path.exists(os.path.join(out, "value_final"))
+    samples = list(utils.read_jsonl(os.path.join(out, "samples.jsonl")))
+    # Each prompt is answered group_size = 4 times in consecutive rows.
+    ids = [s["id"] for s in samples[:8]]
+    assert ids[:4] == [ids[0]] * 4 and ids[4:] == [ids[4]] * 4
   pcfg, pparams = models.load_pretrained(os.path.join(out, "final"))
   assert "lm" in models.heads_of(pcfg, pparams)
   reference = _trajectory(full)
@@ -87,11 +98,15 @@ def test_ppo_stage_exports_and_resumes_exactly(tmp_path, monkeypatch):
 
   monkeypatch.setattr(trainer_lib.PPOTrainer, "iteration", dying)
   with pytest.raises(KeyboardInterrupt):
-    ppo.run(_config(), killed)
+    ppo.run(_config(algorithm), killed)
   monkeypatch.setattr(trainer_lib.PPOTrainer, "iteration", real)
   assert not utils.is_done(os.path.join(killed, "ppo"))
   assert len(_trajectory(killed)) == 3
-  ppo.run(_config(), killed)
+  ppo.run(_config(algorithm), killed)
   assert _trajectory(killed) == reference
+  # The exported policies are bitwise equal to the uninterrupted run's.
+  _, resumed = models.load_pretrained(os.path.join(killed, "ppo", "final"))
+  for a, b in zip(jax.tree_util.tree_leaves(pparams), jax.tree_util.tree_leaves(resumed)):
+    assert (a == b).all()
   # A finished stage is skipped.
-  assert ppo.run(_config(), killed)["iterations"] == 4
+  assert ppo.run(_config(algorithm), killed)["iterations"] == 4

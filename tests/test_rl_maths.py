@@ -157,3 +157,62 @@ def test_running_reward_normaliser():
   other = control.RunningMeanStd()
   other.load_state_dict(rn.state_dict())
   assert other.state_dict() == rn.state_dict()
+
+
+# ------------------------------------------------------------ critic-free RL
+def test_group_advantages_grpo_dr_grpo_rloo_hand_computed():
+  # Two prompts, K = 3 responses each (consecutive rows).
+  r = np.array([1.0, 2.0, 6.0, 4.0, 4.0, 4.0], F)
+  # Group 1: mean 3, sample std sqrt((4 + 1 + 9) / 2) = sqrt(7).
+  s7 = math.sqrt(7.0)
+  grpo = losses.group_advantages(r, 3, "grpo", scale_std=True)
+  np.testing.assert_allclose(grpo, [-2 / s7, -1 / s7, 3 / s7, 0, 0, 0], rtol=1e-5, atol=1e-6)
+  dr = losses.group_advantages(r, 3, "grpo", scale_std=False)
+  np.testing.assert_allclose(dr, [-2, -1, 3, 0, 0, 0], atol=1e-6)
+  # RLOO: r_i minus the mean of the other two: 1-(2+6)/2, 2-(1+6)/2, 6-(1+2)/2.
+  rloo = losses.group_advantages(r, 3, "rloo")
+  np.testing.assert_allclose(rloo, [-3.0, -1.5, 4.5, 0, 0, 0], atol=1e-6)
+  # ... which is K/(K-1) times the mean-centred reward.
+  np.testing.assert_allclose(rloo, 1.5 * dr, atol=1e-6)
+  # A group of equal rewards gives zero advantages, never a division by zero.
+  assert np.all(np.isfinite(np.asarray(grpo)))
+  with pytest.raises(ValueError, match="group_size"):
+    losses.group_advantages(r, 1, "grpo")
+
+
+def test_k3_term_and_its_gradient():
+  import jax
+  logp = np.array([[-1.0, -2.0, -0.5, 9.0]], F)
+  ref = np.array([[-1.5, -2.0, 0.0, 0.0]], F)
+  m = np.array([[1, 1, 1, 0]], bool)
+  k3 = losses.k3_per_token(logp, ref)
+  # d = ref - logp: -0.5, 0, 0.5 -> e^d - 1 - d.
+  want = [math.exp(-0.5) - 1 + 0.5, 0.0, math.exp(0.5) - 1 - 0.5]
+  np.testing.assert_allclose(np.asarray(k3)[0, :3], want, rtol=1e-5)
+  assert np.all(np.asarray(k3)[0, :3] >= 0)
+  # Gradient of the masked mean in log π: (1 − π_ref/π) / n on real tokens, 0 on pad.
+  g = jax.grad(lambda lp: losses.masked_mean(losses.k3_per_token(lp, ref), m))(logp)
+  np.testing.assert_allclose(np.asarray(g)[0], [(1 - math.exp(-0.5)) / 3, 0.0,
+                                                (1 - math.exp(0.5)) / 3, 0.0], rtol=1e-5)
+  # Sum of k1 per sequence ignores the pad.
+  np.testing.assert_allclose(losses.sequence_kl(logp, ref, m), [0.5 + 0 - 0.5], atol=1e-6)
+
+
+def test_group_advantages_from_scores_kl_in_reward_or_loss():
+  from cai_jax.rl import rollout
+  scores = np.array([1.0, 0.0, 2.0, 2.0], F)
+  logp = np.array([[-1.0, -1.0], [-1.0, -3.0], [-2.0, 0.0], [-1.0, 0.0]], F)
+  ref = np.array([[-2.0, -1.0], [-1.0, -1.0], [-2.0, 0.0], [-1.0, 0.0]], F)
+  m = np.array([[1, 1], [1, 0], [1, 1], [1, 1]], bool)
+  beta = 0.5
+  # Σ k1 per row: 1, 0 (pad ignored), 0, 0 -> rewards in the reward form: 0.5, 0, 2, 2.
+  _, adv, _, diag = rollout.group_advantages_from_scores(
+      scores, logp, ref, m, beta, algorithm="rloo", group_size=2, group_std=True,
+      kl_in_loss=False)
+  np.testing.assert_allclose(adv, [[0.5, 0.5], [-0.5, 0.0], [0, 0], [0, 0]], atol=1e-6)
+  assert float(diag["kl_penalty"]) == pytest.approx(-beta * 0.25)
+  _, adv, _, diag = rollout.group_advantages_from_scores(
+      scores, logp, ref, m, beta, algorithm="rloo", group_size=2, group_std=True,
+      kl_in_loss=True)
+  np.testing.assert_allclose(adv, [[1.0, 1.0], [-1.0, 0.0], [0, 0], [0, 0]], atol=1e-6)
+  assert float(diag["kl_penalty"]) == 0.0

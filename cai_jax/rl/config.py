@@ -8,22 +8,31 @@ from cai_jax.training import optim
 
 def ppo_section() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.num_iterations = 100        # PPO iterations (one rollout batch + update each)
-  c.batch_size = 16             # prompts (= sampled responses) per iteration
+  c.algorithm = "ppo"           # "ppo": value model + GAE (the paper's RL-CAI); "grpo": group-
+                                # normalised advantages; "rloo": leave-one-out baseline. Both
+                                # critic-free: no value model is created
+  c.num_iterations = 100        # RL iterations (one rollout batch + update each)
+  c.batch_size = 16             # sampled responses per iteration (ppo: = prompts;
+                                # grpo/rloo: batch_size / group_size prompts)
+  c.group_size = 4              # grpo/rloo: responses sampled per prompt (>= 2)
+  c.group_std = True            # grpo: divide by the group's std; False = Dr. GRPO (mean only)
+  c.kl_in = "reward"            # grpo/rloo: β·KL "reward" (Σ k1 subtracted from each
+                                # sequence's score) or "loss" (β·k3 per token, GRPO's form);
+                                # ppo always puts it in the per-token reward
   c.red_team_fraction = 0.5     # share of red-team prompts in each batch; rest helpfulness
   c.max_prompt_tokens = 256     # prompts are left-padded to this; longer ones are dropped
   c.max_new_tokens = 64         # response length limit
   c.temperature = 1.0           # sampling temperature (1.0: sample from the policy itself)
   c.missing_eos_penalty = 1.0   # subtracted from the PM score when no EOS within the limit
   c.normalize_rewards = False   # divide scores by a running std and subtract its running mean
-  c.gamma = 1.0                 # discount over response tokens
-  c.lam = 0.95                  # GAE lambda
-  c.whiten_advantages = True    # zero-mean, unit-variance advantages over real tokens
+  c.gamma = 1.0                 # ppo: discount over response tokens
+  c.lam = 0.95                  # ppo: GAE lambda
+  c.whiten_advantages = True    # ppo: zero-mean, unit-variance advantages over real tokens
   c.num_epochs = 4              # passes over each rollout batch
   c.num_minibatches = 4         # minibatches per pass (batch_size must divide)
   c.clip_eps = 0.2              # policy ratio clip
-  c.value_clip_eps = 0.2        # value clip around the rollout values
-  c.vf_coef = 0.5               # value-loss weight
+  c.value_clip_eps = 0.2        # ppo: value clip around the rollout values
+  c.vf_coef = 0.5               # ppo: value-loss weight
   c.ent_coef = 0.0              # entropy bonus weight
   c.kl = ml_collections.ConfigDict()
   c.kl.kind = "adaptive"        # "adaptive" (target, horizon) or "fixed" beta
@@ -32,14 +41,14 @@ def ppo_section() -> ml_collections.ConfigDict:
   c.kl.horizon = 10000          # adaptive: horizon in sequences
   c.policy_optim = optim.default_optim_config()   # policy optimizer
   c.policy_optim.learning_rate = 1e-6
-  c.value_optim = optim.default_optim_config()    # value optimizer
+  c.value_optim = optim.default_optim_config()    # ppo: value optimizer
   c.value_optim.learning_rate = 1e-5
   c.train_top_layers = -1       # -1 trains all of policy and value; k: only the top k blocks
                                 # + final norm + heads (saves optimizer memory)
   c.init_from = ""              # policy / reference: "" = WORKDIR/sft (when sft runs or ran),
                                 # else config.model (any form of cai_jax.roles)
   c.pm = ""                     # preference model: "" = WORKDIR/pm
-  c.value_init = "pm"           # value model starts from "pm" or "policy" (new zero score head)
+  c.value_init = "pm"           # ppo: value model starts from "pm" or "policy" (new zero score head)
   c.checkpoint_every = 10       # iterations between checkpoints (and at the end)
   c.keep_checkpoints = 2        # checkpoints kept
   c.pm_max_len = 0              # tokens of a PM-scored conversation (end kept); 0 = pm.max_len

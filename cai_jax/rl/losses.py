@@ -169,3 +169,47 @@ def explained_variance(values_BxN, returns_BxN, mask_BxN):
   var_r = masked_var(returns_BxN, mask_BxN)
   var_d = masked_var(returns_BxN - values_BxN, mask_BxN)
   return 1.0 - var_d / jnp.maximum(var_r, 1e-8)
+
+
+# ------------------------------------------------------------ critic-free RL
+def group_advantages(scores_B, group_size: int, algorithm: str, scale_std: bool = True,
+                     eps: float = 1e-6):
+  """Per-sequence advantages from K = group_size samples of each prompt.
+
+  Rows are grouped consecutively: rows [g·K, (g+1)·K) answer the same prompt.
+  grpo: (r − mean_group) / (std_group + eps), the std Bessel-corrected; with
+        scale_std=False (Dr. GRPO) only the mean is subtracted, so a group whose
+        rewards barely differ is not blown up into unit-size advantages.
+  rloo: r_i − mean_{j≠i} r_j (the leave-one-out baseline), which equals
+        K/(K−1) · (r_i − mean_group).
+  """
+  K = int(group_size)
+  if K < 2:
+    raise ValueError(f"{algorithm}: group_size must be >= 2 (got {K}); one sample per "
+                     "prompt has no group baseline")
+  r = scores_B.astype(jnp.float32).reshape(-1, K)
+  mean = jnp.mean(r, axis=1, keepdims=True)
+  if algorithm == "grpo":
+    adv = r - mean
+    if scale_std:
+      std = jnp.sqrt(jnp.sum(jnp.square(adv), axis=1, keepdims=True) / (K - 1))
+      adv = adv / (std + eps)
+  elif algorithm == "rloo":
+    adv = (jnp.sum(r, axis=1, keepdims=True) - r) / (K - 1)
+    adv = r - adv
+  else:
+    raise ValueError(f"group_advantages: unknown algorithm {algorithm!r}")
+  return adv.reshape(-1)
+
+
+def sequence_kl(logprobs_BxN, ref_logprobs_BxN, mask_BxN):
+  """Σ_t (log π − log π_ref) per sequence (the k1 estimate of its KL)."""
+  mask = mask_BxN.astype(bool)
+  return jnp.sum(jnp.where(mask, logprobs_BxN - ref_logprobs_BxN, 0.0), axis=1)
+
+
+def k3_per_token(logprobs_BxN, ref_logprobs_BxN):
+  """k3 = r − 1 − log r with r = π_ref/π, per token: non-negative, and its
+  gradient in log π is 1 − π_ref/π (zero where the policy equals the reference)."""
+  d = ref_logprobs_BxN - logprobs_BxN
+  return jnp.expm1(d) - d

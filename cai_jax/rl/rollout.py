@@ -31,6 +31,10 @@ class RolloutHParams(NamedTuple):
   lam: float = 0.95              # GAE λ
   missing_eos_penalty: float = 1.0   # subtracted from the score when no EOS arrived
   whiten_advantages: bool = True     # advantages → zero mean, unit variance over real tokens
+  algorithm: str = "ppo"         # "ppo" (value model + GAE) or "grpo" / "rloo" (group baselines)
+  group_size: int = 1            # grpo/rloo: consecutive rows answering the same prompt
+  group_std: bool = True         # grpo: scale by the group's std (False: Dr. GRPO)
+  kl_in_loss: bool = False       # critic-free: β·k3 is a loss term, not subtracted from rewards
 
 
 def response_mask_from_lengths(lengths_B, n: int):
@@ -74,13 +78,18 @@ class PMReward:
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _forward_all(policy_cfg, ref_cfg, value_cfg, policy_params, ref_params, value_params,
                  tokens_BxL, mask_BxL, response_tokens_BxN, response_mask_BxN):
+  """Policy and reference log-probs, values (zeros without a value model) and the
+  policy's mean entropy over the response tokens."""
   N = response_tokens_BxN.shape[1]
   logits = response_outputs(policy_cfg, policy_params, tokens_BxL, mask_BxL, N, "lm")
   logp = losses.logprobs_of(logits, response_tokens_BxN)
   entropy = losses.entropy_from_logits(logits)
   ref_logits = response_outputs(ref_cfg, ref_params, tokens_BxL, mask_BxL, N, "lm")
   ref_logp = losses.logprobs_of(ref_logits, response_tokens_BxN)
-  values = response_outputs(value_cfg, value_params, tokens_BxL, mask_BxL, N, "score")
+  if value_cfg is None:
+    values = jnp.zeros(response_mask_BxN.shape, jnp.float32)
+  else:
+    values = response_outputs(value_cfg, value_params, tokens_BxL, mask_BxL, N, "score")
   m = response_mask_BxN
   return (jnp.where(m, logp, 0.0), jnp.where(m, ref_logp, 0.0), jnp.where(m, values, 0.0),
           losses.masked_mean(entropy, m))
@@ -106,6 +115,31 @@ def advantages_from_scores(scores_B, logprobs_BxN, ref_logprobs_BxN, values_BxN,
       "kl_token_min": jnp.min(jnp.where(mask_BxN, kl_BxN, jnp.inf)),
   }
   return rewards, adv, returns, diag
+
+
+@functools.partial(jax.jit, static_argnames=("algorithm", "group_size", "group_std",
+                                             "kl_in_loss"))
+def group_advantages_from_scores(scores_B, logprobs_BxN, ref_logprobs_BxN, mask_BxN, beta, *,
+                                 algorithm: str, group_size: int, group_std: bool,
+                                 kl_in_loss: bool):
+  """Critic-free advantages: each sequence's reward (its score, minus β·Σ k1 when
+  the KL sits in the reward) against its prompt group's baseline, the same value
+  on every real token of the sequence. Returns (rewards_BxN, adv, returns, diag)
+  shaped as PPO's; the per-token rewards and returns are what a logger reads (the
+  sequence reward on the last real token), not a training target."""
+  seq_kl = losses.sequence_kl(logprobs_BxN, ref_logprobs_BxN, mask_BxN)
+  seq_reward = scores_B if kl_in_loss else scores_B - beta * seq_kl
+  adv_B = losses.group_advantages(seq_reward, group_size, algorithm, group_std)
+  mask = mask_BxN.astype(bool)
+  adv = jnp.where(mask, adv_B[:, None], 0.0)
+  zeros = jnp.zeros_like(logprobs_BxN)
+  rewards, _ = losses.token_rewards(seq_reward, zeros, zeros, mask, 0.0)
+  k1, k3 = losses.kl_estimators(logprobs_BxN, ref_logprobs_BxN, mask_BxN)
+  diag = {"kl": k1, "kl_k3": k3, "kl_penalty": 0.0 * k1 if kl_in_loss else -beta * k1,
+          "advantage_abs_mean": jnp.mean(jnp.abs(adv_B)),
+          "group_reward_std": jnp.mean(jnp.std(seq_reward.reshape(-1, group_size), axis=1)),
+          "kl_token_min": jnp.min(jnp.where(mask, logprobs_BxN - ref_logprobs_BxN, jnp.inf))}
+  return rewards, adv, rewards, diag
 
 
 class Rollout:
@@ -169,10 +203,16 @@ class Rollout:
       scores = self.normalizer.normalize(raw_scores)
     finished_np = np.asarray(jax.device_get(finished))
     scores = scores - np.where(finished_np, 0.0, self.hp.missing_eos_penalty).astype(np.float32)
-    rewards, adv, returns, diag = advantages_from_scores(
-        jnp.asarray(scores), logp, ref_logp, values, rmask, jnp.float32(beta),
-        gamma=float(self.hp.gamma), lam=float(self.hp.lam),
-        whiten_advantages=bool(self.hp.whiten_advantages))
+    if self.hp.algorithm == "ppo":
+      rewards, adv, returns, diag = advantages_from_scores(
+          jnp.asarray(scores), logp, ref_logp, values, rmask, jnp.float32(beta),
+          gamma=float(self.hp.gamma), lam=float(self.hp.lam),
+          whiten_advantages=bool(self.hp.whiten_advantages))
+    else:
+      rewards, adv, returns, diag = group_advantages_from_scores(
+          jnp.asarray(scores), logp, ref_logp, rmask, jnp.float32(beta),
+          algorithm=self.hp.algorithm, group_size=int(self.hp.group_size),
+          group_std=bool(self.hp.group_std), kl_in_loss=bool(self.hp.kl_in_loss))
     tr = losses.Transition(prompt_tokens_BxP, prompt_mask_BxP, resp, rmask, logp, ref_logp,
                            values, rewards, adv, returns, jnp.asarray(scores),
                            jnp.asarray(raw_scores))

@@ -1,10 +1,15 @@
-"""PPO iteration = rollout + update + KL control, on one mesh.
+"""RL iteration = rollout + update + KL control, on one mesh.
 
-`PPOTrainer` owns the frozen reference, the reward function, both optimizers
+`PPOTrainer` owns the frozen reference, the reward function, the optimizers
 and the host-side controllers (β, reward normaliser); the train state (policy,
-value, both optimizer states, step) is a pytree the caller threads through
+value, their optimizer states, step) is a pytree the caller threads through
 `iteration` and checkpoints. `controller_state()` / `load_controller_state()`
 give the JSON-able rest of what a resume needs.
+
+`config.algorithm` picks the advantage estimator: "ppo" (value model + GAE,
+the paper's RL-CAI) or the critic-free "grpo" / "rloo", which sample
+`group_size` responses per prompt (consecutive rows), use the group as the
+baseline and create no value model at all.
 """
 from __future__ import annotations
 
@@ -29,17 +34,31 @@ def _copy_tree(tree):
   return jax.jit(lambda t: jax.tree_util.tree_map(jnp.copy, t))(tree)
 
 
+ALGORITHMS = ("ppo", "grpo", "rloo")
+
+
+def has_critic(c: ml_collections.ConfigDict) -> bool:
+  return str(c.get("algorithm", "ppo")) == "ppo"
+
+
 def hparams_from_config(c: ml_collections.ConfigDict, eos_ids, stop_seqs=()):
+  algorithm = str(c.get("algorithm", "ppo"))
+  if algorithm not in ALGORITHMS:
+    raise ValueError(f"ppo.algorithm={algorithm!r}: choose one of {', '.join(ALGORITHMS)}")
+  critic = algorithm == "ppo"
+  kl_in_loss = not critic and str(c.get("kl_in", "reward")) == "loss"
   rhp = rollout_lib.RolloutHParams(
       max_new_tokens=int(c.max_new_tokens), temperature=float(c.temperature),
       eos_ids=tuple(int(x) for x in eos_ids), stop_seqs=stop_seqs,
       gamma=float(c.gamma), lam=float(c.lam),
       missing_eos_penalty=float(c.missing_eos_penalty),
-      whiten_advantages=bool(c.whiten_advantages))
+      whiten_advantages=bool(c.whiten_advantages), algorithm=algorithm,
+      group_size=1 if critic else int(c.group_size), group_std=bool(c.get("group_std", True)),
+      kl_in_loss=kl_in_loss)
   uhp = update_lib.UpdateHParams(
       epochs=int(c.num_epochs), num_minibatches=int(c.num_minibatches), clip_eps=float(c.clip_eps),
       value_clip_eps=float(c.value_clip_eps), vf_coef=float(c.vf_coef),
-      ent_coef=float(c.ent_coef))
+      ent_coef=float(c.ent_coef), critic=critic, kl_in_loss=kl_in_loss)
   return rhp, uhp
 
 
@@ -54,8 +73,17 @@ class PPOTrainer:
     self.mesh = mesh
     self.rules = rules
     self.batch_size = int(config.batch_size)
+    if not has_critic(config) and self.batch_size % int(config.group_size):
+      raise ValueError(f"ppo: batch_size={self.batch_size} is not a multiple of "
+                       f"group_size={config.group_size}")
     policy_params = sharding.shard_params(policy_params, policy_cfg, mesh, rules)
-    value_params = sharding.shard_params(value_params, value_cfg, mesh, rules)
+    self.rollout_hp, self.update_hp = hparams_from_config(config, eos_ids, stop_seqs)
+    if not self.update_hp.critic:
+      if value_params is not None:
+        raise ValueError(f"{config.algorithm} is critic-free: pass no value model")
+      value_cfg = None
+    else:
+      value_params = sharding.shard_params(value_params, value_cfg, mesh, rules)
     if ref_params is None:
       # The reference keeps the initial sharded arrays; the train state gets
       # copies (it is donated), so no extra copy lives beyond init_state.
@@ -65,8 +93,8 @@ class PPOTrainer:
     top = int(config.get("train_top_layers", -1))
     mask = None if top < 0 else (lambda p: optim.trainable_mask(p, top, train_embeddings=False))
     self.policy_tx = optim.make_optimizer(config.policy_optim, trainable=mask)
-    self.value_tx = optim.make_optimizer(config.value_optim, trainable=mask)
-    self.rollout_hp, self.update_hp = hparams_from_config(config, eos_ids, stop_seqs)
+    self.value_tx = optim.make_optimizer(config.value_optim, trainable=mask) \
+        if self.update_hp.critic else None
     self.kl_ctl = control.make_kl_controller(config.kl.kind, config.kl.beta,
                                              config.kl.target, config.kl.horizon)
     self.normalizer = control.RunningMeanStd() if config.normalize_rewards else None
@@ -86,8 +114,9 @@ class PPOTrainer:
     policy, value = self._init
     if not keep_initial:
       self._init = None
-    state = update_lib.init_state(_copy_tree(policy), _copy_tree(value), self.policy_tx,
-                                  self.value_tx, self.mesh)
+    value = None if value is None else _copy_tree(value)
+    state = update_lib.init_state(_copy_tree(policy), value, self.policy_tx, self.value_tx,
+                                  self.mesh)
     return state
 
   def _update_fn(self, state):
@@ -97,7 +126,7 @@ class PPOTrainer:
       # process, tests) share one compiled update.
       key = (self.policy_cfg, self.value_cfg, self.update_hp, self.mesh, self.batch_size,
              tuple(self.rules), self.config.policy_optim.to_json(),
-             self.config.value_optim.to_json(), int(self.config.get("train_top_layers", -1)),
+             self.config.value_optim.to_json() if self.update_hp.critic else None, int(self.config.get("train_top_layers", -1)),
              jax.tree_util.tree_structure(shardings),
              tuple(jax.tree_util.tree_leaves(shardings)))
       if key not in _UPDATE_CACHE:
@@ -126,16 +155,16 @@ class PPOTrainer:
     t_start = time.perf_counter()
     rng_sample, rng_update = jax.random.split(rng)
     beta = self.kl_ctl.beta
-    tr, metrics, timings = self.rollout(state["policy"], state["value"], prompt_tokens_BxP,
+    tr, metrics, timings = self.rollout(state["policy"], state.get("value"), prompt_tokens_BxP,
                                         prompt_mask_BxP, rng_sample, beta, prompts=prompts)
     t0 = time.perf_counter()
     sh = update_lib.batch_input_sharding(self.mesh, self.batch_size, self.rules)
-    host = jax.device_get(update_lib.batch_from_transition(tr))
+    host = jax.device_get(update_lib.batch_from_transition(tr, self.update_hp))
     # Every process holds the whole batch; each places the rows its devices own.
     batch = jax.tree_util.tree_map(
         lambda x: jax.make_array_from_callback(x.shape, sh, lambda idx, x=x: x[idx]), host)
     update = self._update_fn(state)
-    state, upd_metrics = update(state, batch, rng_update)
+    state, upd_metrics = update(state, batch, rng_update, jnp.float32(beta))
     upd_metrics = {k: float(v) for k, v in jax.device_get(upd_metrics).items()}
     t_train = time.perf_counter() - t0
     self.kl_ctl.update(metrics["kl"], self.batch_size)

@@ -80,7 +80,9 @@ RULES = {
            "pretrain_steps": NONNEG, "pretrain_lr": NONNEG_FLOAT,
            "max_eval_pairs": ALL_OR_POSITIVE,
            "score_init_std": NONNEG_FLOAT, "calibration_bins": POSITIVE},
-    "ppo": {"num_iterations": POSITIVE, "batch_size": POSITIVE, "red_team_fraction": FRACTION,
+    "ppo": {"algorithm": one_of("ppo", "grpo", "rloo"), "group_size": POSITIVE,
+            "kl_in": one_of("reward", "loss"),
+            "num_iterations": POSITIVE, "batch_size": POSITIVE, "red_team_fraction": FRACTION,
             "max_prompt_tokens": POSITIVE, "max_new_tokens": POSITIVE,
             "temperature": POS_FLOAT, "missing_eos_penalty": FINITE, "gamma": FRACTION,
             "lam": FRACTION, "num_epochs": POSITIVE, "num_minibatches": POSITIVE,
@@ -129,6 +131,13 @@ def check_section(name: str, section) -> None:
   if name == "ppo" and section.batch_size % section.num_minibatches:
     raise InputError(f"config.ppo.batch_size={section.batch_size} is not divisible by "
                      f"config.ppo.num_minibatches={section.num_minibatches}; make it a multiple")
+  if name == "ppo" and section.get("algorithm", "ppo") != "ppo":
+    if section.group_size < 2:
+      raise InputError(f"config.ppo.group_size={section.group_size}: {section.algorithm} needs "
+                       ">= 2 responses per prompt for its group baseline; set it to 2 or more")
+    if section.batch_size % section.group_size:
+      raise InputError(f"config.ppo.batch_size={section.batch_size} is not a multiple of "
+                       f"config.ppo.group_size={section.group_size}; make it a multiple")
   if name == "generate_prompts" and section.min_chars > section.max_chars:
     raise InputError(f"config.generate_prompts.min_chars={section.min_chars} exceeds max_chars="
                      f"{section.max_chars}; lower min_chars or raise max_chars")

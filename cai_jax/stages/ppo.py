@@ -1,16 +1,18 @@
-"""RL-CAI: PPO of the SL-CAI policy against the preference model.
+"""RL-CAI: PPO (or GRPO / RLOO) of the SL-CAI policy against the preference model.
 
 Policy and the frozen reference start from the SL-CAI model (`ppo.init_from`,
 by default WORKDIR/sft); the reward is the frozen preference model (WORKDIR/pm)
-read where the PM stage trained it (`rl.rollout.PMReward`); the value model
-starts from the PM (or the policy). Everything shares one mesh.
+read where the PM stage trained it (`rl.rollout.PMReward`); for PPO the value
+model starts from the PM (or the policy). `ppo.algorithm=grpo|rloo` samples
+`group_size` responses per prompt and uses the group as the baseline: no value
+model is loaded, trained or exported. Everything shares one mesh.
 
 Writes WORKDIR/ppo/: metrics.jsonl (one line per iteration), samples.jsonl
 (every sample of every iteration with the PM score it was rewarded with), tb/
-(TensorBoard), curves.png, checkpoints/ (the whole state: policy, value, both
+(TensorBoard), curves.png, checkpoints/ (the whole state: policy, value, their
 optimizers, β, reward normaliser, RNG and prompt position; a killed run
-resumes exactly), final/ (policy, HF format) and value_final/ (value model),
-then DONE.
+resumes exactly), final/ (policy, HF format) and, for PPO, value_final/ (value
+model), then DONE.
 
   python -m cai_jax.main --config=configs/tiny.py --workdir=/tmp/cai \\
       --config.stages=ppo
@@ -111,7 +113,8 @@ def run(config, workdir: str, reward_fn=None) -> dict:
   stops = stop_strings(ctx.fmt, tok)
   eos = eos_ids_of(pcfg, tok)
   pm_len = int(pc.pm_max_len) or int(config.pm.max_len if "pm" in config else 512)
-  if reward_fn is None or pc.value_init == "pm":
+  critic = trainer_lib.has_critic(pc)
+  if reward_fn is None or (critic and pc.value_init == "pm"):
     pm_path = ctx.role_spec("pm", pc.pm)
     pm_cfg, pm_params, _ = ctx.load(pm_path, heads=("lm", "score"), field="ppo.pm", seed_offset=1)
     if "score" not in models.heads_of(pm_cfg, pm_params):
@@ -121,7 +124,9 @@ def run(config, workdir: str, reward_fn=None) -> dict:
       raise InputError(f"{pm_path}: preference model vocabulary ({pm_cfg.vocab_size}) differs "
                        f"from the policy's ({pcfg.vocab_size}); use models sharing a tokenizer")
     pm_params = models.drop_heads(pm_params, ("score",))
-  if pc.value_init == "pm":
+  if not critic:
+    vcfg, vparams = None, None
+  elif pc.value_init == "pm":
     vcfg, vparams = pm_cfg, pm_params
   elif pc.value_init == "policy":
     vcfg = pcfg
@@ -141,7 +146,10 @@ def run(config, workdir: str, reward_fn=None) -> dict:
   if not red and not helpful:
     raise InputError("ppo: no prompts left (config.data and ppo.max_prompt_tokens); "
                      "give prompts that fit the context")
-  mix = prompt_mix.PromptMix(red, helpful, pc.red_team_fraction, int(pc.batch_size), ctx.seed)
+  # GRPO / RLOO: each prompt is sampled group_size times, in consecutive rows.
+  group = 1 if critic else int(pc.group_size)
+  mix = prompt_mix.PromptMix(red, helpful, pc.red_team_fraction, int(pc.batch_size) // group,
+                             ctx.seed)
   P = min(bucket_length(max(len(p["ids"]) for p in red + helpful)), limit)
   pad_id = pcfg.pad_token_id if pcfg.pad_token_id is not None else 0
   ctx.begin(settings(config, workdir))
@@ -173,7 +181,7 @@ def run(config, workdir: str, reward_fn=None) -> dict:
   last = {}
   try:
     for it in range(start + 1, total + 1):
-      batch = mix.next_batch()
+      batch = [p for p in mix.next_batch() for _ in range(group)]
       toks, mask = prompt_mix.left_pad([p["ids"] for p in batch], P, pad_id)
       rng, key = jax.random.split(rng)
       state, m, tr = trainer.iteration(state, toks, mask, key,
@@ -200,12 +208,14 @@ def run(config, workdir: str, reward_fn=None) -> dict:
     mngr.close()
 
   ctx.export(pcfg, state["policy"], tok)
-  ctx.export(vcfg, state["value"], tok, "value_final")
+  if critic:
+    ctx.export(vcfg, state["value"], tok, "value_final")
   rows = list(utils.read_jsonl(ctx.path("metrics.jsonl"))) if utils.exists(
       ctx.path("metrics.jsonl")) else []
   if ctx.is_main:
     plot_curves(ctx.path("metrics.jsonl"), ctx.path("curves.png"))
   summary = {
+      "algorithm": str(pc.algorithm),
       "iterations": total,
       "reward_first": rows[0]["reward"] if rows else None,
       "reward_last": rows[-1]["reward"] if rows else None,

@@ -211,33 +211,40 @@ def lower_sft(cfg, mesh, shapes: Shapes, optim_config, rules):
   return step.lower(state, batch, rng), per_device_bytes(state), 0
 
 
-def lower_ppo(cfg, mesh, shapes: Shapes, policy_optim, value_optim, rules):
-  """The PPO update (K epochs of minibatch steps) for policy + value model."""
+def lower_ppo(cfg, mesh, shapes: Shapes, policy_optim, value_optim, rules, critic: bool = True):
+  """The PPO update (K epochs of minibatch steps) for policy + value model, or
+  (critic=False) the GRPO / RLOO update of the policy alone, whose k3 loss term
+  reads the reference log-probs."""
   import jax.numpy as jnp
   from cai_jax import sharding
   from cai_jax.rl import update
   from cai_jax.training import optim
   policy = abstract_sharded_params(cfg, mesh, ("lm",), rules)
-  value = abstract_sharded_params(cfg, mesh, ("score",), rules)
-  ptx, vtx = optim.make_optimizer(policy_optim), optim.make_optimizer(value_optim)
+  ptx = optim.make_optimizer(policy_optim)
   rep = sharding.replicated(mesh)
-  state = {"step": _sds((), jnp.int32, rep), "policy": policy, "value": value,
-           "policy_opt": abstract_opt_state(ptx, policy, mesh),
-           "value_opt": abstract_opt_state(vtx, value, mesh)}
+  state = {"step": _sds((), jnp.int32, rep), "policy": policy,
+           "policy_opt": abstract_opt_state(ptx, policy, mesh)}
+  vtx = None
+  if critic:
+    value = abstract_sharded_params(cfg, mesh, ("score",), rules)
+    vtx = optim.make_optimizer(value_optim)
+    state.update(value=value, value_opt=abstract_opt_state(vtx, value, mesh))
   shardings = update.state_shardings(state, mesh)
-  hp = update.UpdateHParams(epochs=shapes.ppo_epochs, num_minibatches=shapes.ppo_minibatches)
+  hp = update.UpdateHParams(epochs=shapes.ppo_epochs, num_minibatches=shapes.ppo_minibatches,
+                            critic=critic, kl_in_loss=not critic)
   B, N = shapes.ppo_batch, shapes.ppo_response
   L = shapes.ppo_prompt + N
   bs = sharding.batch_sharding(mesh, 2, rules)
   batch = {"tokens": _sds((B, L), jnp.int32, bs), "mask": _sds((B, L), bool, bs),
            "response_mask": _sds((B, N), bool, bs)}
-  for k in ("old_logprobs", "old_values", "advantages", "returns"):
+  for k in update.batch_keys(hp)[3:]:
     batch[k] = _sds((B, N), jnp.float32, bs)
   fn = update.make_update_fn(cfg, cfg, ptx, vtx, hp, mesh, shardings, B, rules)
   # Frozen during the update but resident for rollouts: reference policy and PM.
   frozen = per_device_bytes(abstract_sharded_params(cfg, mesh, ("lm",), rules)) + \
       per_device_bytes(abstract_sharded_params(cfg, mesh, ("score",), rules))
-  return fn.lower(state, batch, _sds((2,), jnp.uint32, rep)), per_device_bytes(state), frozen
+  return (fn.lower(state, batch, _sds((2,), jnp.uint32, rep), _sds((), jnp.float32, rep)),
+          per_device_bytes(state), frozen)
 
 
 @dataclasses.dataclass
@@ -297,14 +304,14 @@ def plan(cfg, meshes: Sequence[tuple], shapes: Shapes, steps=("sft", "ppo"), con
           raise PlanError(f"sft batch {shapes.sft_batch} does not divide over mesh {dims} "
                           f"(batch axes = {div}); change --sft_batch or the mesh")
         lowered = lower_sft(cfg, mesh, shapes, section_optim("sft", "optim"), rules)
-      elif step == "ppo":
+      elif step in ("ppo", "grpo", "rloo"):
         if shapes.ppo_batch % shapes.ppo_minibatches:
           raise PlanError(f"ppo batch {shapes.ppo_batch} not divisible by "
                           f"{shapes.ppo_minibatches} minibatches")
         lowered = lower_ppo(cfg, mesh, shapes, section_optim("ppo", "policy_optim"),
-                            section_optim("ppo", "value_optim"), rules)
+                            section_optim("ppo", "value_optim"), rules, critic=step == "ppo")
       else:
-        raise PlanError(f"unknown step {step!r}; use sft and/or ppo")
+        raise PlanError(f"unknown step {step!r}; use sft, ppo, grpo or rloo")
       row = analyse(*lowered, step, dims)
       rows.append(row)
       if progress:
@@ -337,7 +344,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  "HF dir; overrides config.model")
   p.add_argument("--meshes", default=";".join(",".join(map(str, m)) for m in DEFAULT_MESHES),
                  help="';'-separated data,fsdp,tensor meshes")
-  p.add_argument("--steps", default="sft,ppo", help="comma-separated: sft, ppo")
+  p.add_argument("--steps", default="sft,ppo", help="comma-separated: sft, ppo, grpo, rloo "
+                 "(grpo and rloo compile the same critic-free update)")
   p.add_argument("--dtype", default="", help="param/compute dtype (default: config.dtype, "
                  "else bfloat16)")
   p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
