@@ -21,19 +21,22 @@ import numpy as np
 from cai_jax import utils
 from cai_jax.evaluation import plots, stats
 
-STAGES = ("revise", "sft", "label", "pm", "ppo", "evaluate")
+STAGES = ("revise", "sft", "label", "pm", "ppo", "dpo", "evaluate")
 # Summary numbers shown first for each stage (the rest follow in the stage table).
 HEADLINE = {"revise": ("frac_revision_changed", "num_red_team", "num_rounds"),
             "sft": ("final_loss", "steps", "num_examples"),
             "label": ("mean_p_a", "mean_confidence", "num_comparisons"),
             "pm": ("eval.ai_accuracy", "eval.ai_ece", "eval.human_accuracy", "final_loss", "steps"),
             "ppo": ("reward_first", "reward_last", "kl_last", "iterations"),
+            "dpo": ("eval.ai_accuracy", "eval.human_accuracy", "final_loss", "steps"),
             "evaluate": ("snapshots", "red_team_prompts", "helpful_prompts")}
-SNAPSHOT_TITLES = {"helpful": "initial helpful", "sl_cai": "SL-CAI", "rl_cai": "RL-CAI"}
+SNAPSHOT_TITLES = {"helpful": "initial helpful", "sl_cai": "SL-CAI", "rl_cai": "RL-CAI",
+                   "dpo_cai": "RL-CAI (DPO)"}
 YLABELS = {"loss": "loss (nats)", "accuracy": "pairwise accuracy", "learning_rate": "learning rate",
            "tokens_per_s": "tokens / s", "reward": "PM reward (mean)",
            "kl": "KL k1 (nats / sequence)", "kl_k3": "KL k3 (nats / sequence)",
-           "entropy": "entropy (nats / token)", "response_length": "tokens"}
+           "entropy": "entropy (nats / token)", "response_length": "tokens",
+           "margin": "β × log-ratio margin (A − B)"}
 # Mean |p - 0.5| of the AI labels below this: the feedback model barely prefers either.
 LABEL_CHANCE = 0.05
 
@@ -228,8 +231,11 @@ class _Report:
                         f"mean |p-0.5| {np.abs(p - 0.5).mean():.2f}.")
 
   def training(self):
+    rl = {"grpo": "RL-CAI (GRPO)", "rloo": "RL-CAI (RLOO)"}.get(
+        (self.stage_summary["ppo"] or {}).get("algorithm"), "RL-CAI (PPO)")
+    dpo = f"RL-CAI without a PM ({(self.stage_summary['dpo'] or {}).get('loss', 'soft')} DPO)"
     for stage, title in (("sft", "SL-CAI fine-tuning"), ("pm", "Preference model"),
-                         ("ppo", "RL-CAI (PPO)")):
+                         ("ppo", rl), ("dpo", dpo)):
       info = self.stage_summary[stage]
       if info is None:
         continue
@@ -259,7 +265,8 @@ class _Report:
       return {}
     wanted = {"sft": ("loss", "learning_rate", "tokens_per_s"),
               "pm": ("loss", "accuracy", "learning_rate"),
-              "ppo": ("reward", "kl", "kl_k3", "entropy", "response_length")}[stage]
+              "ppo": ("reward", "kl", "kl_k3", "entropy", "response_length"),
+              "dpo": ("loss", "accuracy", "margin")}[stage]
     out = {}
     for k in wanted:
       pts = [(r.get("step", r.get("iteration", i)), r[k]) for i, r in enumerate(recs)

@@ -213,3 +213,4 @@ def k3_per_token(logprobs_BxN, ref_logprobs_BxN):
   gradient in log π is 1 − π_ref/π (zero where the policy equals the reference)."""
   d = ref_logprobs_BxN - logprobs_BxN
   return jnp.expm1(d) - d
+

@@ -10,7 +10,8 @@ from cai_jax.utils import InputError
 
 # Canonical order; config.stages picks a subset and they always run in this order.
 # generate_prompts is optional (off unless listed): it grows the red-team prompt set.
-STAGES = ("generate_prompts", "revise", "sft", "label", "pm", "ppo", "evaluate")
+# dpo is optional too: RL-CAI from the labels without a PM (instead of, or beside, ppo).
+STAGES = ("generate_prompts", "revise", "sft", "label", "pm", "ppo", "dpo", "evaluate")
 DEFAULT_STAGES = ("revise", "sft", "label", "pm", "ppo", "evaluate")
 # Stage name -> module exposing default_config(), settings() and run(config, workdir).
 STAGE_MODULES = {
@@ -20,6 +21,7 @@ STAGE_MODULES = {
     "label": "cai_jax.stages.label",
     "pm": "cai_jax.stages.preference",
     "ppo": "cai_jax.stages.ppo",
+    "dpo": "cai_jax.stages.dpo",
     "evaluate": "cai_jax.stages.evaluate",
 }
 

@@ -72,9 +72,10 @@ def settings(config, workdir: str) -> dict:
 
 
 def snapshot_paths(config, workdir: str) -> dict[str, str]:
-  """Snapshots that exist: the initial model, SL-CAI and RL-CAI exports."""
+  """Snapshots that exist: the initial model, SL-CAI and RL-CAI exports (the ppo
+  stage's, whichever algorithm it ran, and the dpo stage's)."""
   out = {"helpful": config.model}
-  for name, sub in (("sl_cai", "sft"), ("rl_cai", "ppo")):
+  for name, sub in (("sl_cai", "sft"), ("rl_cai", "ppo"), ("dpo_cai", "dpo")):
     p = utils.join(utils.resolve_dir(workdir), sub, "final")
     if utils.isdir(p):
       out[name] = p

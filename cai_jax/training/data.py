@@ -114,6 +114,37 @@ def pair_batch(pairs: Sequence[PairExample], max_len: int, pad_id: int) -> dict:
           "p_B": np.asarray([p.p_a for p in pairs], np.float32)}
 
 
+@dataclasses.dataclass
+class DPOPair:
+  a: SFTExample          # prompt + response A, loss mask on A's tokens
+  b: SFTExample
+  p_a: float             # probability that A is the better response
+  ref_a: float = 0.0     # reference model's log π_ref(A | prompt), filled before training
+  ref_b: float = 0.0
+
+
+def dpo_pair(encoder, prompt, response_a: str, response_b: str, p_a: float,
+             max_len: int) -> DPOPair:
+  """Both responses encoded as SFT examples are (the response's tokens carry the
+  loss mask), so a response's log-probability is read exactly where SFT trains it."""
+  return DPOPair(sft_example(encoder, prompt, response_a, max_len),
+                 sft_example(encoder, prompt, response_b, max_len), float(p_a))
+
+
+def dpo_batch(pairs: Sequence[DPOPair], max_len: int, pad_id: int) -> dict:
+  """Right-padded A and B rows (inputs, next-token targets, response masks), the
+  labels p_B and the stored reference log-probs ref_a_B / ref_b_B."""
+  out = {}
+  for side in ("a", "b"):
+    b = sft_batch([getattr(p, side) for p in pairs], [[i] for i in range(len(pairs))],
+                  max_len, pad_id)
+    out.update({k.replace("_BxL", f"_{side}_BxL"): v for k, v in b.items()})
+  out["p_B"] = np.asarray([p.p_a for p in pairs], np.float32)
+  out["ref_a_B"] = np.asarray([p.ref_a for p in pairs], np.float32)
+  out["ref_b_B"] = np.asarray([p.ref_b for p in pairs], np.float32)
+  return out
+
+
 # ------------------------------------------------------------------ ordering
 def split_eval(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
   """Deterministic (train, eval) index split."""

@@ -175,3 +175,35 @@ def pm_loss_fn(cfg):
     loss = jnp.mean(losses.ranking_loss(ra, rb, batch["p_B"]))
     return loss, losses.pairwise_metrics(ra, rb, batch["p_B"])
   return loss_fn
+
+
+def pair_sequence_logprobs(cfg, params, batch):
+  """(log π(a), log π(b)): each response's summed token log-probs given its prompt,
+  over the tokens the loss masks mark (the response, as SFT trains it). Both
+  sides run in one forward pass."""
+  cat = lambda k: jnp.concatenate([batch[f"{k}_a_BxL"], batch[f"{k}_b_BxL"]], axis=0)  # noqa: E731
+  mask = cat("mask")
+  out = models.forward(cfg, params, cat("tokens"), models.positions_from_mask(mask), mask,
+                       heads=("lm",))
+  lp = losses.token_logprobs(out["logits"], cat("targets"))
+  seq = jnp.sum(jnp.where(cat("loss_mask") > 0, lp, 0.0), axis=1)
+  B = batch["tokens_a_BxL"].shape[0]
+  return seq[:B], seq[B:]
+
+
+def dpo_loss_fn(cfg, beta: float, kind: str):
+  """DPO-family loss (`losses.preference_loss`) on the margin of the policy's
+  log-ratios to the reference, whose log-probs come with the batch
+  (ref_a_B, ref_b_B: computed once before training)."""
+  def loss_fn(params, batch, rng):
+    del rng
+    la, lb = pair_sequence_logprobs(cfg, params, batch)
+    margin = (la - batch["ref_a_B"]) - (lb - batch["ref_b_B"])
+    p = batch["p_B"]
+    loss = jnp.mean(losses.preference_loss(margin, p, beta, kind))
+    # Agreement of the margin's side with the label's; a tie on either side counts ½.
+    agree = jnp.where((p == 0.5) | (margin == 0), 0.5,
+                      ((margin > 0) == (p > 0.5)).astype(jnp.float32))
+    return loss, {"margin": jnp.mean(beta * margin), "accuracy": jnp.mean(agree),
+                  "logp_a": jnp.mean(la), "logp_b": jnp.mean(lb)}
+  return loss_fn

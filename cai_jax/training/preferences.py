@@ -92,17 +92,30 @@ def calibration(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> dict:
   return {"ece": calibration_lib.expected_calibration_error(probs, labels, bins), "bins": table}
 
 
-def pair_margins(cfg, params, pairs, L, pad, B, mesh, rules) -> np.ndarray:
-  """r_a - r_b for every pair (batched, last batch padded by repetition)."""
-  f = jax.jit(lambda p, b: jnp.subtract(*objectives.pair_rewards(cfg, p, b)))
+def over_pairs(f, params, pairs, make_batch, B, mesh, rules) -> np.ndarray:
+  """f(params, batch) -> per-row values, for every pair: batches of B on the mesh,
+  the last one padded by repetition; returns the values of the real pairs."""
   out = []
   for i in range(0, len(pairs), B):
     chunk = list(pairs[i:i + B])
     n = len(chunk)
     chunk += [chunk[-1]] * (B - n)
-    batch = shd.shard_batch(data.pair_batch(chunk, L, pad), mesh, rules)
+    batch = shd.shard_batch(make_batch(chunk), mesh, rules)
     out.append(np.asarray(multihost.to_host(f(params, batch)))[:n])
   return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+def pair_margins(cfg, params, pairs, L, pad, B, mesh, rules) -> np.ndarray:
+  """r_a - r_b for every pair."""
+  f = jax.jit(lambda p, b: jnp.subtract(*objectives.pair_rewards(cfg, p, b)))
+  return over_pairs(f, params, pairs, lambda c: data.pair_batch(c, L, pad), B, mesh, rules)
+
+
+def dpo_logprobs(cfg, params, pairs, L, pad, B, mesh, rules) -> np.ndarray:
+  """[n, 2]: log π(a) and log π(b) of every DPO pair under `params`."""
+  f = jax.jit(lambda p, b: jnp.stack(objectives.pair_sequence_logprobs(cfg, p, b), axis=1))
+  out = over_pairs(f, params, pairs, lambda c: data.dpo_batch(c, L, pad), B, mesh, rules)
+  return out.reshape(-1, 2)
 
 
 def evaluate_pairs(cfg, params, pairs, L, pad, B, mesh, rules, bins) -> dict:

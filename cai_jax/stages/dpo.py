@@ -1,0 +1,196 @@
+"""RL-CAI without a preference model: the DPO family on the soft AI labels.
+
+Reads the label stage's comparisons (WORKDIR/label/preferences.jsonl, soft p_a)
+and mixes in human comparisons from hh-rlhf files as the PM stage does. The
+policy starts from the SL-CAI model, which is also the reference: its
+log-probabilities of every response are computed once before training and
+stored (reference_logprobs.json), so no second copy of the model is held while
+training. `dpo.loss` picks the objective (`training.losses.preference_loss`):
+"soft" takes the AI label as the target (the counterpart of the paper's soft PM
+targets), "dpo" its rounded label, "ipo" IPO's squared loss.
+
+Writes WORKDIR/dpo/: reference_logprobs.json, metrics.jsonl, tb/, checkpoints/
+(a killed run resumes exactly), eval.json (held-out pairs: agreement of the
+implicit reward margin with the labels), final/ (the policy, HF format), DONE.
+
+  python -m cai_jax.main --config=configs/tiny.py --workdir=/tmp/cai \\
+      --config.stages=revise,sft,label,dpo,evaluate
+"""
+from __future__ import annotations
+
+import logging
+
+import ml_collections
+import numpy as np
+
+from cai_jax import models, sharding as shd, utils
+from cai_jax.runtime import StageContext, runners, stage_settings
+from cai_jax.training import data, flops as flops_lib, losses, objectives, optim
+from cai_jax.training.preferences import (dpo_logprobs, mix, read_ai_preferences,
+                                          read_human_pairs)
+from cai_jax.utils import InputError
+
+STAGE = "dpo"
+USES = ("seed", "model", "dtype", "prompt_format")
+VOLATILE = ("log_every", "checkpoint_every", "keep_checkpoints", "async_checkpoint",
+            "tensorboard", "progress", "eval_every", "max_eval_pairs")
+REFERENCE_FILE = "reference_logprobs.json"
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.init_from = ""            # policy and reference: "" = WORKDIR/sft (when sft runs or ran),
+                              # else config.model
+  c.preferences = ""          # AI comparisons; "" = WORKDIR/label/preferences.jsonl; "none" = skip
+  c.human_data = ()           # hh-rlhf jsonl(.gz) files of human (helpfulness) comparisons
+  c.human_fraction = 0.5      # share of human comparisons in the training mixture (0..1)
+  c.max_human_pairs = -1      # cap on human pairs read per file (-1 = all)
+  c.loss = "soft"             # "soft": AI label p as the target; "dpo": p rounded; "ipo"
+  c.beta = 0.1                # strength of the implicit KL to the reference
+  c.max_len = 512             # tokens per prompt + response row (prompt end, response start kept)
+  c.batch_size = 8            # pairs per step (global)
+  c.num_epochs = 1.0          # passes over the mixture
+  c.max_steps = -1            # cap on steps; -1 = num_epochs worth
+  c.eval_fraction = 0.1       # pairs of each source held out for the margin's agreement
+  c.max_eval_pairs = -1       # evaluate on at most this many held-out pairs per source (-1 = all)
+  c.train_top_layers = -1     # -1 trains everything; k trains the top k blocks + heads
+  c.optim = optim.default_optim_config()  # AdamW
+  c.optim.learning_rate = 1e-6
+  c.eval_every = 0            # steps between evals; 0 = only at the end
+  c.log_every = 10            # steps between progress-bar updates (metrics: every step)
+  c.checkpoint_every = 100    # steps between Orbax checkpoints
+  c.keep_checkpoints = 2      # checkpoints kept
+  c.async_checkpoint = True   # write checkpoints in the background
+  c.tensorboard = True        # TensorBoard scalars in WORKDIR/dpo/tb
+  c.progress = True           # progress bar with tokens/s and MFU
+  return c
+
+
+def settings(config, workdir: str) -> dict:
+  return stage_settings(config, workdir, STAGE, USES, VOLATILE)
+
+
+def _reference(ctx, cfg, params, pairs, L, pad) -> None:
+  """Fills each pair's ref_a / ref_b: read from the stage's file when an earlier
+  (interrupted) run computed them, else computed with the initial params."""
+  path = ctx.path(REFERENCE_FILE)
+  stored = utils.read_json(path) if utils.exists(path) else None
+  if stored is not None:
+    lp = np.asarray(stored.get("logprobs", []), np.float32)
+    if lp.shape != (len(pairs), 2):
+      raise InputError(f"{path}: holds {lp.shape[0]} pairs' reference log-probs, the data has "
+                       f"{len(pairs)}; rerun the stage (--rerun=dpo)")
+  else:
+    B = int(ctx.section.batch_size)
+    lp = dpo_logprobs(cfg, params, pairs, L, pad, B, shd.mesh_from_config(ctx.config),
+                      shd.rules_from_config(ctx.config))
+    if ctx.is_main:
+      utils.write_json(path, {"logprobs": lp.tolist()})
+  for p, (a, b) in zip(pairs, lp):
+    p.ref_a, p.ref_b = float(a), float(b)
+
+
+def run(config, workdir: str) -> dict:
+  ctx = StageContext(config, workdir, STAGE, default_config())
+  dc = ctx.section
+  done = ctx.done()
+  if done is not None:
+    return done
+  L, B, seed = int(dc.max_len), int(dc.batch_size), ctx.seed
+  if L < 2:
+    raise InputError(f"config.dpo.max_len={L}: must be >= 2")
+  pref_path = dc.preferences or ctx.stage_dir("label") + "/preferences.jsonl"
+  ai = []
+  if pref_path != "none":
+    if not utils.exists(pref_path):
+      raise InputError(f"{pref_path}: AI preference labels not found; run the label stage first "
+                       "(config.stages includes label), set config.dpo.preferences, or 'none' to "
+                       "train on human comparisons only")
+    ai = read_ai_preferences(pref_path)
+  human = read_human_pairs(dc.human_data, int(dc.max_human_pairs))
+  if not ai and not human:
+    raise InputError("config.dpo: no comparisons (preferences is 'none'/empty and human_data is "
+                     "empty); give AI labels or hh-rlhf files")
+  if not human:
+    logging.warning("dpo: no human comparisons (config.dpo.human_data is empty): the policy "
+                    "learns the AI harmlessness labels alone")
+  init_path = ctx.role_spec("policy", dc.init_from)
+  cfg, params, tok = ctx.load(init_path, field="dpo.init_from")
+  if "lm" not in models.heads_of(cfg, params):
+    raise InputError(f"{init_path}: the policy has no LM head; point dpo.init_from at a "
+                     "language model")
+  params = models.drop_heads(params, ("lm",))
+  enc = ctx.encoder(tok)
+  ctx.begin(settings(config, workdir))
+
+  rng = np.random.default_rng([seed, 7])
+
+  def encode(items):
+    out = []
+    for it in items:
+      a, b, p = it["a"], it["b"], it["p"]
+      # Hard human pairs in random A/B order, as the PM stage reads them.
+      if it["source"] == "human" and rng.random() < 0.5:
+        a, b, p = b, a, 1.0 - p
+      out.append(data.dpo_pair(enc, it["prompt"], a, b, p, L))
+    return out
+
+  ai_enc, hu_enc = encode(ai), encode(human)
+  ai_tr, ai_ev = data.split_eval(len(ai_enc), float(dc.eval_fraction), seed) \
+      if ai_enc else ([], [])
+  hu_tr, hu_ev = data.split_eval(len(hu_enc), float(dc.eval_fraction), seed) \
+      if hu_enc else ([], [])
+  k = int(dc.max_eval_pairs)
+  eval_sets = {"ai": [ai_enc[i] for i in ai_ev][:k if k >= 0 else None],
+               "human": [hu_enc[i] for i in hu_ev][:k if k >= 0 else None]}
+  train = mix([ai_enc[i] for i in ai_tr], [hu_enc[i] for i in hu_tr], float(dc.human_fraction),
+              seed)
+  if len(train) < B:
+    raise InputError(f"{pref_path}: {len(train)} training pairs cannot fill one batch of {B}; "
+                     "lower config.dpo.batch_size or add comparisons")
+  pad = tok.pad_token_id if tok.pad_token_id is not None else (cfg.pad_token_id or 0)
+  # The reference is the initial policy: one pass over every pair before training.
+  _reference(ctx, cfg, params, train + eval_sets["ai"] + eval_sets["human"], L, pad)
+
+  beta, kind = float(dc.beta), str(dc.loss)
+  loss_fn = objectives.dpo_loss_fn(cfg, beta, kind)
+  mesh, rules = shd.mesh_from_config(config), shd.rules_from_config(config)
+
+  def eval_fn(p, step):
+    res = {}
+    for src, pairs in eval_sets.items():
+      if not pairs:
+        continue
+      lp = dpo_logprobs(cfg, p, pairs, L, pad, B, mesh, rules)
+      margin = (lp[:, 0] - [x.ref_a for x in pairs]) - (lp[:, 1] - [x.ref_b for x in pairs])
+      labels = np.asarray([x.p_a for x in pairs])
+      decided = labels != 0.5
+      agree = np.where(margin == 0, 0.5, (margin > 0) == (labels > 0.5))[decided]
+      res[f"{src}_accuracy"] = float(agree.mean()) if agree.size else None
+      res[f"{src}_loss"] = float(np.mean(losses.preference_loss(margin, labels, beta, kind)))
+      res[f"{src}_margin"] = float(beta * margin.mean())
+      res[f"{src}_pairs"] = len(pairs)
+    return res
+
+  make = lambda idx: data.dpo_batch([train[i] for i in idx], L, pad)  # noqa: E731
+  batches = data.BatchIterator(data.ShuffledIndex(len(train), B, seed), make)
+  steps = max(int(np.ceil(float(dc.num_epochs) * (len(train) // B))), 1)
+  if int(dc.max_steps) > 0:
+    steps = min(steps, int(dc.max_steps))
+  res = runners.train(ctx, STAGE, cfg=cfg, params=params, tokenizer=tok, batches=batches,
+                      example_batch=make(np.arange(B)), loss_fn=loss_fn, num_steps=steps,
+                      optim_config=dc.optim, sec=dc,
+                      eval_fn=eval_fn if any(eval_sets.values()) else None,
+                      flops_per_token=flops_lib.train_flops_per_token(
+                          cfg, L, trainable_layers=int(dc.train_top_layers)),
+                      trainable_layers=int(dc.train_top_layers))
+  del params
+  if res.evals and ctx.is_main:
+    utils.write_json(ctx.path("eval.json"), res.evals[-1])
+  ctx.export(cfg, res.state.params, tok)
+  summary = {"loss": kind, "beta": beta, "steps": res.step, "num_ai_pairs": len(ai),
+             "num_human_pairs": len(human), "num_train_pairs": len(train),
+             "init_from": init_path, "resumed_from": res.resumed_from,
+             "final_loss": res.history[-1]["loss"] if res.history else None,
+             "eval": res.evals[-1] if res.evals else None}
+  return ctx.finish(summary)
