@@ -87,6 +87,7 @@ def validate(config) -> list[str]:
     roles.check("feedback_model", config.feedback_model)
   # Models a configured stage names itself; "" means a default resolved at run time.
   for field in ("sft.init_from", "label.policy", "pm.init_from", "ppo.init_from", "ppo.pm",
+                "dpo.init_from",
                 "evaluate.pm", "evaluate.judge.path", "evaluate.judge.model"):
     value = functools.reduce(lambda d, k: d[k], field.split("."), config)
     if field.split(".")[0] in stages and value:
@@ -117,15 +118,16 @@ def validate(config) -> list[str]:
 def _check_inputs(config, stages) -> None:
   """The constitution and prompt sets the configured stages will read, loaded now, so
   that a gap is found before the first stage rather than in a later one."""
-  if {"revise", "label", "evaluate"} & set(stages):
+  ai_reward = "ppo" in stages and str(config.ppo.reward) == "ai"
+  if {"revise", "label", "evaluate"} & set(stages) or ai_reward:
     from cai_jax import constitution
     const = constitution.load(config.constitution)
-    wants_choice = "label" in stages or (
+    wants_choice = "label" in stages or ai_reward or (
         "evaluate" in stages and "feedback" in parse_list(config.evaluate.judges))
     if wants_choice and not const.choice_principles:
       raise InputError(f"{const.source or config.constitution}: no choice_principles, which "
-                       "the label stage (and the feedback judge) ask the feedback model; add some "
-                       "(format: constitutions/README.md)")
+                       "the label stage (and the feedback judge, and ppo.reward=ai) ask the "
+                       "feedback model; add some (format: constitutions/README.md)")
   grown = str(config.generate_prompts.kind) if "generate_prompts" in stages else None
   need = []
   if "revise" in stages:

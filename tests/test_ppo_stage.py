@@ -16,18 +16,19 @@ from cai_jax.stages import ppo
 TIMING = ("time/", "tokens_per_sec")
 
 
-def _workdir(root):
+def _workdir(root, pm=True):
   tok = roles.load_tokenizer("tiny")
   cfg = roles.tiny_config()
   policy = models.init_params(cfg, jax.random.PRNGKey(0))
   models.save_pretrained(cfg, policy, os.path.join(root, "sft", "final"), tokenizer=tok)
-  pm = models.add_score_head(cfg, models.init_params(cfg, jax.random.PRNGKey(1)),
-                             rng=jax.random.PRNGKey(2), init_std=1.0)
-  models.save_pretrained(cfg, pm, os.path.join(root, "pm", "final"), tokenizer=tok)
+  if pm:
+    pm = models.add_score_head(cfg, models.init_params(cfg, jax.random.PRNGKey(1)),
+                               rng=jax.random.PRNGKey(2), init_std=1.0)
+    models.save_pretrained(cfg, pm, os.path.join(root, "pm", "final"), tokenizer=tok)
   return root
 
 
-def _config(algorithm="ppo"):
+def _config(algorithm="ppo", reward="pm"):
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.model = "tiny"
@@ -47,6 +48,12 @@ def _config(algorithm="ppo"):
   p.value_optim.learning_rate = 1e-3
   p.progress = False
   p.algorithm, p.group_size, p.kl_in = algorithm, 4, "loss" if algorithm == "grpo" else "reward"
+  p.reward = reward
+  if reward == "ai":
+    from cai_jax.stages import label
+    c.constitution, c.feedback_model = "harmlessness", ""
+    c.label = label.default_config()
+    c.label.num_fewshot = 1
   return c
 
 
@@ -56,13 +63,20 @@ def _trajectory(workdir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["ppo", "grpo", "rloo"])
-def test_rl_stage_exports_and_resumes_exactly(tmp_path, monkeypatch, algorithm):
-  full = _workdir(str(tmp_path / "full"))
-  summary = ppo.run(_config(algorithm), full)
+@pytest.mark.parametrize("algorithm,reward", [("ppo", "pm"), ("grpo", "pm"), ("rloo", "pm"),
+                                              ("grpo", "ai")])
+def test_rl_stage_exports_and_resumes_exactly(tmp_path, monkeypatch, algorithm, reward):
+  full = _workdir(str(tmp_path / "full"), pm=reward == "pm")
+  summary = ppo.run(_config(algorithm, reward), full)
   out = os.path.join(full, "ppo")
   assert utils.is_done(out) and summary["iterations"] == 4
-  assert summary["algorithm"] == algorithm
+  assert summary["algorithm"] == algorithm and summary["reward"] == reward
+  if reward == "ai":
+    # The feedback model's probabilities, against the starting policy's responses.
+    base = list(utils.read_jsonl(os.path.join(out, "baselines.jsonl")))
+    assert base and all("response" in b for b in base)
+    rewards = [s["reward"] for s in utils.read_jsonl(os.path.join(out, "samples.jsonl"))]
+    assert all(0.0 < r < 1.0 for r in rewards)
   for name in ("curves.png", "samples.jsonl", "final/config.json"):
     assert os.path.exists(os.path.join(out, name)), name
   if algorithm == "ppo":
@@ -86,7 +100,7 @@ def test_rl_stage_exports_and_resumes_exactly(tmp_path, monkeypatch, algorithm):
 
   # Kill the second run inside iteration 4 (after the checkpoint at 2 and the
   # metrics line of 3), then run again: it must continue exactly.
-  killed = _workdir(str(tmp_path / "killed"))
+  killed = _workdir(str(tmp_path / "killed"), pm=reward == "pm")
   real = trainer_lib.PPOTrainer.iteration
   calls = {"n": 0}
 
@@ -98,15 +112,15 @@ def test_rl_stage_exports_and_resumes_exactly(tmp_path, monkeypatch, algorithm):
 
   monkeypatch.setattr(trainer_lib.PPOTrainer, "iteration", dying)
   with pytest.raises(KeyboardInterrupt):
-    ppo.run(_config(algorithm), killed)
+    ppo.run(_config(algorithm, reward), killed)
   monkeypatch.setattr(trainer_lib.PPOTrainer, "iteration", real)
   assert not utils.is_done(os.path.join(killed, "ppo"))
   assert len(_trajectory(killed)) == 3
-  ppo.run(_config(algorithm), killed)
+  ppo.run(_config(algorithm, reward), killed)
   assert _trajectory(killed) == reference
   # The exported policies are bitwise equal to the uninterrupted run's.
   _, resumed = models.load_pretrained(os.path.join(killed, "ppo", "final"))
   for a, b in zip(jax.tree_util.tree_leaves(pparams), jax.tree_util.tree_leaves(resumed)):
     assert (a == b).all()
   # A finished stage is skipped.
-  assert ppo.run(_config(algorithm), killed)["iterations"] == 4
+  assert ppo.run(_config(algorithm, reward), killed)["iterations"] == 4

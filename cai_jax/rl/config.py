@@ -14,6 +14,10 @@ def ppo_section() -> ml_collections.ConfigDict:
   c.num_iterations = 100        # RL iterations (one rollout batch + update each)
   c.batch_size = 16             # sampled responses per iteration (ppo: = prompts;
                                 # grpo/rloo: batch_size / group_size prompts)
+  c.reward = "pm"               # "pm": the preference model's score; "ai": the feedback model's
+                                # judgement itself, no PM (P(sample better than the starting
+                                # policy's greedy response) under config.label's question:
+                                # principle drawn per sample, debiasing, ensembling, CoT)
   c.group_size = 4              # grpo/rloo: responses sampled per prompt (>= 2)
   c.group_std = True            # grpo: divide by the group's std; False = Dr. GRPO (mean only)
   c.kl_in = "reward"            # grpo/rloo: β·KL "reward" (Σ k1 subtracted from each
@@ -47,7 +51,7 @@ def ppo_section() -> ml_collections.ConfigDict:
                                 # + final norm + heads (saves optimizer memory)
   c.init_from = ""              # policy / reference: "" = WORKDIR/sft (when sft runs or ran),
                                 # else config.model (any form of cai_jax.roles)
-  c.pm = ""                     # preference model: "" = WORKDIR/pm
+  c.pm = ""                     # preference model (reward "pm"): "" = WORKDIR/pm
   c.value_init = "pm"           # ppo: value model starts from "pm" or "policy" (new zero score head)
   c.checkpoint_every = 10       # iterations between checkpoints (and at the end)
   c.keep_checkpoints = 2        # checkpoints kept

@@ -41,6 +41,23 @@ def response_mask_from_lengths(lengths_B, n: int):
   return jnp.arange(n)[None, :] < lengths_B[:, None]
 
 
+def response_texts(tokenizer, batch, eos_ids, stop_strings) -> list:
+  """The sampled responses as every stage decodes samples: EOS dropped, cut at the
+  first stop string, stripped."""
+  from cai_jax import sampling
+  resp = np.asarray(jax.device_get(batch["response_tokens"]))
+  lengths = np.asarray(jax.device_get(batch["response_mask"])).sum(axis=1)
+  return [sampling.completion_text(tokenizer, resp[i, :int(n)], True, eos_ids,
+                                   stop_strings)[0].strip()
+          for i, n in enumerate(lengths)]
+
+
+def prompt_key(messages) -> str:
+  """A prompt's identity for per-prompt tables (the AI reward's baselines)."""
+  import json
+  return json.dumps(messages, sort_keys=True, ensure_ascii=False)
+
+
 class PMReward:
   """The preference model's score of each sampled conversation, read exactly where
   the PM stage trained it and every evaluation reads it.
@@ -57,22 +74,46 @@ class PMReward:
     self.eos_ids, self.stop_strings, self.max_len = tuple(eos_ids), list(stop_strings), max_len
     self.last_texts: list = []
 
-  def texts(self, batch) -> list:
-    from cai_jax import sampling
-    resp = np.asarray(jax.device_get(batch["response_tokens"]))
-    lengths = np.asarray(jax.device_get(batch["response_mask"])).sum(axis=1)
-    return [sampling.completion_text(self.enc.tok, resp[i, :int(n)], True, self.eos_ids,
-                                     self.stop_strings)[0].strip()
-            for i, n in enumerate(lengths)]
-
   def __call__(self, batch):
     from cai_jax import sampling
     prompts = batch.get("prompts")
     if prompts is None:
       raise ValueError("PMReward needs the prompts' messages (batch['prompts'])")
-    self.last_texts = self.texts(batch)
+    self.last_texts = response_texts(self.enc.tok, batch, self.eos_ids, self.stop_strings)
     return sampling.pm_scores(self.cfg, self.params, self.enc, prompts, self.last_texts,
                               max_len=self.max_len)
+
+
+class AIReward:
+  """The feedback model's judgement as the reward, with no PM (direct RLAIF).
+
+  Each sampled response is compared with the starting policy's greedy response to
+  the same prompt (`baselines`, computed once per run) in the label stage's
+  multiple-choice question (`feedback.Labeller`: a principle drawn per sample,
+  `num_principles` draws averaged, both option orders when debiasing, chain of
+  thought if configured). The reward is the normalised probability that the sample
+  is the better one: 0.5 means "as good as where RL started".
+
+  `step` (set by the caller before each rollout) seeds the principle draws, so a
+  resumed run draws the same principles.
+  """
+
+  def __init__(self, labeller, tokenizer, eos_ids, stop_strings, baselines: dict, seed: int):
+    self.labeller, self.tok = labeller, tokenizer
+    self.eos_ids, self.stop_strings = tuple(eos_ids), list(stop_strings)
+    self.baselines, self.seed, self.step = baselines, int(seed), 0
+    self.last_texts: list = []
+
+  def __call__(self, batch):
+    prompts = batch.get("prompts")
+    if prompts is None:
+      raise ValueError("AIReward needs the prompts' messages (batch['prompts'])")
+    self.last_texts = response_texts(self.tok, batch, self.eos_ids, self.stop_strings)
+    items = [{"prompt": m, "response_a": t, "response_b": self.baselines[prompt_key(m)]}
+             for m, t in zip(prompts, self.last_texts)]
+    rng = np.random.default_rng([self.seed, 17, self.step])
+    recs = self.labeller(items, rng, seed=self.seed * 1000003 + self.step)
+    return np.asarray([r["p_a"] for r in recs], np.float32)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))

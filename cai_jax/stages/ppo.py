@@ -5,7 +5,10 @@ by default WORKDIR/sft); the reward is the frozen preference model (WORKDIR/pm)
 read where the PM stage trained it (`rl.rollout.PMReward`); for PPO the value
 model starts from the PM (or the policy). `ppo.algorithm=grpo|rloo` samples
 `group_size` responses per prompt and uses the group as the baseline: no value
-model is loaded, trained or exported. Everything shares one mesh.
+model is loaded, trained or exported. `ppo.reward=ai` replaces the PM with the
+feedback model's own judgement (`rl.rollout.AIReward`: the label stage's
+question, comparing each sample with the starting policy's greedy response,
+computed once into baselines.jsonl). Everything shares one mesh.
 
 Writes WORKDIR/ppo/: metrics.jsonl (one line per iteration), samples.jsonl
 (every sample of every iteration with the PM score it was rewarded with), tb/
@@ -25,7 +28,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from cai_jax import interrupts, models, sharding, utils
+from cai_jax import constitution as constitution_lib
+from cai_jax import feedback, interrupts, models, sampling as sampling_lib, sharding, utils
 from cai_jax.data import prompts as prompts_lib
 from cai_jax.rl import config as rl_config
 from cai_jax.rl import prompt_mix, rollout as rollout_lib, trainer as trainer_lib
@@ -45,8 +49,39 @@ def default_config() -> ml_collections.ConfigDict:
   return rl_config.ppo_section()
 
 
+# Fields of config.label that do not change the AI reward's question.
+LABEL_UNUSED = ("policy", "max_new_tokens", "temperature", "top_p", "split", "batch_size",
+                "score_tokens", "chunk_size", "write_tfds", "progress")
+
+
 def settings(config, workdir: str) -> dict:
-  return stage_settings(config, workdir, STAGE, USES, VOLATILE)
+  extra = None
+  if "ppo" in config and str(config.ppo.get("reward", "pm")) == "ai":
+    # The reward is the feedback model's answer to the label stage's question.
+    const = constitution_lib.load(config.get("constitution", "harmlessness"))
+    extra = {"ai_reward": stage_settings(config, workdir, "label", ("feedback_model",),
+                                         LABEL_UNUSED, {"constitution_sha": const.fingerprint()})}
+  return stage_settings(config, workdir, STAGE, USES, VOLATILE, extra)
+
+
+def baselines(ctx, cfg, params, tok, prompts: list) -> dict:
+  """The starting policy's greedy response to every prompt (the AI reward's other
+  option), read from baselines.jsonl when an earlier run wrote it."""
+  path = ctx.path("baselines.jsonl")
+  if utils.exists(path):
+    rows = list(utils.read_jsonl(path))
+  else:
+    pc = ctx.section
+    comps = sampling_lib.generate(
+        cfg, params, tok, [p["messages"] for p in prompts], fmt=ctx.fmt,
+        max_new_tokens=int(pc.max_new_tokens), greedy=True, seed=ctx.seed,
+        batch_size=int(pc.batch_size), mesh=sharding.mesh_from_config(ctx.config),
+        progress=bool(pc.progress), truncate_long_prompts=True, desc="ppo baselines")
+    rows = [{"id": p["id"], "kind": p["kind"], "key": rollout_lib.prompt_key(p["messages"]),
+             "response": c.text.strip()} for p, c in zip(prompts, comps)]
+    if ctx.is_main:
+      utils.write_jsonl(path, rows)
+  return {r["key"]: r["response"] for r in rows}
 
 
 def encode_prompts(config, enc, kind: str) -> list:
@@ -114,7 +149,8 @@ def run(config, workdir: str, reward_fn=None) -> dict:
   eos = eos_ids_of(pcfg, tok)
   pm_len = int(pc.pm_max_len) or int(config.pm.max_len if "pm" in config else 512)
   critic = trainer_lib.has_critic(pc)
-  if reward_fn is None or (critic and pc.value_init == "pm"):
+  ai_reward = reward_fn is None and str(pc.reward) == "ai"
+  if (reward_fn is None and not ai_reward) or (critic and pc.value_init == "pm"):
     pm_path = ctx.role_spec("pm", pc.pm)
     pm_cfg, pm_params, _ = ctx.load(pm_path, heads=("lm", "score"), field="ppo.pm", seed_offset=1)
     if "score" not in models.heads_of(pm_cfg, pm_params):
@@ -133,7 +169,7 @@ def run(config, workdir: str, reward_fn=None) -> dict:
     vparams = models.drop_heads(models.add_score_head(pcfg, pparams), ("score",))
   else:
     raise InputError(f"config.ppo.value_init={pc.value_init!r}: use 'pm' or 'policy'")
-  if reward_fn is None:
+  if reward_fn is None and not ai_reward:
     pm_sharded = sharding.shard_params(pm_params, pm_cfg, mesh, rules)
     reward_fn = rollout_lib.PMReward(pm_cfg, pm_sharded, enc, eos, stops, pm_len)
 
@@ -153,6 +189,14 @@ def run(config, workdir: str, reward_fn=None) -> dict:
   P = min(bucket_length(max(len(p["ids"]) for p in red + helpful)), limit)
   pad_id = pcfg.pad_token_id if pcfg.pad_token_id is not None else 0
   ctx.begin(settings(config, workdir))
+  if ai_reward:
+    base = baselines(ctx, pcfg, pparams, tok, red + helpful)
+    fcfg, fparams, ftok = ctx.load(ctx.role_spec("feedback"), field="feedback_model",
+                                   seed_offset=2)
+    const = constitution_lib.load(config.get("constitution", "harmlessness"))
+    labeller = feedback.make_labeller(ctx.fmt, config.label, fcfg, fparams, ftok, const,
+                                      mesh=mesh)
+    reward_fn = rollout_lib.AIReward(labeller, tok, eos, stops, base, ctx.seed)
 
   matcher = from_strings(tok, stops, pcfg.vocab_size)
   trainer = trainer_lib.PPOTrainer(pc, policy_cfg=pcfg, policy_params=pparams, value_cfg=vcfg,
@@ -184,6 +228,8 @@ def run(config, workdir: str, reward_fn=None) -> dict:
       batch = [p for p in mix.next_batch() for _ in range(group)]
       toks, mask = prompt_mix.left_pad([p["ids"] for p in batch], P, pad_id)
       rng, key = jax.random.split(rng)
+      if isinstance(reward_fn, rollout_lib.AIReward):
+        reward_fn.step = it
       state, m, tr = trainer.iteration(state, toks, mask, key,
                                        prompts=[p["messages"] for p in batch])
       metrics.write(it, m)
@@ -216,6 +262,8 @@ def run(config, workdir: str, reward_fn=None) -> dict:
     plot_curves(ctx.path("metrics.jsonl"), ctx.path("curves.png"))
   summary = {
       "algorithm": str(pc.algorithm),
+      "reward": "custom" if reward_fn is not None and not isinstance(
+          reward_fn, (rollout_lib.PMReward, rollout_lib.AIReward)) else str(pc.reward),
       "iterations": total,
       "reward_first": rows[0]["reward"] if rows else None,
       "reward_last": rows[-1]["reward"] if rows else None,
@@ -228,7 +276,7 @@ def run(config, workdir: str, reward_fn=None) -> dict:
 
 def _sample_texts(reward_fn, tok, tr, eos, stops) -> list:
   """The response texts as the reward read them."""
-  if isinstance(reward_fn, rollout_lib.PMReward):
+  if isinstance(reward_fn, (rollout_lib.PMReward, rollout_lib.AIReward)):
     return list(reward_fn.last_texts)
   from cai_jax.sampling import completion_text
   resp = np.asarray(jax.device_get(tr.response_tokens_BxN))
