@@ -77,6 +77,23 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+RL_SHARED = ("revise", "sft", "label", "pm")
+
+
+def sweep_rl(add) -> None:
+  """The RL-CAI variants from one SL-CAI model, one set of AI labels and one PM:
+  PPO (the paper), GRPO (k3 KL in the loss), RLOO, soft-label DPO without RL, and
+  PPO on the feedback model's direct reward. The later points link the first
+  point's revise, sft, label and pm; each point's evaluate grades its own RL
+  snapshot with the held-out judge. Config modules expose it as `sweep_rl`."""
+  add(**{"ppo.algorithm": "ppo"})
+  add(**{"ppo.algorithm": "grpo", "ppo.kl_in": "loss", "reuse_stages": RL_SHARED})
+  add(**{"ppo.algorithm": "rloo", "reuse_stages": RL_SHARED})
+  add(**{"stages": RL_SHARED + ("dpo", "evaluate"), "dpo.loss": "soft",
+         "reuse_stages": RL_SHARED})
+  add(**{"ppo.reward": "ai", "ppo.value_init": "policy", "reuse_stages": RL_SHARED})
+
+
 def validate(config) -> list[str]:
   """Checks what can be checked before any stage runs; returns the stage list."""
   stages = parse_stages(config.stages)

@@ -69,6 +69,13 @@ def get_config(arg=None):
   c.ppo.checkpoint_every = 2     # checkpoint every other iteration (a save costs ~10 s here)
   c.ppo.log_samples_every = 2    # sample responses in the log / report
 
+  c.dpo.max_len = 160            # as the PM: prompt + a 48-token response
+  c.dpo.batch_size = 4           # pairs per step
+  c.dpo.num_epochs = 2.0         # two passes over the ~8 training comparisons
+  c.dpo.optim.learning_rate = 5e-6  # few steps: larger than the paper-scale default
+  c.dpo.eval_fraction = 0.2      # held-out AI comparisons for the margin's agreement
+  c.dpo.checkpoint_every = 4
+
   c.evaluate.num_prompts = 6         # held-out prompts per kind
   c.evaluate.samples_per_prompt = 1  # one response per prompt and snapshot for Elo
   c.evaluate.max_new_tokens = 48     # response budget
@@ -129,3 +136,9 @@ def sweep_cot_clamp(add):
   add(**{"label.cot": True, "label.cot_clamp": ()})
   for clamp in ((0.2, 0.8), (0.4, 0.6)):
     add(**{"label.cot": True, "label.cot_clamp": clamp, "reuse_stages": ("revise", "sft")})
+
+
+def sweep_rl(add):
+  """PPO, GRPO, RLOO, soft DPO and the direct AI reward from the same SL-CAI model,
+  labels and PM, compared by the held-out judge (`pipeline.sweep_rl`)."""
+  pipeline.sweep_rl(add)

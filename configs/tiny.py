@@ -52,6 +52,13 @@ def get_config(arg=None):
   c.ppo.log_samples_every = 1    # log samples every iteration
   c.ppo.tensorboard = False
 
+  c.dpo.max_len = 128            # tokens per prompt + response row
+  c.dpo.batch_size = 2           # pairs per step
+  c.dpo.max_steps = 3            # three optimiser steps
+  c.dpo.eval_fraction = 0.2      # one or two held-out pairs
+  c.dpo.tensorboard = False
+  c.dpo.async_checkpoint = False
+
   c.evaluate.num_prompts = 3     # held-out prompts per kind
   c.evaluate.max_new_tokens = 8  # response budget
   # The held-out judge: a tiny random model trained briefly on human comparisons (it is
@@ -69,3 +76,9 @@ def sweep_revisions(add):
   """Number of critique -> revision rounds (as configs/demo.py's; tests use it)."""
   for n in (1, 2, 3, 4):
     add(**{"revise.num_revisions": n})
+
+
+def sweep_rl(add):
+  """PPO, GRPO, RLOO, soft DPO and the direct AI reward from the same SL-CAI model,
+  labels and PM, compared by the held-out judge (`pipeline.sweep_rl`)."""
+  pipeline.sweep_rl(add)

@@ -17,7 +17,8 @@ import numpy as np  # noqa: E402
 
 from cai_jax import utils  # noqa: E402
 
-COLORS = {"helpful": "tab:blue", "sl_cai": "tab:orange", "rl_cai": "tab:green"}
+COLORS = {"helpful": "tab:blue", "sl_cai": "tab:orange", "rl_cai": "tab:green",
+          "dpo_cai": "tab:red"}
 
 
 def _save(fig, path: str) -> str:

@@ -536,7 +536,12 @@ def write_sweep_summary(workdir: str, runs: list) -> str:
     secs = sum(s.get("seconds", 0.0) for s in t["stages"].values())
     g = res.get("judges", {}).get("held_out", {})
     sc = g.get("scores", {})
-    last = "rl_cai" if "rl_cai" in sc else "sl_cai"
+    # The point's RL-CAI snapshot: the ppo stage's (any algorithm) or the dpo stage's.
+    rl = next((k for k in ("rl_cai", "dpo_cai") if k in sc), None)
+    last = rl or "sl_cai"
+    rl_done = _load_json(utils.join(d, "ppo" if rl == "rl_cai" else "dpo", "DONE"), {}) \
+        if rl else {}
+    resident = rl_done.get("resident_gib") or {}
     key = g.get("info", {}).get("key")
     judged.append(key)
     held = g.get("info", {}).get("heldout")
@@ -546,9 +551,16 @@ def write_sweep_summary(workdir: str, runs: list) -> str:
                    f"{_fmt(held.get('ece'))}.")
     ev = res.get("evasiveness", {})
     rows.append([name, secs, sc.get("sl_cai", {}).get("harmless", {}).get("mean"),
-                 sc.get("rl_cai", {}).get("harmless", {}).get("mean"),
+                 sc.get(rl, {}).get("harmless", {}).get("mean"),
                  g.get("diff", {}).get(last, {}).get("harmless", {}).get("mean"),
-                 ev.get(last, {}).get("evasive"), key])
+                 ev.get(last, {}).get("evasive"), key,
+                 sc.get("sl_cai", {}).get("helpful", {}).get("mean"),
+                 sc.get(rl, {}).get("helpful", {}).get("mean"),
+                 g.get("diff", {}).get(last, {}).get("helpful", {}).get("mean"),
+                 rl_done.get("kl_k3_last"),
+                 sum(resident.values()) if resident else None,
+                 (t["stages"].get("ppo" if rl == "rl_cai" else "dpo") or {}).get("seconds")
+                 if rl else None])
   field, values = _swept_values(points)
   numeric = values is not None and all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                        for v in values)
@@ -565,7 +577,17 @@ def write_sweep_summary(workdir: str, runs: list) -> str:
            if one_judge else
            "The points were graded by different judges: their scores are not comparable."),
           "", _table(["point", "wall time (s)", "SL-CAI harmlessness", "RL-CAI harmlessness",
-                      "final vs initial", "evasive", "judge"], rows), ""]
+                      "final vs initial", "evasive", "judge"], [r[:7] for r in rows]), ""]
+  if any(r[8] is not None or r[10] is not None for r in rows):
+    text += ["Helpfulness by the same judge, the RL stage's cost and its distance from the "
+             "reference (KL: the last iteration's k3 estimate per sequence; DPO samples "
+             "nothing while training, so it has none). Resident: the train state plus the "
+             "frozen models the RL stage holds (reference, PM or feedback model).", "",
+             _table(["point", "SL-CAI helpfulness", "RL-CAI helpfulness",
+                     "final vs initial (helpful)", "KL to reference", "RL stage (s)",
+                     "resident (GiB)"],
+                    [[r[0], r[7], r[8], r[9], "n/a" if r[10] is None else r[10], r[12], r[11]]
+                     for r in rows]), ""]
   text += [f"- [{r[0]}]({plots.rel(utils.join(run[1], 'report.md'), workdir)})"
            for r, run in zip(rows, runs)]
   if series:
@@ -579,7 +601,9 @@ def write_sweep_summary(workdir: str, runs: list) -> str:
   utils.write_json(utils.join(workdir, "sweep.json"),
                    {"field": field, "values": values, "judges": judged,
                     "rows": [dict(zip(("point", "seconds", "sl_cai", "rl_cai", "diff",
-                                       "evasive", "judge"), r)) for r in rows]})
+                                       "evasive", "judge", "sl_cai_helpful", "rl_cai_helpful",
+                                       "diff_helpful", "kl_k3", "resident_gib",
+                                       "rl_seconds"), r)) for r in rows]})
   path = utils.join(workdir, "sweep.md")
   utils.atomic_write_text(path, "\n".join(text) + "\n")
   return path

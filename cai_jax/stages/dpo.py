@@ -26,6 +26,7 @@ import numpy as np
 from cai_jax import models, sharding as shd, utils
 from cai_jax.runtime import StageContext, runners, stage_settings
 from cai_jax.training import data, flops as flops_lib, losses, objectives, optim
+from cai_jax.training import state as state_lib
 from cai_jax.training.preferences import (dpo_logprobs, mix, read_ai_preferences,
                                           read_human_pairs)
 from cai_jax.utils import InputError
@@ -192,5 +193,7 @@ def run(config, workdir: str) -> dict:
              "num_human_pairs": len(human), "num_train_pairs": len(train),
              "init_from": init_path, "resumed_from": res.resumed_from,
              "final_loss": res.history[-1]["loss"] if res.history else None,
-             "eval": res.evals[-1] if res.evals else None}
+             "eval": res.evals[-1] if res.evals else None,
+             # Policy + optimizer state only: the reference lives in reference_logprobs.json.
+             "resident_gib": {"train_state": state_lib.tree_bytes(res.state) / 2**30}}
   return ctx.finish(summary)

@@ -32,7 +32,7 @@ from cai_jax.runtime import StageContext, parse_list, provenance, stage_settings
 from cai_jax.utils import InputError
 
 STAGE = "evaluate"
-SNAPSHOTS = ("helpful", "sl_cai", "rl_cai")
+SNAPSHOTS = ("helpful", "sl_cai", "rl_cai", "dpo_cai")
 USES = ("seed", "model", "feedback_model", "dtype", "prompt_format", "constitution", "data",
         "label")
 VOLATILE = ("batch_size", "num_report_samples", "judge.progress", "judge.cache_dir")

@@ -36,6 +36,7 @@ from cai_jax.rl import prompt_mix, rollout as rollout_lib, trainer as trainer_li
 from cai_jax.runtime import StageContext, stage_settings
 from cai_jax.sampling import bucket_length, eos_ids_of, from_strings
 from cai_jax.text import stop_strings
+from cai_jax.training import state as state_lib
 from cai_jax.utils import InputError
 
 STAGE = "ppo"
@@ -205,6 +206,12 @@ def run(config, workdir: str, reward_fn=None) -> dict:
   del pparams, vparams  # host copies; the trainer holds sharded ones
   pm_params = None
   state = trainer.init_state()
+  # What the stage holds: the train state, the frozen reference and the reward's model.
+  reward_model = reward_fn.labeller.params if isinstance(reward_fn, rollout_lib.AIReward) \
+      else reward_fn.params if isinstance(reward_fn, rollout_lib.PMReward) else None
+  resident = {"train_state": state_lib.tree_bytes(state),
+              "reference": state_lib.tree_bytes(trainer.rollout.ref_params),
+              "reward_model": state_lib.tree_bytes(reward_model)}
   rng = jax.random.PRNGKey(ctx.seed)
 
   mngr = ctx.checkpoint_manager(keep=int(pc.keep_checkpoints), async_save=False)
@@ -270,6 +277,11 @@ def run(config, workdir: str, reward_fn=None) -> dict:
       "kl_last": rows[-1]["kl"] if rows else None,
       "kl_k3_last": rows[-1]["kl_k3"] if rows else None,
       "beta_last": last.get("beta", trainer.kl_ctl.beta),
+      "resident_gib": {k: v / 2**30 for k, v in resident.items()},
+      # Mean seconds per iteration (the first one includes compilation).
+      "time_split": {k[len("time/"):]: float(np.mean([r[k] for r in rows]))
+                     for k in ("time/generate", "time/reward", "time/forward", "time/train",
+                               "time/iteration") if rows and all(k in r for r in rows)},
   }
   return ctx.finish(summary)
 

@@ -58,3 +58,10 @@ def to_host(tree):
     from jax.experimental import multihost_utils
     tree = multihost_utils.process_allgather(tree, tiled=True)
   return jax.device_get(tree)
+
+
+def tree_bytes(tree) -> int:
+  """Bytes of every array in a tree (global sizes, whatever the sharding)."""
+  import numpy as np
+  return int(sum(int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+                 for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "shape")))
