@@ -129,6 +129,16 @@ class StageContext:
     return roles.load(spec, seed=self.seed + seed_offset, dtype=self.dtype, heads=tuple(heads),
                       field=field)
 
+  def load_policy(self, explicit: str, field: str):
+    """(spec, cfg, params, tokenizer) of the policy role: a language model whose
+    params keep the LM head and nothing else."""
+    from cai_jax import models
+    spec = self.role_spec("policy", explicit)
+    cfg, params, tok = self.load(spec, field=field)
+    if "lm" not in models.heads_of(cfg, params):
+      raise InputError(f"{spec}: the policy has no LM head; point {field} at a language model")
+    return spec, cfg, models.drop_heads(params, ("lm",)), tok
+
   def encoder(self, tokenizer, system: Optional[str] = None) -> ConversationEncoder:
     return ConversationEncoder(tokenizer, self.fmt, system)
 

@@ -18,17 +18,16 @@ implicit reward margin with the labels), final/ (the policy, HF format), DONE.
 """
 from __future__ import annotations
 
-import logging
 
 import ml_collections
 import numpy as np
 
-from cai_jax import models, sharding as shd, utils
+from cai_jax import sharding as shd, utils
 from cai_jax.runtime import StageContext, runners, stage_settings
 from cai_jax.training import data, flops as flops_lib, losses, objectives, optim
 from cai_jax.training import state as state_lib
-from cai_jax.training.preferences import (dpo_logprobs, mix, read_ai_preferences,
-                                          read_human_pairs)
+from cai_jax.training.preferences import (dpo_logprobs, encode_pairs, read_comparisons,
+                                          train_and_eval)
 from cai_jax.utils import InputError
 
 STAGE = "dpo"
@@ -100,54 +99,16 @@ def run(config, workdir: str) -> dict:
   L, B, seed = int(dc.max_len), int(dc.batch_size), ctx.seed
   if L < 2:
     raise InputError(f"config.dpo.max_len={L}: must be >= 2")
-  pref_path = dc.preferences or ctx.stage_dir("label") + "/preferences.jsonl"
-  ai = []
-  if pref_path != "none":
-    if not utils.exists(pref_path):
-      raise InputError(f"{pref_path}: AI preference labels not found; run the label stage first "
-                       "(config.stages includes label), set config.dpo.preferences, or 'none' to "
-                       "train on human comparisons only")
-    ai = read_ai_preferences(pref_path)
-  human = read_human_pairs(dc.human_data, int(dc.max_human_pairs))
-  if not ai and not human:
-    raise InputError("config.dpo: no comparisons (preferences is 'none'/empty and human_data is "
-                     "empty); give AI labels or hh-rlhf files")
-  if not human:
-    logging.warning("dpo: no human comparisons (config.dpo.human_data is empty): the policy "
-                    "learns the AI harmlessness labels alone")
-  init_path = ctx.role_spec("policy", dc.init_from)
-  cfg, params, tok = ctx.load(init_path, field="dpo.init_from")
-  if "lm" not in models.heads_of(cfg, params):
-    raise InputError(f"{init_path}: the policy has no LM head; point dpo.init_from at a "
-                     "language model")
-  params = models.drop_heads(params, ("lm",))
+  ai, human = read_comparisons(dc, STAGE, ctx.stage_dir("label") + "/preferences.jsonl",
+                               "the policy")
+  init_path, cfg, params, tok = ctx.load_policy(dc.init_from, "dpo.init_from")
   enc = ctx.encoder(tok)
   ctx.begin(settings(config, workdir))
 
-  rng = np.random.default_rng([seed, 7])
-
-  def encode(items):
-    out = []
-    for it in items:
-      a, b, p = it["a"], it["b"], it["p"]
-      # Hard human pairs in random A/B order, as the PM stage reads them.
-      if it["source"] == "human" and rng.random() < 0.5:
-        a, b, p = b, a, 1.0 - p
-      out.append(data.dpo_pair(enc, it["prompt"], a, b, p, L))
-    return out
-
-  ai_enc, hu_enc = encode(ai), encode(human)
-  ai_tr, ai_ev = data.split_eval(len(ai_enc), float(dc.eval_fraction), seed) \
-      if ai_enc else ([], [])
-  hu_tr, hu_ev = data.split_eval(len(hu_enc), float(dc.eval_fraction), seed) \
-      if hu_enc else ([], [])
-  k = int(dc.max_eval_pairs)
-  eval_sets = {"ai": [ai_enc[i] for i in ai_ev][:k if k >= 0 else None],
-               "human": [hu_enc[i] for i in hu_ev][:k if k >= 0 else None]}
-  train = mix([ai_enc[i] for i in ai_tr], [hu_enc[i] for i in hu_tr], float(dc.human_fraction),
-              seed)
+  train, eval_sets = train_and_eval(encode_pairs(enc, ai, L, seed, data.dpo_pair),
+                                    encode_pairs(enc, human, L, seed, data.dpo_pair), dc, seed)
   if len(train) < B:
-    raise InputError(f"{pref_path}: {len(train)} training pairs cannot fill one batch of {B}; "
+    raise InputError(f"config.dpo: {len(train)} training pairs cannot fill one batch of {B}; "
                      "lower config.dpo.batch_size or add comparisons")
   pad = tok.pad_token_id if tok.pad_token_id is not None else (cfg.pad_token_id or 0)
   # The reference is the initial policy: one pass over every pair before training.

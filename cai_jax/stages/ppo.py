@@ -139,12 +139,7 @@ def run(config, workdir: str, reward_fn=None) -> dict:
   mesh = sharding.mesh_from_config(config)
   rules = sharding.rules_from_config(config)
 
-  policy_path = ctx.role_spec("policy", pc.init_from)
-  pcfg, pparams, tok = ctx.load(policy_path, field="ppo.init_from")
-  if "lm" not in models.heads_of(pcfg, pparams):
-    raise InputError(f"{policy_path}: the policy has no LM head; point ppo.init_from at a "
-                     "language model")
-  pparams = models.drop_heads(pparams, ("lm",))
+  _, pcfg, pparams, tok = ctx.load_policy(pc.init_from, "ppo.init_from")
   enc = ctx.encoder(tok)
   stops = stop_strings(ctx.fmt, tok)
   eos = eos_ids_of(pcfg, tok)

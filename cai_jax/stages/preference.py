@@ -17,7 +17,6 @@ without `human_data` the PM learns harmlessness alone, and its summary says so.
 """
 from __future__ import annotations
 
-import logging
 
 import jax
 import ml_collections
@@ -27,8 +26,8 @@ from cai_jax import models, sharding as shd, utils
 from cai_jax.runtime import StageContext, parse_list, runners, stage_settings
 from cai_jax.training import checkpoint, data, flops as flops_lib, objectives, optim
 from cai_jax.training import state as state_lib
-from cai_jax.training.preferences import (encode_pairs, evaluate_pairs, mix,
-                                          read_ai_preferences, read_human_pairs)
+from cai_jax.training.preferences import (encode_pairs, evaluate_pairs, read_comparisons,
+                                          read_human_pairs, train_and_eval)
 from cai_jax.utils import InputError
 
 STAGE = "pm"
@@ -133,21 +132,8 @@ def run(config, workdir: str) -> dict:
   B = int(pc.batch_size)
   if L < 2:
     raise InputError(f"config.pm.max_len={L}: must be >= 2")
-  pref_path = pc.preferences or ctx.stage_dir("label") + "/preferences.jsonl"
-  ai = []
-  if pref_path != "none":
-    if not utils.exists(pref_path):
-      raise InputError(f"{pref_path}: AI preference labels not found; run the label stage first "
-                       "(config.stages includes label), set config.pm.preferences, or 'none' to "
-                       "train on human comparisons only")
-    ai = read_ai_preferences(pref_path)
-  human = read_human_pairs(pc.human_data, int(pc.max_human_pairs))
-  if not ai and not human:
-    raise InputError("config.pm: no comparisons (preferences is 'none'/empty and human_data is "
-                     "empty); give AI labels or hh-rlhf files")
-  if not human:
-    logging.warning("pm: no human comparisons (config.pm.human_data is empty): the PM learns "
-                    "AI harmlessness labels alone, not the paper's harmlessness + helpfulness mix")
+  ai, human = read_comparisons(pc, STAGE, ctx.stage_dir("label") + "/preferences.jsonl",
+                               "the PM")
   init_path = ctx.role_spec("policy", pc.init_from)
   cfg, params, tok = ctx.load(init_path, field="pm.init_from")
   params = models.add_score_head(cfg, models.drop_heads(params, ()), jax.random.PRNGKey(seed),
@@ -156,17 +142,8 @@ def run(config, workdir: str) -> dict:
   pretrain = read_human_pairs(pc.pretrain_data) if int(pc.pretrain_steps) > 0 else []
   ctx.begin(settings(config, workdir))
 
-  ai_enc = encode_pairs(enc, ai, L, seed)
-  hu_enc = encode_pairs(enc, human, L, seed)
-  ai_tr, ai_ev = data.split_eval(len(ai_enc), float(pc.eval_fraction), seed) \
-      if ai_enc else ([], [])
-  hu_tr, hu_ev = data.split_eval(len(hu_enc), float(pc.eval_fraction), seed) \
-      if hu_enc else ([], [])
-  k = int(pc.max_eval_pairs)
-  eval_sets = {"ai": [ai_enc[i] for i in ai_ev][:k if k >= 0 else None],
-               "human": [hu_enc[i] for i in hu_ev][:k if k >= 0 else None]}
-  train = mix([ai_enc[i] for i in ai_tr], [hu_enc[i] for i in hu_tr], float(pc.human_fraction),
-              seed)
+  train, eval_sets = train_and_eval(encode_pairs(enc, ai, L, seed),
+                                    encode_pairs(enc, human, L, seed), pc, seed)
 
   summary = {"num_ai_pairs": len(ai), "num_human_pairs": len(human), "num_train_pairs": len(train),
              "init_from": init_path, "human_data": bool(human)}

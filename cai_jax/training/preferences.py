@@ -1,10 +1,12 @@
 """Preference comparisons: reading them, encoding them, mixing sources, and scoring
 a preference model on held-out pairs (accuracy, soft ranking loss, calibration).
 
-Used by the PM stage and by any other model trained or judged on comparisons
-(an evaluation judge trained on human comparisons only).
+Used by the PM stage, the DPO stage and any other model trained or judged on
+comparisons (an evaluation judge trained on human comparisons only).
 """
 from __future__ import annotations
+
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -56,17 +58,56 @@ def read_human_pairs(paths, limit: int = -1) -> list[dict]:
   return out
 
 
-def encode_pairs(enc, items: list[dict], L: int, seed: int) -> list[data.PairExample]:
-  """Tokenised pairs; hard human pairs are put in random A/B order (p 1 or 0)
-  so the model cannot learn a position."""
+def read_comparisons(section, name: str, label_file: str, learner: str):
+  """(AI comparisons, human comparisons) a preference learner trains on: the label
+  stage's file (or config.<name>.preferences; "none" skips it) and the hh-rlhf
+  files of config.<name>.human_data. `learner` names what trains, for the warning."""
+  path = section.preferences or label_file
+  ai = []
+  if path != "none":
+    if not utils.exists(path):
+      raise InputError(f"{path}: AI preference labels not found; run the label stage first "
+                       f"(config.stages includes label), set config.{name}.preferences, or "
+                       "'none' to train on human comparisons only")
+    ai = read_ai_preferences(path)
+  human = read_human_pairs(section.human_data, int(section.max_human_pairs))
+  if not ai and not human:
+    raise InputError(f"config.{name}: no comparisons (preferences is 'none'/empty and "
+                     "human_data is empty); give AI labels or hh-rlhf files")
+  if not human:
+    logging.warning("%s: no human comparisons (config.%s.human_data is empty): %s learns AI "
+                    "harmlessness labels alone, not the paper's harmlessness + helpfulness mix",
+                    name, name, learner)
+  return ai, human
+
+
+def encode_pairs(enc, items: list[dict], L: int, seed: int, make=data.pair_example) -> list:
+  """Tokenised pairs (`make`: `data.pair_example`, or `data.dpo_pair`); hard human
+  pairs are put in random A/B order (p 1 or 0) so the model cannot learn a position."""
   rng = np.random.default_rng([seed, 7])
   out = []
   for it in items:
     a, b, p = it["a"], it["b"], it["p"]
     if it["source"] == "human" and rng.random() < 0.5:
       a, b, p = b, a, 1.0 - p
-    out.append(data.pair_example(enc, it["prompt"], a, b, p, L))
+    out.append(make(enc, it["prompt"], a, b, p, L))
   return out
+
+
+def train_and_eval(ai_enc: list, hu_enc: list, section, seed: int):
+  """(training mixture, {"ai": held-out, "human": held-out}): each source split by
+  config.<section>.eval_fraction, held-out sets capped at max_eval_pairs, the rest
+  mixed at human_fraction."""
+  splits = {}
+  for src, enc in (("ai", ai_enc), ("human", hu_enc)):
+    splits[src] = data.split_eval(len(enc), float(section.eval_fraction), seed) \
+        if enc else ([], [])
+  k = int(section.max_eval_pairs)
+  eval_sets = {src: [enc[i] for i in splits[src][1]][:k if k >= 0 else None]
+               for src, enc in (("ai", ai_enc), ("human", hu_enc))}
+  train = mix([ai_enc[i] for i in splits["ai"][0]], [hu_enc[i] for i in splits["human"][0]],
+              float(section.human_fraction), seed)
+  return train, eval_sets
 
 
 def mix(ai: list, human: list, fraction: float, seed: int) -> list:
