@@ -189,3 +189,21 @@ def test_every_setting_of_every_stage_is_checked_on_resume(stage, tmp_path):
 def functools_get(c, dotted):
   import functools
   return functools.reduce(lambda d, k: d[k], dotted.split("."), c)
+
+
+def test_a_snapshot_from_before_a_field_existed_matches_its_default(tmp_path):
+  """A ppo stage recorded before ppo.algorithm (and the other RL-variant fields)
+  existed resumes when they hold the value it ran with, and is refused otherwise."""
+  from cai_jax.stages import ppo
+  c0 = pipeline.base_config()
+  w = str(tmp_path)
+  os.makedirs(os.path.join(w, "ppo"))
+  old = ppo.settings(c0, w)
+  for k in ("algorithm", "reward", "group_size", "group_std", "kl_in"):
+    del old["ppo"][k]
+  utils.write_json(os.path.join(w, "ppo", provenance.SNAPSHOT), old)
+  pipeline.check_settings(c0, w, ["ppo"])
+  c1 = pipeline.base_config()
+  c1.ppo.algorithm = "grpo"
+  with pytest.raises(utils.InputError, match="ppo.algorithm: <unset> -> grpo"):
+    pipeline.check_settings(c1, w, ["ppo"])

@@ -72,8 +72,19 @@ def flatten(d: dict, prefix: str = "") -> dict:
   return out
 
 
+# Fields added after snapshots were first recorded, with the value that behaves as
+# the code did before them: a snapshot without the field ran with that value.
+LATER_FIELDS = {
+    "ppo.algorithm": "ppo", "ppo.reward": "pm", "ppo.group_size": 4, "ppo.group_std": True,
+    "ppo.kl_in": "reward",
+}
+
+
 def differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
   a, b = flatten(old), flatten(new)
+  for k, v in LATER_FIELDS.items():
+    if k not in a and b.get(k, "<unset>") == v:
+      a[k] = v
   return [(k, a.get(k, "<unset>"), b.get(k, "<unset>")) for k in sorted(set(a) | set(b))
           if a.get(k, "<unset>") != b.get(k, "<unset>")]
 
