@@ -61,6 +61,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.logical_axis_rules = None  # None = cai_jax.sharding.DEFAULT_RULES
   # Persistent XLA compilation cache: a resumed or repeated run skips recompiling.
   c.compilation_cache = "~/.cache/cai_jax/xla"  # directory; "" disables
+  # Finished stages delete their Orbax checkpoints (their final/ exports stay and later
+  # runs skip them); True keeps them, e.g. to continue training from a saved step.
+  c.keep_checkpoints_when_done = False
   # red_team / helpful ("builtin" or a path), num_red_team / num_helpful (-1 = all),
   # eval_fraction (share held out for evaluate): see cai_jax.data.prompts.
   c.data = prompts.default_config()

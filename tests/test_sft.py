@@ -75,6 +75,7 @@ def test_sft_stage_end_to_end_and_skip(tmp_path):
   wd = str(tmp_path)
   _write_revise(os.path.join(wd, "revise"))
   cfg = _config()
+  cfg.keep_checkpoints_when_done = True   # read below, as a stage without an export
   summary = sft.run(cfg, wd)
   assert summary["steps"] == 3 and summary["num_examples"] == 12 * 2 + 4
   assert np.isfinite(summary["final_loss"]) and np.isfinite(summary["eval"]["loss"])
@@ -108,6 +109,7 @@ def test_sft_resume_with_other_model_shape_is_input_error(tmp_path):
   _write_revise(os.path.join(wd, "revise"))
   cfg = _config()
   cfg.sft.max_steps = 2
+  cfg.keep_checkpoints_when_done = True  # a stage stopped before DONE keeps them
   sft.run(cfg, wd)
   os.remove(os.path.join(wd, "sft", "DONE"))
   other = roles.tiny_config(hidden_size=48, head_dim=12)
@@ -136,3 +138,16 @@ def test_sft_missing_init_from_is_input_error(tmp_path):
   cfg.sft.init_from = os.path.join(wd, "revise")  # a directory that is no model
   with pytest.raises(InputError, match="neither an HF checkpoint"):
     sft.run(cfg, wd)
+
+
+def test_finished_stage_drops_its_checkpoints_unless_asked_to_keep_them(tmp_path):
+  for keep in (False, True):
+    wd = str(tmp_path / str(keep))
+    _write_revise(os.path.join(wd, "revise"))
+    cfg = _config()
+    cfg.keep_checkpoints_when_done = keep
+    sft.run(cfg, wd)
+    assert os.path.exists(os.path.join(wd, "sft", "final", "model.safetensors"))
+    assert os.path.isdir(os.path.join(wd, "sft", "checkpoints")) == keep
+    # Either way a finished stage is skipped and its export is what later stages load.
+    assert sft.run(cfg, wd) == json.loads(open(os.path.join(wd, "sft", "DONE")).read())

@@ -93,8 +93,21 @@ class StageContext:
     multihost.sync(f"{self.name}: outputs complete")
     if multihost.is_main():
       utils.mark_done(self.dir, summary)
+      if not bool(self.config.get("keep_checkpoints_when_done", False)):
+        self._drop_checkpoints()
     multihost.sync(f"{self.name}: DONE written")
     return summary
+
+  def _drop_checkpoints(self) -> None:
+    """A finished stage is skipped by every later run and read through its exports,
+    so its Orbax checkpoints (train and optimizer state) only hold disk. Deleted
+    after DONE: an interruption here leaves a finished stage with some of them."""
+    for name in utils.listdir(self.dir):
+      path = utils.join(self.dir, name)
+      if name.startswith("checkpoints") and utils.isdir(path):
+        utils.remove(path)
+        logging.info("%s: finished; removed %s (keep_checkpoints_when_done=True keeps them)",
+                     self.name, path)
 
   # ------------------------------------------------------------------ roles
   def role_spec(self, role: str, explicit: str = "") -> str:
