@@ -1,8 +1,10 @@
 """cai_jax: Constitutional AI (SL-CAI and RL-CAI) in JAX/Flax."""
 import setuptools
 
+JAX = ">=0.10,<0.13"
 INSTALL_REQUIRES = [
-    "jax[cpu]>=0.10,<0.13",
+    # Plain jax: an accelerator's runtime brings its own jaxlib/plugin (the extras below).
+    f"jax{JAX}",
     "flax>=0.10,<0.13",
     "optax>=0.2.4,<0.3",
     "orbax-checkpoint>=0.11,<0.13",
@@ -27,9 +29,12 @@ setuptools.setup(
     description="Constitutional AI: Harmlessness from AI Feedback, in JAX/Flax",
     packages=setuptools.find_packages(include=["cai_jax", "cai_jax.*"]),
     package_data={"cai_jax": ["resources/*.json", "resources/*.jsonl"]},
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # jax, flax, orbax-checkpoint and transformers need 3.11
     install_requires=INSTALL_REQUIRES,
     extras_require={
+        "cpu": [f"jax[cpu]{JAX}"],        # what `make` installs
+        "tpu": [f"jax[tpu]{JAX}"],        # TPU VMs (tpu/setup.sh)
+        "cuda12": [f"jax[cuda12]{JAX}"],  # NVIDIA GPUs
         "test": [
             "pytest>=8,<10",
             "torch==2.13.0",
