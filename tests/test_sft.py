@@ -82,6 +82,12 @@ def test_sft_stage_end_to_end_and_skip(tmp_path):
   assert os.path.exists(os.path.join(wd, "sft", "DONE"))
   mcfg, params = models.load_pretrained(os.path.join(wd, "sft", "final"))
   assert mcfg.hidden_size == 64 and "embedding" in params
+  # transformers' generate stops where the stages' sampler does.
+  from transformers import GenerationConfig
+  tok = roles.load_tokenizer("tiny")
+  gen = GenerationConfig.from_pretrained(os.path.join(wd, "sft", "final"))
+  stops = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+  assert tok.eos_token_id in stops and gen.pad_token_id is not None
   assert os.listdir(os.path.join(wd, "sft", "tb"))
   # One metrics line per step: loss, learning rate and throughput, for the report's curves.
   lines = [json.loads(x) for x in open(os.path.join(wd, "sft", "metrics.jsonl"))]

@@ -240,8 +240,10 @@ def load_hf(path: str, **overrides):
   return cfg, params_from_hf_tensors(cfg, _hf_tensors(path), source=path)
 
 
-def save_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer=None, dtype=None) -> None:
-  """Writes an HF directory (config.json + model.safetensors) that transformers loads."""
+def save_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer=None, dtype=None,
+                    generation: Optional[dict] = None) -> None:
+  """Writes an HF directory (config.json + model.safetensors) that transformers loads;
+  `generation` (bos/eos/pad token ids) becomes its generation_config.json."""
   import jax
   params = jax.device_get(params)
   os.makedirs(out_dir, exist_ok=True)
@@ -254,6 +256,9 @@ def save_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer=None, dtyp
                            json.dumps(hf, indent=2).encode())
   if tokenizer is not None:
     tokenizer.save_pretrained(out_dir)
+  if generation:
+    utils.atomic_write_bytes(os.path.join(out_dir, "generation_config.json"),
+                             json.dumps(generation, indent=2).encode())
 
 
 # ----------------------------------------------------------------- GGUF

@@ -181,21 +181,43 @@ class StageContext:
     return MetricsWriter(self.path(name), self.path(tb_subdir) if tensorboard else None,
                          resume_step=resume_step, key=key)
 
+  def generation_config(self, cfg, tokenizer) -> dict:
+    """generation_config.json of an export: the tokens that end a response as the
+    stages sample it (EOS, and the chat template's end-of-turn token when it is one
+    token), so `generate` in transformers stops where the project's sampler does."""
+    from cai_jax.sampling import eos_ids_of
+    stops = set(eos_ids_of(cfg, tokenizer))
+    eot = self.encoder(tokenizer).end_of_turn.strip()
+    if eot:
+      ids = tokenizer(eot, add_special_tokens=False)["input_ids"]
+      if len(ids) == 1:
+        stops.add(int(ids[0]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else cfg.pad_token_id
+    out = {"eos_token_id": sorted(stops)}
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None:
+      out["bos_token_id"] = int(bos)
+    if pad is not None:
+      out["pad_token_id"] = int(pad)
+    return out
+
   def export(self, cfg, params, tokenizer, name: str = "final") -> str:
     """HF export of `params` into the stage's `name`/ directory: gathered on every
     host, written by the main host under a temporary name, then renamed."""
     from cai_jax import models
     host = multihost.to_host(params)
     out = self.path(name)
+    gen = self.generation_config(cfg, tokenizer)
     if multihost.is_main():
       if utils.is_url(out):
         with tempfile.TemporaryDirectory() as tmp:
-          models.save_pretrained(cfg, host, os.path.join(tmp, name), tokenizer=tokenizer)
+          models.save_pretrained(cfg, host, os.path.join(tmp, name), tokenizer=tokenizer,
+                                 generation=gen)
           utils.copy_dir_to(os.path.join(tmp, name), out)
       else:
         tmp = out + ".tmp"
         utils.remove(tmp)
-        models.save_pretrained(cfg, host, tmp, tokenizer=tokenizer)
+        models.save_pretrained(cfg, host, tmp, tokenizer=tokenizer, generation=gen)
         utils.remove(out)
         os.replace(tmp, out)
     multihost.sync(f"{self.name}: exported {name}")
