@@ -111,6 +111,14 @@ def _stage_settings(c, a):
   c.ppo.kl.kind = "fixed"                 # a fixed KL penalty to the SL-CAI reference
   c.ppo.kl.beta = 0.05
 
+  # Beyond the paper (the dpo stage, off unless listed in config.stages): the same
+  # labels and human comparisons as the PM, the policy trained on them directly.
+  c.dpo.human_data = c.pm.human_data
+  c.dpo.human_fraction = c.pm.human_fraction
+  c.dpo.batch_size = 64                   # pairs per step
+  c.dpo.max_len = 512                     # prompt + one response
+  c.dpo.optim.learning_rate = 5e-7
+
 
 def sweep_revisions(add):
   """Paper Fig. 5: PM score after 1-4 revisions (SL-CAI-n)."""

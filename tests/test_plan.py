@@ -9,7 +9,7 @@ from cai_jax.tools import plan
 
 MESH = (1, 4, 2)
 SHAPES = plan.Shapes(sft_batch=8, sft_len=32, logits_chunk=8, ppo_batch=8, ppo_prompt=16,
-                     ppo_response=8, ppo_minibatches=2, ppo_epochs=1)
+                     ppo_response=8, ppo_minibatches=2, ppo_epochs=1, dpo_batch=8, dpo_len=24)
 
 
 def tiny():
@@ -60,8 +60,10 @@ def test_plan_reports_both_steps(rows):
 
 
 def test_critic_free_update_holds_no_value_model():
-  rows = plan.plan(tiny(), [MESH], SHAPES, steps=("ppo", "grpo"), progress=None)
-  ppo, grpo = rows
+  rows = plan.plan(tiny(), [MESH], SHAPES, steps=("ppo", "grpo", "dpo"), progress=None)
+  ppo, grpo, dpo = rows
+  # DPO holds the policy and its optimizer state only: no reference, value model or PM.
+  assert dpo.frozen_gib == 0 and dpo.state_gib == pytest.approx(grpo.state_gib, rel=1e-6)
   assert grpo.step == "grpo"
   # Exactly one model (the value model) and its optimizer state fewer.
   from cai_jax.training import optim

@@ -133,6 +133,8 @@ class Shapes:
   ppo_response: int = 256
   ppo_minibatches: int = 4
   ppo_epochs: int = 1
+  dpo_batch: int = 64
+  dpo_len: int = 512
 
 
 def shapes_from_config(config) -> Shapes:
@@ -150,6 +152,10 @@ def shapes_from_config(config) -> Shapes:
     s.ppo_prompt = int(ppo.get("max_prompt_tokens", s.ppo_prompt))
     s.ppo_response = int(ppo.get("max_new_tokens", s.ppo_response))
     s.ppo_minibatches = int(ppo.get("num_minibatches", s.ppo_minibatches))
+  dpo = config.get("dpo", None)
+  if dpo is not None:
+    s.dpo_batch = int(dpo.get("batch_size", s.dpo_batch))
+    s.dpo_len = int(dpo.get("max_len", s.dpo_len))
   return s
 
 
@@ -207,6 +213,33 @@ def lower_sft(cfg, mesh, shapes: Shapes, optim_config, rules):
            "loss_mask_BxL": _sds((B, L), jnp.float32, bs), "mask_BxL": _sds((B, L), bool, bs)}
   step = loop.make_train_step(objectives.sft_loss_fn(cfg, shapes.logits_chunk), tx, state,
                               mesh, batch, rules=rules)
+  rng = _sds((2,), jnp.uint32, rep)
+  return step.lower(state, batch, rng), per_device_bytes(state), 0
+
+
+def lower_dpo(cfg, mesh, shapes: Shapes, optim_config, rules):
+  """The dpo stage's train step: both responses of each pair in one forward pass; the
+  reference's log-probs arrive with the batch, so no second model is resident."""
+  import jax.numpy as jnp
+  from cai_jax import sharding
+  from cai_jax.training import loop, objectives, optim
+  from cai_jax.training.state import TrainState
+  params = abstract_sharded_params(cfg, mesh, ("lm",), rules)
+  tx = optim.make_optimizer(optim_config)
+  rep = sharding.replicated(mesh)
+  state = TrainState(step=_sds((), jnp.int32, rep), params=params,
+                     opt_state=abstract_opt_state(tx, params, mesh))
+  B, L = shapes.dpo_batch, shapes.dpo_len
+  bs, b1 = sharding.batch_sharding(mesh, 2, rules), sharding.batch_sharding(mesh, 1, rules)
+  batch = {"p_B": _sds((B,), jnp.float32, b1), "ref_a_B": _sds((B,), jnp.float32, b1),
+           "ref_b_B": _sds((B,), jnp.float32, b1)}
+  for side in ("a", "b"):
+    batch.update({f"tokens_{side}_BxL": _sds((B, L), jnp.int32, bs),
+                  f"targets_{side}_BxL": _sds((B, L), jnp.int32, bs),
+                  f"loss_mask_{side}_BxL": _sds((B, L), jnp.float32, bs),
+                  f"mask_{side}_BxL": _sds((B, L), bool, bs)})
+  step = loop.make_train_step(objectives.dpo_loss_fn(cfg, 0.1, "soft"), tx, state, mesh, batch,
+                              rules=rules)
   rng = _sds((2,), jnp.uint32, rep)
   return step.lower(state, batch, rng), per_device_bytes(state), 0
 
@@ -304,6 +337,11 @@ def plan(cfg, meshes: Sequence[tuple], shapes: Shapes, steps=("sft", "ppo"), con
           raise PlanError(f"sft batch {shapes.sft_batch} does not divide over mesh {dims} "
                           f"(batch axes = {div}); change --sft_batch or the mesh")
         lowered = lower_sft(cfg, mesh, shapes, section_optim("sft", "optim"), rules)
+      elif step == "dpo":
+        if shapes.dpo_batch % div:
+          raise PlanError(f"dpo batch {shapes.dpo_batch} does not divide over mesh {dims} "
+                          f"(batch axes = {div}); change dpo.batch_size or the mesh")
+        lowered = lower_dpo(cfg, mesh, shapes, section_optim("dpo", "optim"), rules)
       elif step in ("ppo", "grpo", "rloo"):
         if shapes.ppo_batch % shapes.ppo_minibatches:
           raise PlanError(f"ppo batch {shapes.ppo_batch} not divisible by "
@@ -311,7 +349,7 @@ def plan(cfg, meshes: Sequence[tuple], shapes: Shapes, steps=("sft", "ppo"), con
         lowered = lower_ppo(cfg, mesh, shapes, section_optim("ppo", "policy_optim"),
                             section_optim("ppo", "value_optim"), rules, critic=step == "ppo")
       else:
-        raise PlanError(f"unknown step {step!r}; use sft, ppo, grpo or rloo")
+        raise PlanError(f"unknown step {step!r}; use sft, ppo, grpo, rloo or dpo")
       row = analyse(*lowered, step, dims)
       rows.append(row)
       if progress:
@@ -344,8 +382,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  "HF dir; overrides config.model")
   p.add_argument("--meshes", default=";".join(",".join(map(str, m)) for m in DEFAULT_MESHES),
                  help="';'-separated data,fsdp,tensor meshes")
-  p.add_argument("--steps", default="sft,ppo", help="comma-separated: sft, ppo, grpo, rloo "
-                 "(grpo and rloo compile the same critic-free update)")
+  p.add_argument("--steps", default="sft,ppo", help="comma-separated: sft, ppo, grpo, rloo, "
+                 "dpo (grpo and rloo compile the same critic-free update)")
   p.add_argument("--dtype", default="", help="param/compute dtype (default: config.dtype, "
                  "else bfloat16)")
   p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
