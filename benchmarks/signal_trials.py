@@ -66,10 +66,18 @@ def differences(a: str, b: str) -> list:
   return out
 
 
-def trial(reference: str, workdir: str, xla_cache: str, signum: int, at: float) -> dict:
-  """One interrupted run and its rerun: what happened, against the reference."""
+def trial(reference: str, workdir: str, xla_cache: str, signum: int, at: float,
+          after: str = "") -> dict:
+  """One interrupted run and its rerun: what happened, against the reference.
+
+  The signal is sent `at` seconds after the start, or, with `after` (a path inside
+  the workdir, e.g. "ppo/settings.json"), `at` seconds after that path appears: a
+  point in the run that does not depend on how busy the machine is."""
   p = subprocess.Popen(command(workdir, xla_cache), cwd=ROOT, env=environment(),
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  if after:
+    while not os.path.exists(os.path.join(workdir, after)) and p.poll() is None:
+      time.sleep(0.05)
   time.sleep(at)
   finished_first = p.poll() is not None
   t_sig = time.time()

@@ -159,6 +159,11 @@ def main(argv):
           # Ablations of later stages reuse the first point's earlier stages.
           point = dict(point, reuse_from=first)
         _report(pipeline.run(_apply(config, point), workdir, rerun=_RERUN.value))
+        # The points share one process: drop what the last one compiled and held.
+        import gc
+        import jax
+        gc.collect()
+        jax.clear_caches()
       from cai_jax.evaluation import report
       path = report.write_sweep_summary(_WORKDIR.value,
                                         [(_point_name(p), w, p) for w, p in runs])
