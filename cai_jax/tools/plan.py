@@ -195,18 +195,26 @@ def per_device_bytes(tree) -> int:
 
 
 # ---------------------------------------------------------------- the steps
-def lower_sft(cfg, mesh, shapes: Shapes, optim_config, rules):
-  """The SFT stage's train step, lowered for abstract state and batch."""
-  import jax
+def _lm_train_state(cfg, mesh, optim_config, rules):
+  """(optimizer, abstract TrainState of a language model, replicated sharding)."""
   import jax.numpy as jnp
   from cai_jax import sharding
-  from cai_jax.training import loop, objectives, optim
+  from cai_jax.training import optim
   from cai_jax.training.state import TrainState
   params = abstract_sharded_params(cfg, mesh, ("lm",), rules)
   tx = optim.make_optimizer(optim_config)
   rep = sharding.replicated(mesh)
   state = TrainState(step=_sds((), jnp.int32, rep), params=params,
                      opt_state=abstract_opt_state(tx, params, mesh))
+  return tx, state, rep
+
+
+def lower_sft(cfg, mesh, shapes: Shapes, optim_config, rules):
+  """The SFT stage's train step, lowered for abstract state and batch."""
+  import jax.numpy as jnp
+  from cai_jax import sharding
+  from cai_jax.training import loop, objectives
+  tx, state, rep = _lm_train_state(cfg, mesh, optim_config, rules)
   B, L = shapes.sft_batch, shapes.sft_len
   bs = sharding.batch_sharding(mesh, 2, rules)
   batch = {"tokens_BxL": _sds((B, L), jnp.int32, bs), "targets_BxL": _sds((B, L), jnp.int32, bs),
@@ -222,13 +230,8 @@ def lower_dpo(cfg, mesh, shapes: Shapes, optim_config, rules):
   reference's log-probs arrive with the batch, so no second model is resident."""
   import jax.numpy as jnp
   from cai_jax import sharding
-  from cai_jax.training import loop, objectives, optim
-  from cai_jax.training.state import TrainState
-  params = abstract_sharded_params(cfg, mesh, ("lm",), rules)
-  tx = optim.make_optimizer(optim_config)
-  rep = sharding.replicated(mesh)
-  state = TrainState(step=_sds((), jnp.int32, rep), params=params,
-                     opt_state=abstract_opt_state(tx, params, mesh))
+  from cai_jax.training import loop, objectives
+  tx, state, rep = _lm_train_state(cfg, mesh, optim_config, rules)
   B, L = shapes.dpo_batch, shapes.dpo_len
   bs, b1 = sharding.batch_sharding(mesh, 2, rules), sharding.batch_sharding(mesh, 1, rules)
   batch = {"p_B": _sds((B,), jnp.float32, b1), "ref_a_B": _sds((B,), jnp.float32, b1),
