@@ -285,11 +285,8 @@ def _sample_texts(reward_fn, tok, tr, eos, stops) -> list:
   """The response texts as the reward read them."""
   if isinstance(reward_fn, (rollout_lib.PMReward, rollout_lib.AIReward)):
     return list(reward_fn.last_texts)
-  from cai_jax.sampling import completion_text
-  resp = np.asarray(jax.device_get(tr.response_tokens_BxN))
-  lengths = np.asarray(jax.device_get(tr.response_mask_BxN)).sum(axis=1)
-  return [completion_text(tok, resp[i, :int(n)], True, eos, stops)[0].strip()
-          for i, n in enumerate(lengths)]
+  return rollout_lib.response_texts(tok, {"response_tokens": tr.response_tokens_BxN,
+                                          "response_mask": tr.response_mask_BxN}, eos, stops)
 
 
 def _log_samples(samples, metrics, batch, tr, texts, it: int, pc) -> None:

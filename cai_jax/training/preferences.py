@@ -6,6 +6,7 @@ comparisons (an evaluation judge trained on human comparisons only).
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 import jax
@@ -146,16 +147,28 @@ def over_pairs(f, params, pairs, make_batch, B, mesh, rules) -> np.ndarray:
   return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
+# Module-level jits keyed on the (hashable) model config: every evaluation of a
+# run reuses one compilation instead of tracing a fresh lambda each time.
+@functools.partial(jax.jit, static_argnums=0)
+def _margins(cfg, params, batch):
+  return jnp.subtract(*objectives.pair_rewards(cfg, params, batch))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _pair_logprobs(cfg, params, batch):
+  return jnp.stack(objectives.pair_sequence_logprobs(cfg, params, batch), axis=1)
+
+
 def pair_margins(cfg, params, pairs, L, pad, B, mesh, rules) -> np.ndarray:
   """r_a - r_b for every pair."""
-  f = jax.jit(lambda p, b: jnp.subtract(*objectives.pair_rewards(cfg, p, b)))
-  return over_pairs(f, params, pairs, lambda c: data.pair_batch(c, L, pad), B, mesh, rules)
+  return over_pairs(functools.partial(_margins, cfg), params, pairs,
+                    lambda c: data.pair_batch(c, L, pad), B, mesh, rules)
 
 
 def dpo_logprobs(cfg, params, pairs, L, pad, B, mesh, rules) -> np.ndarray:
   """[n, 2]: log π(a) and log π(b) of every DPO pair under `params`."""
-  f = jax.jit(lambda p, b: jnp.stack(objectives.pair_sequence_logprobs(cfg, p, b), axis=1))
-  out = over_pairs(f, params, pairs, lambda c: data.dpo_batch(c, L, pad), B, mesh, rules)
+  out = over_pairs(functools.partial(_pair_logprobs, cfg), params, pairs,
+                   lambda c: data.dpo_batch(c, L, pad), B, mesh, rules)
   return out.reshape(-1, 2)
 
 
