@@ -46,7 +46,6 @@ else:
   cpu_backend.reexec_for_sampling()
 
 from cai_jax import models, sampling  # noqa: E402
-from cai_jax.sampling import sampler as sampler_lib  # noqa: E402
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -126,7 +125,7 @@ def main():
   ap.add_argument("--malloc_tunables", action="store_true",
                   help="run under cai_jax/runtime.py's train-step malloc tunables (arena_max=1)")
   args = ap.parse_args()
-  sampler_lib.CPU_FEATURE_MAJOR_DECODE = not args.row_major_decode
+  cpu_backend.FEATURE_MAJOR_DECODE = not args.row_major_decode
 
   import torch
   import transformers

@@ -1,4 +1,11 @@
-"""The CPU backend's process set-up (glibc malloc), done before the first allocation.
+"""Everything CPU-specific: the process set-up (glibc malloc, done before the
+first allocation) and the sampler's XLA:CPU choices (`decode_program`).
+
+One switch, CAI_JAX_CPU_BACKEND=0, turns all of it off; none of it runs on
+TPU or GPU (the malloc re-execution checks for accelerator device files, the
+sampler's choices for CPU devices).
+
+Malloc.
 
 XLA:CPU allocates each executable's temporary buffer (gigabytes for a SmolLM2
 train step) with `posix_memalign` from a worker thread. glibc serves requests
@@ -65,6 +72,7 @@ def reexec_with_malloc_tunables(module: Optional[str] = None) -> None:
   """
   choice = os.environ.get(_OPT_OUT, "")
   if (not sys.platform.startswith("linux") or malloc_tunables_active() or choice == "0"
+      or not enabled()
       or (choice != "1" and has_accelerator())):
     return
   args = sys.argv[1:]
@@ -127,3 +135,41 @@ def reexec_for_sampling() -> None:
     if env.get("GLIBC_TUNABLES") == os.environ.get("GLIBC_TUNABLES"):
       return
   _reexec([sys.executable, os.path.abspath(sys.argv[0]), *sys.argv[1:]], env)
+
+
+# ---------------------------------------------------------------- the sampler's programs
+# The CPU decode step computed feature-major (`models.decode.decode_step`,
+# weights transposed once per params), which skips XLA:CPU's per-call weight
+# repacking (measured in benchmarks/README.md). Used without a mesh.
+FEATURE_MAJOR_DECODE = True
+# Otherwise a CPU batch of at most FEW_ROWS rows per device is sampled by a
+# program compiled with FEW_ROWS_COMPILER_OPTIONS: XLA:CPU's Eigen dots run a
+# decode step's skinny matmuls faster at few rows and evenly at 32 and more
+# (benchmarks/README.md). Eigen allocates its packing buffers on every dot, so
+# the gain needs a malloc without a single-arena lock (not MALLOC_TUNABLES).
+FEW_ROWS = 16
+FEW_ROWS_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+_SWITCH = "CAI_JAX_CPU_BACKEND"
+
+
+def enabled() -> bool:
+  """The switch: CAI_JAX_CPU_BACKEND=0 runs the CPU like any other backend."""
+  return os.environ.get(_SWITCH, "1") != "0"
+
+
+def _on_cpu(mesh) -> bool:
+  import jax
+  devices = mesh.devices.flat if mesh is not None else jax.devices()
+  return next(iter(devices)).platform == "cpu"
+
+
+def decode_program(mesh, rows_per_device: int, scan_layers: bool = False) -> tuple:
+  """(feature_major, compiler_options) for a sampler's decode on these devices:
+  (False, None) off the CPU or with the switch off."""
+  if not enabled() or not _on_cpu(mesh):
+    return False, None
+  if FEATURE_MAJOR_DECODE and mesh is None and not scan_layers:
+    return True, None
+  if rows_per_device <= FEW_ROWS:
+    return False, FEW_ROWS_COMPILER_OPTIONS
+  return False, None

@@ -139,8 +139,13 @@ def embed(cfg: ModelConfig, embedding: Array, tokens: Array) -> Array:
 
 def cached_allowed(mask_BxS: Array, cache_index, T: int) -> Array:
   """BxTxS: new token t, written at slot cache_index + t, sees the valid
-  slots (mask_BxS) up to its own."""
+  slots (mask_BxS) up to its own. cache_index may be a scalar or one write
+  index per row (a B vector, T = 1: rows of a continuous batch, each at its
+  own length)."""
   slot = jnp.arange(mask_BxS.shape[1])[None, :]
+  if jnp.ndim(cache_index) == 1:
+    qpos = cache_index[:, None, None] + jnp.arange(T)[None, :, None]
+    return (slot[None] <= qpos) & mask_BxS[:, None, :]
   qpos = cache_index + jnp.arange(T)[:, None]
   return (slot <= qpos)[None] & mask_BxS[:, None, :]
 
@@ -174,10 +179,18 @@ def cached_attention(cfg: ModelConfig, q, k, v, allowed_BxTxS, cache, cache_inde
   G = N // K
   cd = cfg.jnp_dtype
   B, T = q.shape[:2]
-  k_all = jax.lax.dynamic_update_slice_in_dim(
-      cache["k"], k.transpose(0, 2, 3, 1).astype(cache["k"].dtype), cache_index, axis=3)
-  v_all = jax.lax.dynamic_update_slice_in_dim(
-      cache["v"], v.transpose(0, 2, 1, 3).astype(cache["v"].dtype), cache_index, axis=2)
+  if jnp.ndim(cache_index) == 1:
+    # One write index per row (T = 1): each row writes its slot of its own line.
+    if T != 1:
+      raise ValueError("per-row cache indices take one new token per row")
+    rows = jnp.arange(B)
+    k_all = cache["k"].at[rows, :, :, cache_index].set(k[:, 0].astype(cache["k"].dtype))
+    v_all = cache["v"].at[rows, :, cache_index, :].set(v[:, 0].astype(cache["v"].dtype))
+  else:
+    k_all = jax.lax.dynamic_update_slice_in_dim(
+        cache["k"], k.transpose(0, 2, 3, 1).astype(cache["k"].dtype), cache_index, axis=3)
+    v_all = jax.lax.dynamic_update_slice_in_dim(
+        cache["v"], v.transpose(0, 2, 1, 3).astype(cache["v"].dtype), cache_index, axis=2)
   q = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)
   # With a static write index (a prefill), slots after the new tokens are
   # never visible to them: attend over the slots up to the last one only.

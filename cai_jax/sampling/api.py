@@ -24,8 +24,7 @@ from cai_jax import sharding as sharding_lib
 from cai_jax import text as text_lib
 from cai_jax.text import conversation
 from cai_jax.sampling import stops as stops_lib
-from cai_jax.sampling.sampler import (TRACE_COUNTS, PromptTooLongError, bucket_length,
-                                      sample)
+from cai_jax.sampling.sampler import TRACE_COUNTS, PromptTooLongError, bucket_length
 from cai_jax.utils import InputError
 
 
@@ -134,15 +133,19 @@ def eos_ids_of(cfg, tokenizer) -> tuple:
 def generate(cfg, params, tokenizer, prompts, *, fmt: str = "chat", max_new_tokens: int = 128,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              greedy: bool = False, stop: Optional[Sequence[str]] = None, seed: int = 0,
-             batch_size: int = 16, mesh=None, progress: bool = True,
+             keys=None, batch_size: int = 16, mesh=None, progress: bool = True,
              truncate_long_prompts: bool = False, desc: str = "sampling",
-             eos_ids: Optional[Sequence[int]] = None, max_buckets: int = 4) -> list:
+             eos_ids: Optional[Sequence[int]] = None) -> list:
   """Completions for rendered prompt strings or message lists, in input order.
 
-  stop: stop strings (default: `text.stop_strings(fmt, tokenizer)`); they are
-  detected exactly inside the compiled loop and cut from `.text`.
-  Deterministic for the same (prompts, seed, batch_size).
+  Runs the continuous-batching engine (`sampling.engine`) with `batch_size`
+  decode slots. stop: stop strings (default: `text.stop_strings(fmt,
+  tokenizer)`); they are detected exactly inside the compiled loop and cut
+  from `.text`. keys: one PRNG key per prompt (default: prompt i gets
+  `sampler.row_keys(PRNGKey(seed), i)`). A prompt's completion depends on its
+  text and key only, not on batch_size or on the other prompts of the call.
   """
+  from cai_jax.sampling import engine
   if batch_size < 1:
     raise InputError(f"generate: batch_size={batch_size} must be >= 1")
   texts = [p if isinstance(p, str) else text_lib.render(p, fmt, tokenizer) for p in prompts]
@@ -165,34 +168,27 @@ def generate(cfg, params, tokenizer, prompts, *, fmt: str = "chat", max_new_toke
   stop_strings = list(text_lib.stop_strings(fmt, tokenizer) if stop is None else stop)
   matcher = stops_lib.from_strings(tokenizer, stop_strings, cfg.vocab_size)
   eos = eos_ids_of(cfg, tokenizer) if eos_ids is None else tuple(eos_ids)
-  d = 1
   if mesh is not None:
-    d = sharding_lib.batch_divisor(mesh)
     params = sharding_lib.shard_params(params, cfg, mesh)
-  batch_size = fit_batch_size(len(ids), batch_size, d)
   pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
-  order = np.argsort([len(x) for x in ids], kind="stable")
-  batches = _batches(order, batch_size)
-  lengths = choose_buckets([max(len(ids[j]) for j in b) for b in batches], max_buckets)
-  root = jax.random.PRNGKey(seed)
-  results: list = [None] * len(ids)
-  for bi, (rows, L) in enumerate(tqdm.tqdm(list(zip(batches, lengths)), desc=desc,
-                                           disable=not progress)):
-    interrupts.check(f"{desc}, batch {bi + 1} of {len(batches)}")
-    tokens, mask = _left_pad([ids[j] for j in rows], L, batch_size, pad_id)
-    # Length-sorted batches hold little padding: a packed prefill would save
-    # little and add compilations.
-    out = sample(cfg, params, tokens, mask, jax.random.fold_in(root, bi),
-                 max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                 top_p=top_p, greedy=greedy, eos_ids=eos, stop_seqs=matcher, mesh=mesh,
-                 pad_id=pad_id, bucket=False, pack_prefill=False)
-    for r, j in enumerate(rows):
-      n = int(out.lengths_B[r])
-      toks = out.tokens_BxN[r, :n].copy()
-      txt, reason = completion_text(tokenizer, toks, bool(out.finished_B[r]), eos, stop_strings)
-      results[j] = Completion(text=txt, tokens=toks, logprobs=out.logprobs_BxN[r, :n].copy(),
+  bar = tqdm.tqdm(total=len(ids), desc=desc, disable=not progress, unit="prompt")
+  try:
+    out = engine.generate_tokens(
+        cfg, params, ids, jax.random.PRNGKey(seed) if keys is None else keys,
+        max_new_tokens=max_new_tokens, slots=batch_size, temperature=temperature, top_k=top_k,
+        top_p=top_p, greedy=greedy, eos_ids=eos, stop_seqs=matcher, pad_id=pad_id, mesh=mesh,
+        on_done=lambda i: bar.update(1),
+        between_blocks=lambda: interrupts.check(f"{desc}, {bar.n} of {len(ids)} done"))
+  finally:
+    bar.close()
+  results = []
+  for j in range(len(ids)):
+    n = int(out.lengths_B[j])
+    toks = out.tokens_BxN[j, :n].copy()
+    txt, reason = completion_text(tokenizer, toks, bool(out.finished_B[j]), eos, stop_strings)
+    results.append(Completion(text=txt, tokens=toks, logprobs=out.logprobs_BxN[j, :n].copy(),
                               finished=reason != "length", finish_reason=reason,
-                              prompt_tokens=np.asarray(ids[j], np.int32))
+                              prompt_tokens=np.asarray(ids[j], np.int32)))
   return results
 
 

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
+from cai_jax import cpu_backend
 from cai_jax import models
 from cai_jax import multihost
 from cai_jax import sharding as sharding_lib
@@ -51,14 +52,6 @@ _GRID = ((8, 64), (16, 128), (32, 256), (128, 1024))
 # multiple of 1/PACK_STEPS of the slots, so one batch shape compiles at most
 # PACK_STEPS - 1 packed variants.
 PACK_STEPS = 8
-# On CPU without a mesh the decode loop runs `models.decode.decode_step`
-# (feature-major activations, weights transposed once per params), which skips
-# XLA:CPU's per-call weight repacking (measured in benchmarks/README.md).
-CPU_FEATURE_MAJOR_DECODE = True
-# Otherwise a CPU batch of at most this many rows per device is sampled by a
-# program compiled with these XLA options (see `_sample_jit_few_rows`).
-CPU_FEW_ROWS = 16
-CPU_FEW_ROWS_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 class PromptTooLongError(InputError):
@@ -126,18 +119,28 @@ def _first_true_or_last(cond_WxB, nonzero_WxB):
   return jnp.where(first < W, first, jnp.maximum(last_nz, 0))
 
 
-def _inverse_cdf(weights_VxB, key):
-  """Samples one index per column with probability proportional to the weights."""
+def row_keys(rng, ids_B):
+  """Each row's own key: fold_in(rng, its id). A row's samples then depend on
+  its id and the seed only, not on the batch, slot or shard it ran in."""
+  return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.asarray(ids_B, jnp.int32))
+
+
+def step_keys(keys_B, step_B):
+  """The keys of each row's token number `step` (a scalar or one per row)."""
+  step_B = jnp.broadcast_to(jnp.asarray(step_B, jnp.int32), keys_B.shape[:1])
+  return jax.vmap(jax.random.fold_in)(keys_B, step_B)
+
+
+def _inverse_cdf(weights_VxB, keys_B):
+  """Samples one index per column with probability proportional to the
+  weights, column b from its own key keys_B[b]."""
   V, B = weights_VxB.shape
   C = -(-V // _BLOCK)
   w = jnp.pad(weights_VxB, ((0, C * _BLOCK - V), (0, 0))).reshape(C, _BLOCK, B)
   block_sum_CxB = w.sum(1)
   cum_CxB = _cumsum_mm(block_sum_CxB)
-  # u in (0, total]: a zero-weight index can never be chosen. Each row draws
-  # from its own key (fold_in of its batch index), so a row's sample does not
-  # depend on how many rows the batch was padded to or how it is sharded.
-  u01_B = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i), (), jnp.float32))(
-      jnp.arange(B))
+  # u in (0, total]: a zero-weight index can never be chosen.
+  u01_B = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys_B)
   u_B = (1.0 - u01_B) * cum_CxB[-1]
   blk_B = _first_true_or_last(cum_CxB >= u_B[None, :], block_sum_CxB > 0)
   before_B = (jnp.take_along_axis(cum_CxB, blk_B[None, :], 0)[0]
@@ -173,7 +176,7 @@ def _nucleus(weights_VxB, top_p):
   return jnp.where(bits >= lo[None, :], weights_VxB, 0.0)
 
 
-def _pick(logits_VxB, key, temperature, top_p, *, greedy, top_k, use_top_p, unit_temp):
+def _pick(logits_VxB, keys_B, temperature, top_p, *, greedy, top_k, use_top_p, unit_temp):
   """(token_B, logprob_B): a token per column of vocabulary-major logits and its
   log-prob under the raw T=1 softmax."""
   m_B = jnp.max(logits_VxB, axis=0, keepdims=True)
@@ -196,7 +199,7 @@ def _pick(logits_VxB, key, temperature, top_p, *, greedy, top_k, use_top_p, unit
       w = jnp.where(keep, w, 0.0)
     if use_top_p:
       w = _nucleus(w, top_p)
-    tok = _inverse_cdf(w, key)
+    tok = _inverse_cdf(w, keys_B)
   lp = jnp.take_along_axis(logits_VxB, tok[None, :], 0)[0] - lse_B
   return tok, lp
 
@@ -252,10 +255,10 @@ def pack_prompts(mask_BxP: np.ndarray, steps: int = PACK_STEPS):
   return pack_index.reshape(B, P), slot_index_T
 
 
-def _sample_impl(params, decode_w, tokens_BxP, mask_BxP, prefix_1xL, pack, rng, temperature,
+def _sample_impl(params, decode_w, tokens_BxP, mask_BxP, prefix, pack, keys_B, temperature,
                  top_p, eos_E, stop_next_SxV, pad_id, *, cfg, max_new_tokens, greedy, top_k,
                  use_top_p, unit_temp, mesh):
-  """prefix_1xL (or None): tokens every row starts with, run once for the batch;
+  """prefix (or None): `prefix_kv` of the tokens every row starts with;
   tokens_BxP then hold each row's remaining (left-padded) prompt tokens.
   pack (or None): `pack_prompts` of mask_BxP; the prefill then runs on the
   real tokens only. decode_w (or None): `decode_lib.decode_weights` of params;
@@ -263,7 +266,7 @@ def _sample_impl(params, decode_w, tokens_BxP, mask_BxP, prefix_1xL, pack, rng, 
   TRACE_COUNTS["sample"] += 1
   B, P = tokens_BxP.shape
   N = max_new_tokens
-  Lp = 0 if prefix_1xL is None else prefix_1xL.shape[1]
+  Lp = 0 if prefix is None else prefix[0]["prefix_k"].shape[-1]
   pick = functools.partial(_pick, temperature=temperature, top_p=top_p, greedy=greedy,
                            top_k=top_k, use_top_p=use_top_p, unit_temp=unit_temp)
   mask_BxP = mask_BxP.astype(bool)
@@ -273,7 +276,7 @@ def _sample_impl(params, decode_w, tokens_BxP, mask_BxP, prefix_1xL, pack, rng, 
   prompt_len_B = Lp + mask_BxP.sum(-1).astype(jnp.int32)
   cache = models.init_cache(cfg, B, P + N)
   if Lp:
-    cache = [dict(c, **pc) for c, pc in zip(cache, _prefix_kv(cfg, params, prefix_1xL))]
+    cache = [dict(c, **pc) for c, pc in zip(cache, prefix)]
   cache = _cache_constraint(cfg, cache, mesh)
   head_VxD = models.lm_head_weight(cfg, params).T.astype(cfg.jnp_dtype)
   tokens, positions = tokens_BxP, Lp + models.positions_from_mask(mask_BxP)
@@ -289,7 +292,7 @@ def _sample_impl(params, decode_w, tokens_BxP, mask_BxP, prefix_1xL, pack, rng, 
     stopped = jnp.isin(tok_B, eos_E) | (nxt_B < 0)
     return jnp.maximum(nxt_B, 0), done_B | stopped
 
-  tok0, lp0 = pick(_logits_VxB(cfg, head_VxD, out["hidden"][:, 0]), jax.random.fold_in(rng, 0))
+  tok0, lp0 = pick(_logits_VxB(cfg, head_VxD, out["hidden"][:, 0]), step_keys(keys_B, 0))
   state0, done0 = advance(tok0, jnp.zeros((B,), jnp.int32), jnp.zeros((B,), bool))
   toks_BxN = jnp.full((B, N), pad_id, jnp.int32).at[:, 0].set(tok0)
   lps_BxN = jnp.zeros((B, N), jnp.float32).at[:, 0].set(lp0)
@@ -312,7 +315,7 @@ def _sample_impl(params, decode_w, tokens_BxP, mask_BxP, prefix_1xL, pack, rng, 
       h_DxB, new_cache = decode_lib.decode_step(cfg, decode_w, params, prev_B, pos_B,
                                                 mask_BxS, cache, slot)
       logits_VxB = jax.lax.dot(head_VxD, h_DxB, preferred_element_type=jnp.float32)
-    tok, lp = pick(logits_VxB, jax.random.fold_in(rng, i))
+    tok, lp = pick(logits_VxB, step_keys(keys_B, i))
     live = ~done
     tok = jnp.where(live, tok, pad_id)
     new_state, new_done = advance(tok, state, done)
@@ -328,49 +331,68 @@ def _sample_impl(params, decode_w, tokens_BxP, mask_BxP, prefix_1xL, pack, rng, 
 
 
 _STATIC = ("cfg", "max_new_tokens", "greedy", "top_k", "use_top_p", "unit_temp", "mesh")
-_sample_jit = jax.jit(_sample_impl, static_argnames=_STATIC)
-# The same program for CPU batches of few rows per device, compiled without
-# YNNPACK fusions: XLA:CPU's Eigen dots run a decode step's skinny matmuls
-# faster at few rows and evenly at 32 and more (benchmarks/README.md). Eigen
-# allocates its packing buffers on every dot, so the gain needs a malloc without
-# a single-arena lock (not cpu_backend.MALLOC_TUNABLES). Each (batch, length)
-# shape maps to one variant, so this adds no compilations.
-_sample_jit_few_rows = jax.jit(_sample_impl, static_argnames=_STATIC,
-                               compiler_options=CPU_FEW_ROWS_COMPILER_OPTIONS)
 
 
-def _on_cpu(mesh) -> bool:
-  devices = mesh.devices.flat if mesh is not None else jax.devices()
-  return next(iter(devices)).platform == "cpu"
+def compiled(fn, static_argnames, options, donate_argnums=()):
+  """`jax.jit(fn)` compiled with these XLA options (None: the defaults), one
+  jitted function per (fn, options); each batch shape maps to one of them,
+  so the CPU backend's choices add no compilations."""
+  key = (fn, tuple(sorted((options or {}).items())))
+  if key not in _JITS:
+    _JITS[key] = jax.jit(fn, static_argnames=static_argnames, donate_argnums=donate_argnums,
+                         compiler_options=dict(options) if options else None)
+  return _JITS[key]
 
 
-def _sampler_for(rows_per_device: int, mesh, feature_major: bool):
-  """The compiled sampler variant for this batch: few rows per CPU device or not."""
-  few = not feature_major and _on_cpu(mesh) and rows_per_device <= CPU_FEW_ROWS
-  return _sample_jit_few_rows if few else _sample_jit
+_JITS: dict = {}
 
 
-# (cfg, weak references to the params' leaves, decode weights) of the last
-# params `_decode_weights` saw: a run that samples many batches from the same
-# params (generate, a rollout) transposes its weights once.
-_DECODE_WEIGHTS: list = []
+class ParamsMemo:
+  """Values computed from params (and a hashable key), kept while those very
+  params are alive: a run that samples many batches from the same params (a
+  stage, a rollout) computes them once. Entries hold weak references to the
+  params' leaves, so new params (after a training step) miss; at most `size`
+  entries, the oldest dropped first."""
+
+  def __init__(self, fn, size: int):
+    self.fn, self.size = fn, size
+    self.entries: collections.OrderedDict = collections.OrderedDict()
+    self.misses = 0
+
+  def __call__(self, cfg, params, key=()):
+    leaves = jax.tree_util.tree_leaves(params)
+    hit = self.entries.get((cfg, key))
+    if hit is not None:
+      refs, value = hit
+      if len(refs) == len(leaves) and all(r() is x for r, x in zip(refs, leaves)):
+        self.entries.move_to_end((cfg, key))
+        return value
+    self.entries.pop((cfg, key), None)
+    # Entries of params that are gone free their memory before a new one is made.
+    for k in [k for k, (refs, _) in self.entries.items() if any(r() is None for r in refs)]:
+      del self.entries[k]
+    while len(self.entries) >= self.size:
+      self.entries.popitem(last=False)
+    self.misses += 1
+    value = self.fn(cfg, params, key)
+    try:
+      refs = [weakref.ref(x) for x in leaves]
+    except TypeError:  # a leaf that cannot be weakly referenced: no reuse
+      return value
+    self.entries[(cfg, key)] = (refs, value)
+    return value
+
+
 _decode_weights_jit = jax.jit(decode_lib.decode_weights, static_argnums=0)
-
-
-def _decode_weights(cfg, params):
-  """`decode_lib.decode_weights` of these params, reused while they are alive."""
-  leaves = jax.tree_util.tree_leaves(params)
-  for c, refs, w in _DECODE_WEIGHTS:
-    if c == cfg and len(refs) == len(leaves) and all(r() is x for r, x in zip(refs, leaves)):
-      return w
-  _DECODE_WEIGHTS.clear()  # drop the last params' copy before making this one
-  w = _decode_weights_jit(cfg, params)
-  try:
-    refs = [weakref.ref(x) for x in leaves]
-  except TypeError:  # a leaf that cannot be weakly referenced: no reuse
-    return w
-  _DECODE_WEIGHTS.append((cfg, refs, w))
-  return w
+# The transposed weights are a second copy of the trunk: one params' worth.
+_decode_weights = ParamsMemo(lambda cfg, params, _: _decode_weights_jit(cfg, params), size=1)
+_prefix_kv_jit = jax.jit(_prefix_kv, static_argnums=0)
+# The KV of a shared prompt prefix (few-shot dialogues, a labelling header,
+# a system prompt), computed once per (params, prefix) for every batch of a
+# stage; a stage alternates a few prompt kinds (critique, revision).
+prefix_kv = ParamsMemo(
+    lambda cfg, params, prefix: _prefix_kv_jit(cfg, params, jnp.asarray([prefix], jnp.int32)),
+    size=4)
 
 
 def _check_left_padded(mask: np.ndarray):
@@ -395,7 +417,7 @@ def sample(cfg, params, prompt_tokens_BxP, prompt_mask_BxP, rng, *, max_new_toke
            eos_ids: Sequence[int] = (2,),
            stop_seqs: Union[Sequence[Sequence[int]], stops_lib.StopMatcher] = (),
            mesh=None, pad_id: Optional[int] = None, bucket: bool = True,
-           share_prefix: bool = True, pack_prefill: bool = True) -> SampleOutput:
+           share_prefix: bool = True, pack_prefill: bool = True, keys=None) -> SampleOutput:
   """Samples continuations of a left-padded batch of prompts.
 
   stop_seqs: token-id sequences that end a row when generated, or a
@@ -409,6 +431,8 @@ def sample(cfg, params, prompt_tokens_BxP, prompt_mask_BxP, rng, *, max_new_toke
   padding); a caller that batches prompts of similar lengths and counts
   compilations turns it off. With a mesh, params should be sharded on it
   (they are placed if not) and the batch is split over its batch axes.
+  keys: one PRNG key per row (default `row_keys(rng, range(B))`): row b's
+  token i is drawn from `step_keys(keys[b], i)`, as in `sampling.engine`.
   """
   tokens = np.asarray(prompt_tokens_BxP, np.int32)
   mask = np.asarray(prompt_mask_BxP).astype(bool)
@@ -463,12 +487,21 @@ def sample(cfg, params, prompt_tokens_BxP, prompt_mask_BxP, rng, *, max_new_toke
   if mesh is not None:
     params = sharding_lib.shard_params(params, cfg, mesh)
     tok_in, mask_in = sharding_lib.shard_batch((tokens, mask), mesh)
-  feature_major = (CPU_FEATURE_MAJOR_DECODE and mesh is None and _on_cpu(mesh)
-                   and not cfg.scan_layers)
+  if keys is None:
+    keys = row_keys(_as_key(rng), jnp.arange(B))
+  else:
+    keys = jnp.asarray(keys)
+    if keys.shape[0] != B0:
+      raise InputError(f"sample: {keys.shape[0]} keys for {B0} rows; give one per row")
+    keys = jnp.concatenate([keys, jnp.zeros((B - B0,) + keys.shape[1:], keys.dtype)])
+  if mesh is not None:
+    keys = sharding_lib.shard_batch(keys, mesh)
+  feature_major, options = cpu_backend.decode_program(mesh, B // d, cfg.scan_layers)
   decode_w = _decode_weights(cfg, params) if feature_major else None
-  toks, lps, lengths, done = _sampler_for(B // d, mesh, feature_major)(
-      params, decode_w, tok_in, mask_in, None if prefix is None else jnp.asarray(prefix),
-      None if pack is None else tuple(jnp.asarray(a) for a in pack), _as_key(rng),
+  toks, lps, lengths, done = compiled(_sample_impl, _STATIC, options)(
+      params, decode_w, tok_in, mask_in,
+      None if prefix is None else prefix_kv(cfg, params, tuple(int(t) for t in prefix[0])),
+      None if pack is None else tuple(jnp.asarray(a) for a in pack), keys,
       jnp.float32(temperature if not greedy else 1.0),
       jnp.float32(top_p), jnp.asarray(eos), jnp.asarray(matcher.next_SxV), jnp.int32(pad_id),
       cfg=cfg, max_new_tokens=int(max_new_tokens), greedy=bool(greedy), top_k=int(top_k),
