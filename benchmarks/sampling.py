@@ -80,16 +80,6 @@ def chat_prompts(tok, n):
   return out
 
 
-def left_pad(rows, pad):
-  L = max(len(r) for r in rows)
-  t = np.full((len(rows), L), pad, np.int32)
-  m = np.zeros((len(rows), L), bool)
-  for i, r in enumerate(rows):
-    t[i, L - len(r):] = r
-    m[i, L - len(r):] = True
-  return t, m
-
-
 def matmul_rate(n=2048, reps=5):
   """Best f32 GFLOP/s of XLA and torch on an n x n matmul."""
   import torch
@@ -147,7 +137,7 @@ def main():
             "feature_major_decode": not args.row_major_decode}
   for B in [int(b) for b in args.batches.split(",")]:
     prompts = chat_prompts(tok, B)
-    t_np, m_np = left_pad(prompts, cfg.pad_token_id)
+    t_np, m_np = sampling.left_pad(prompts, cfg.pad_token_id)
 
     def run_jax(seed):
       out = sampling.sample(cfg, params, t_np, m_np, jax.random.PRNGKey(seed), max_new_tokens=N,

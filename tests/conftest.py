@@ -41,3 +41,15 @@ def smollm2(smollm2_path):
   from cai_jax import models
   cfg, params = models.load_pretrained(smollm2_path)
   return cfg, params, models.load_tokenizer(smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def peaked_tiny():
+  """A tiny model with weights scaled up so its distributions are far from uniform
+  (the samplers' tests)."""
+  import jax
+  from cai_jax import models
+  cfg = models.tiny()
+  params = models.init_params(cfg, jax.random.PRNGKey(1))
+  params = jax.tree_util.tree_map(lambda x: x * 8.0 if x.ndim >= 2 else x, params)
+  return cfg, params

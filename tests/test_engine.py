@@ -6,28 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cai_jax import models, sampling, sharding
+from cai_jax import sampling, sharding
 from cai_jax.sampling import engine
 from cai_jax.sampling import sampler as sampler_lib
 
 
 @pytest.fixture(scope="module")
-def tiny():
-  """A tiny model with weights scaled up so its distributions are far from uniform."""
-  cfg = models.tiny()
-  params = models.init_params(cfg, jax.random.PRNGKey(1))
-  params = jax.tree_util.tree_map(lambda x: x * 8.0 if x.ndim >= 2 else x, params)
-  return cfg, params
-
-
-def _left_padded(rows, pad=0):
-  L = max(len(r) for r in rows)
-  t = np.full((len(rows), L), pad, np.int32)
-  m = np.zeros((len(rows), L), bool)
-  for i, r in enumerate(rows):
-    t[i, L - len(r):] = r
-    m[i, L - len(r):] = True
-  return t, m
+def tiny(peaked_tiny):
+  return peaked_tiny
 
 
 def _prompts(seed: int, n: int, head: int = 24, longest: int = 30):
@@ -51,7 +37,7 @@ def test_greedy_equals_static_token_for_token(tiny):
   budget; any number of slots (1: every row waits for a refill) and blocks."""
   cfg, params = tiny
   prompts = _prompts(0, 11)
-  t, m = _left_padded(prompts)
+  t, m = sampling.left_pad(prompts)
   free = sampler_lib.sample(cfg, params, t, m, 0, max_new_tokens=12, greedy=True, eos_ids=())
   eos = int(free.tokens_BxN[3, 0])
   stop = [[int(x) for x in free.tokens_BxN[6, 2:4]]]
@@ -69,7 +55,7 @@ def test_greedy_equals_static_token_for_token(tiny):
 def test_sampled_equals_static_for_the_same_seed(tiny, kw):
   cfg, params = tiny
   prompts = _prompts(1, 13)
-  t, m = _left_padded(prompts)
+  t, m = sampling.left_pad(prompts)
   free = sampler_lib.sample(cfg, params, t, m, jax.random.PRNGKey(9), max_new_tokens=10,
                             eos_ids=(), **kw)
   eos = (int(free.tokens_BxN[0, 4]), int(free.tokens_BxN[5, 2]))
@@ -91,7 +77,7 @@ def test_budget_per_prompt(tiny):
   cfg, params = tiny
   prompts = _prompts(2, 6)
   budgets = [1, 4, 9, 2, 9, 5]
-  t, m = _left_padded(prompts)
+  t, m = sampling.left_pad(prompts)
   ref = sampler_lib.sample(cfg, params, t, m, 3, max_new_tokens=9, eos_ids=())
   out = engine.generate_tokens(cfg, params, prompts, 3, slots=2, max_new_tokens=budgets,
                                eos_ids=())
@@ -138,7 +124,7 @@ def test_prefix_kv_is_kept_across_calls(tiny):
                              eos_ids=())
   assert memo.misses == misses + 1
   b = engine.generate_tokens(cfg, params, second, 1, slots=4, max_new_tokens=6, eos_ids=())
-  t, m = _left_padded(second)
+  t, m = sampling.left_pad(second)
   c = sampler_lib.sample(cfg, params, t, m, 1, max_new_tokens=6, eos_ids=())
   assert memo.misses == misses + 1  # the second call and the static sampler reused it
   _assert_same(b, c)

@@ -14,12 +14,8 @@ from cai_jax import roles
 
 
 @pytest.fixture(scope="module")
-def tiny():
-  """A tiny model with weights scaled up so its distributions are far from uniform."""
-  cfg = models.tiny()
-  params = models.init_params(cfg, jax.random.PRNGKey(1))
-  params = jax.tree_util.tree_map(lambda x: x * 8.0 if x.ndim >= 2 else x, params)
-  return cfg, params
+def tiny(peaked_tiny):
+  return peaked_tiny
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +25,7 @@ def tiny_text():
 
 
 def _left_padded(rows, pad=0):
-  L = max(len(r) for r in rows)
-  t = np.full((len(rows), L), pad, np.int32)
-  m = np.zeros((len(rows), L), bool)
-  for i, r in enumerate(rows):
-    t[i, L - len(r):] = r
-    m[i, L - len(r):] = True
-  return t, m
+  return sampling.left_pad(rows, pad)
 
 
 def _full_logprobs(cfg, params, prompts, gens):

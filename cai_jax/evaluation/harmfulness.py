@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 
 from cai_jax import models
-from cai_jax.sampling import bucket_length
+from cai_jax.sampling import bucket_length, left_pad
 from cai_jax import text as text_lib
 from cai_jax.data import sources
 from cai_jax.utils import InputError
@@ -76,14 +76,7 @@ def encode(tokenizer, conversations, fmt: str, max_len: int):
     else:
       ids = enc.prompt_ids(msgs)[-max_len:]
     rows.append(ids or [tokenizer.eos_token_id or 0])
-  L = max(len(r) for r in rows)
-  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  tokens = np.full((len(rows), L), pad, np.int32)
-  mask = np.zeros((len(rows), L), bool)
-  for i, r in enumerate(rows):
-    tokens[i, L - len(r):] = r
-    mask[i, L - len(r):] = True
-  return tokens, mask
+  return left_pad(rows, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
 
 
 def l2_loss(pred_B, rating_B, weight_B=None):

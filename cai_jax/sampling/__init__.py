@@ -6,7 +6,7 @@
   lps = sampling.score_tokens(cfg, params, prompt_ids, cont_ids)
 """
 from cai_jax.sampling.api import (Completion, choose_buckets, completion_text, encode_prompt,
-                                  eos_ids_of, generate,
+                                  eos_ids_of, generate, left_pad,
                                   generation_mesh, group_by_shape, pm_scores, scalar_scores,
                                   score, score_tokens)
 from cai_jax.sampling.sampler import (TRACE_COUNTS, PromptTooLongError, SampleOutput,

@@ -114,7 +114,12 @@ def _batches(order: np.ndarray, batch_size: int):
   return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _left_pad(rows: Sequence[Sequence[int]], length: int, n_rows: int, pad_id: int):
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int = 0, length: Optional[int] = None,
+             n_rows: Optional[int] = None):
+  """(tokens, mask) of token lists left-padded to `length` (default: the
+  longest); rows past len(rows) up to `n_rows` are filler holding one pad."""
+  length = max(len(r) for r in rows) if length is None else length
+  n_rows = len(rows) if n_rows is None else n_rows
   t = np.full((n_rows, length), pad_id, np.int32)
   m = np.zeros((n_rows, length), bool)
   for r, ids in enumerate(rows):
@@ -245,7 +250,7 @@ def score_tokens(cfg, params, prompt_ids, cont_ids, *, batch_size: int = 16, mes
     interrupts.check("scoring")
     C = max(8, 1 << (max(len(seqs[j][1]) for j in rows) - 1).bit_length())
     L = bucket_length(max(L, C + 1))
-    tokens, mask = _left_pad([seqs[j][0] + seqs[j][1] for j in rows], L, batch_size, pad_id)
+    tokens, mask = left_pad([seqs[j][0] + seqs[j][1] for j in rows], pad_id, L, batch_size)
     t_in, m_in = jnp.asarray(tokens), jnp.asarray(mask)
     if mesh is not None:
       t_in, m_in = sharding_lib.shard_batch((tokens, mask), mesh)

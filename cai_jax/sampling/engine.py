@@ -233,14 +233,7 @@ def generate_tokens(cfg, params, prompts: Sequence[Sequence[int]], keys, *,
   if n == 0:
     return S.SampleOutput(np.zeros((0, 1), np.int32), np.zeros((0, 1), np.float32),
                           np.zeros((0,), np.int32), np.zeros((0,), bool))
-  if budgets.min() < 1:
-    raise InputError(f"sample: max_new_tokens={int(budgets.min())} must be >= 1")
-  if not greedy and not temperature > 0:
-    raise InputError(f"sample: temperature={temperature} must be > 0 (or use greedy=True)")
-  if not 0 < top_p <= 1:
-    raise InputError(f"sample: top_p={top_p} must be in (0, 1]")
-  if top_k < 0 or top_k > cfg.vocab_size:
-    raise InputError(f"sample: top_k={top_k} must be in [0, vocab_size={cfg.vocab_size}]")
+  S.check_settings(cfg, budgets, temperature, top_k, top_p, greedy)
   if slots < 1:
     raise InputError(f"sample: slots={slots} must be >= 1")
   for i, p in enumerate(ids):

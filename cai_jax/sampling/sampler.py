@@ -395,6 +395,18 @@ prefix_kv = ParamsMemo(
     size=4)
 
 
+def check_settings(cfg, max_new_tokens, temperature, top_k, top_p, greedy):
+  """One-line errors for sampling settings no sampler can run."""
+  if int(np.min(max_new_tokens)) < 1:
+    raise InputError(f"sample: max_new_tokens={int(np.min(max_new_tokens))} must be >= 1")
+  if not greedy and not temperature > 0:
+    raise InputError(f"sample: temperature={temperature} must be > 0 (or use greedy=True)")
+  if not 0 < top_p <= 1:
+    raise InputError(f"sample: top_p={top_p} must be in (0, 1]")
+  if top_k < 0 or top_k > cfg.vocab_size:
+    raise InputError(f"sample: top_k={top_k} must be in [0, vocab_size={cfg.vocab_size}]")
+
+
 def _check_left_padded(mask: np.ndarray):
   bad = np.nonzero((np.diff(mask.astype(np.int8), axis=1) < 0).any(axis=1))[0]
   if len(bad):
@@ -439,14 +451,7 @@ def sample(cfg, params, prompt_tokens_BxP, prompt_mask_BxP, rng, *, max_new_toke
   if tokens.ndim != 2 or tokens.shape != mask.shape:
     raise InputError(f"sample: prompt tokens {tokens.shape} and mask {mask.shape} must be "
                      "equal BxP arrays")
-  if max_new_tokens < 1:
-    raise InputError(f"sample: max_new_tokens={max_new_tokens} must be >= 1")
-  if not greedy and not temperature > 0:
-    raise InputError(f"sample: temperature={temperature} must be > 0 (or use greedy=True)")
-  if not 0 < top_p <= 1:
-    raise InputError(f"sample: top_p={top_p} must be in (0, 1]")
-  if top_k < 0 or top_k > cfg.vocab_size:
-    raise InputError(f"sample: top_k={top_k} must be in [0, vocab_size={cfg.vocab_size}]")
+  check_settings(cfg, max_new_tokens, temperature, top_k, top_p, greedy)
   _check_left_padded(mask)
   longest = int(mask.sum(1).max())
   ctx = cfg.max_position_embeddings
