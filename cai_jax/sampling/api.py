@@ -23,6 +23,7 @@ from cai_jax import interrupts, multihost
 from cai_jax import sharding as sharding_lib
 from cai_jax import text as text_lib
 from cai_jax.text import conversation
+from cai_jax.sampling import engine
 from cai_jax.sampling import stops as stops_lib
 from cai_jax.sampling.sampler import TRACE_COUNTS, PromptTooLongError, bucket_length
 from cai_jax.utils import InputError
@@ -150,7 +151,6 @@ def generate(cfg, params, tokenizer, prompts, *, fmt: str = "chat", max_new_toke
   `sampler.row_keys(PRNGKey(seed), i)`). A prompt's completion depends on its
   text and key only, not on batch_size or on the other prompts of the call.
   """
-  from cai_jax.sampling import engine
   if batch_size < 1:
     raise InputError(f"generate: batch_size={batch_size} must be >= 1")
   texts = [p if isinstance(p, str) else text_lib.render(p, fmt, tokenizer) for p in prompts]

@@ -32,7 +32,6 @@ stage's batches and refills attend to one stored copy.
 from __future__ import annotations
 
 import collections
-import functools
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -195,9 +194,13 @@ def _empty_state(cfg, slots: int, line: int, N: int, key_shape, key_dtype, mesh)
       "finished": jnp.zeros((slots,), bool), "live": jnp.zeros((slots,), bool),
       "toks": jnp.zeros((slots, N), jnp.int32), "lps": jnp.zeros((slots, N), jnp.float32)}
   if mesh is not None:  # the lines are split over the batch axes, like a static batch
-    state["cache"] = jax.jit(functools.partial(S._cache_constraint, cfg, mesh=mesh))(
-        state["cache"])
+    state["cache"] = _place_cache(state["cache"], cfg=cfg, mesh=mesh)
   return state
+
+
+# One jitted placement per (cfg, mesh, shapes), not a fresh jit per call.
+_place_cache = jax.jit(lambda cache, cfg, mesh: S._cache_constraint(cfg, cache, mesh),
+                       static_argnames=("cfg", "mesh"))
 
 
 def group_sizes(slots: int) -> list:
