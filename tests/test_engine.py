@@ -86,6 +86,20 @@ def test_budget_per_prompt(tiny):
     np.testing.assert_array_equal(out.tokens_BxN[i, :b], ref.tokens_BxN[i, :b])
 
 
+def test_admission_groups():
+  """Refills take the largest group size the waiting prompts fill; a call
+  whose prompts all fit prefills them in one group, idle slots making up the
+  size."""
+  sizes = engine.group_sizes(8)
+  assert sizes == [1, 4, 8]
+  assert engine.admit_size(sizes, 5, 8) == 8     # one prefill, 3 idle slots
+  assert engine.admit_size(sizes, 1, 8) == 1
+  assert engine.admit_size(sizes, 3, 5) == 4     # 3 prompts, one idle slot
+  assert engine.admit_size(sizes, 5, 6) == 4     # 8 does not fit: 4, then 1
+  assert engine.admit_size(sizes, 20, 8) == 8
+  assert engine.admit_size(sizes, 20, 3) == 1
+
+
 def test_compilations_are_bounded_by_the_grids_not_the_prompt_count(tiny):
   """Two calls, of 12 and of 48 prompts from the same length range: the
   programs compiled stay within (group sizes) x (prompt widths) prefills and
@@ -103,7 +117,7 @@ def test_compilations_are_bounded_by_the_grids_not_the_prompt_count(tiny):
                                                                      "engine_decode")}
   widths = {sampler_lib.bucket_length(n) for n in range(1, 60)}
   assert 1 <= new["engine_admit"] <= len(engine.group_sizes(8)) * len(widths), new
-  assert new["engine_decode"] <= 2, new  # 8 slots, and 4 while draining
+  assert new["engine_decode"] <= 2, new  # 8 slots (MIN_SLOTS: no halving), per line length
   # The larger call added at most what the grids allow beyond the smaller one.
   before2 = dict(sampler_lib.TRACE_COUNTS)
   engine.generate_tokens(cfg, params, calls[1][::-1], 1, slots=8, max_new_tokens=3, eos_ids=(5,))

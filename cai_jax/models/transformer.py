@@ -207,24 +207,58 @@ def cached_attention(cfg: ModelConfig, q, k, v, allowed_BxTxS, cache, cache_inde
   s = s * (1.0 / np.sqrt(H))
   s = jnp.where(allowed_BxTxS[:, None, None, :, :], s, _NEG)
   pk, pv = cache.get("prefix_k"), cache.get("prefix_v")
-  if pk is not None:
-    # A prefix shared by every row (keys KxHxL, values KxLxH; before all
-    # row slots, always visible) is stored and read once for the batch.
-    sp = jnp.einsum("bkgth,khl->bkgtl", q, pk.astype(cd), preferred_element_type=jnp.float32)
-    s = jnp.concatenate([sp * (1.0 / np.sqrt(H)), s], axis=-1)
-  p = jax.nn.softmax(s, axis=-1).astype(cd)
-  Lp = 0 if pv is None else pv.shape[1]
-  if one_query:
-    o = (p[..., Lp:, None].astype(jnp.float32)
-         * values[:, :, None, None, :, :].astype(jnp.float32)).sum(-2).astype(cd)
+  if pk is None:
+    p = jax.nn.softmax(s, axis=-1).astype(cd)
+    o = _attend_values(p, values, one_query, cd)
   else:
-    o = jnp.einsum("bkgts,bksh->bkgth", p[..., Lp:], values.astype(cd))
-  if pk is not None:
-    o = jnp.einsum("bkgtl,klh->bkgth", p[..., :Lp], pv.astype(cd)) + o
+    o = _with_shared_prefix(q, s, values, pk, pv, one_query, cd)
   # One merged (n, h) contraction: einsum orders the two contracting dims
   # (h, n), which made XLA transpose o_kernel at every decode step.
   return o.transpose(0, 3, 1, 2, 4).reshape(B, T, N * H), dict(cache, k=k_all, v=v_all)
 
+
+
+def _attend_values(p, values, one_query, cd):
+  """Weights p (BxKxGxTxS) applied to values (BxKxSxH), in cd."""
+  if one_query:
+    return (p[..., None].astype(jnp.float32)
+            * values[:, :, None, None, :, :].astype(jnp.float32)).sum(-2).astype(cd)
+  return jnp.einsum("bkgts,bksh->bkgth", p, values.astype(cd))
+
+
+def _with_shared_prefix(q, s, values, pk, pv, one_query, cd):
+  """Softmax attention over a prefix shared by every row (keys KxHxL, values
+  KxLxH; before all row slots, always visible) and the rows' own slots
+  (scores s, BxKxGxTxS), without concatenating the two.
+
+  The prefix's scores are one matmul per KV head with every row's queries
+  stacked (KxMxH by KxHxL, M = B*G*T), not a batched dot over rows against an
+  unbatched operand, and they are never transposed: only the per-query max,
+  sum and output (trailing dims 1 and H) change layout. The outputs are
+  normalised after the value products, so the probabilities are never
+  materialised; on CPU this attention is bound by its passes over the score
+  tensors (benchmarks/README.md)."""
+  B, K, G, T, H = q.shape
+  f32 = jnp.float32
+
+  def to_rows(x):  # KxMxC -> BxKxGxTxC
+    return x.reshape(K, B, G, T, x.shape[-1]).transpose(1, 0, 2, 3, 4)
+
+  q_KxMxH = q.transpose(1, 0, 2, 3, 4).reshape(K, B * G * T, H)
+  sp = jnp.einsum("kmh,khl->kml", q_KxMxH, pk.astype(cd), preferred_element_type=f32)
+  sp = sp * (1.0 / np.sqrt(H))
+  top = jnp.maximum(s.max(-1, keepdims=True), to_rows(sp.max(-1, keepdims=True)))
+  e_rows = jnp.exp(s - top)
+  e_pre = jnp.exp(sp - top.transpose(1, 0, 2, 3, 4).reshape(K, B * G * T, 1))
+  total = e_rows.sum(-1, keepdims=True) + to_rows(e_pre.sum(-1, keepdims=True))
+  o_pre = to_rows(jnp.einsum("kml,klh->kmh", e_pre.astype(cd), pv.astype(cd),
+                             preferred_element_type=f32))
+  if one_query:
+    o_rows = (e_rows[..., None] * values[:, :, None, None, :, :].astype(f32)).sum(-2)
+  else:
+    o_rows = jnp.einsum("bkgts,bksh->bkgth", e_rows.astype(cd), values.astype(cd),
+                        preferred_element_type=f32)
+  return ((o_rows + o_pre) / total).astype(cd)
 
 class Attention(nn.Module):
   cfg: ModelConfig

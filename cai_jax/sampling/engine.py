@@ -51,8 +51,9 @@ from cai_jax.utils import InputError
 # the rest of it, and each block ends with one small host round trip.
 BLOCK = 8
 # Slots below which a draining call stops halving them: each slot count is
-# one more decode program to compile, for little decode work left.
-MIN_SLOTS = 4
+# one more decode program to compile, for little decode work left (a stage's
+# small calls paid more in compiling 4-slot programs than they saved).
+MIN_SLOTS = 8
 
 
 def common_prefix_len(rows: Sequence[Sequence[int]], min_len: Optional[int] = None) -> int:
@@ -213,6 +214,15 @@ def group_sizes(slots: int) -> list:
   return sizes + [slots]
 
 
+def admit_size(sizes: Sequence[int], waiting: int, free: int) -> int:
+  """The prefill group for `waiting` prompts and `free` slots: the largest
+  group size that they fill, or, when every waiting prompt fits, the
+  smallest size that holds them all (the rest idle slots), so a call of a
+  few prompts prefills once, not as 4 + 1."""
+  fit = [g for g in sizes if waiting <= g <= free]
+  return min(fit) if fit else max(g for g in sizes if g <= min(waiting, free))
+
+
 def generate_tokens(cfg, params, prompts: Sequence[Sequence[int]], keys, *,
                     max_new_tokens, slots: int = 16, temperature: float = 1.0, top_k: int = 0,
                     top_p: float = 1.0, greedy: bool = False, eos_ids: Sequence[int] = (2,),
@@ -297,18 +307,23 @@ def generate_tokens(cfg, params, prompts: Sequence[Sequence[int]], keys, *,
   finished = np.zeros((n,), bool)
   while waiting or any(o >= 0 for o in owner):
     while waiting and free:
-      r = max(g for g in sizes if g <= min(len(free), len(waiting)))
-      group = [waiting.popleft() for _ in range(r)]
-      take, free = free[:r], free[r:]
+      r = admit_size(sizes, len(waiting), len(free))
+      group = [waiting.popleft() for _ in range(min(r, len(waiting)))]
+      # Rows past the group's prompts fill the group size with idle slots:
+      # one prompt token, no budget, never live, still free for a refill.
+      idle = r - len(group)
+      take = free[:r]
+      free = free[len(group):]
       P = S.bucket_length(max(len(rest[i]) for i in group))
       tok = np.full((r, P), pad_id, np.int32)
       for j, i in enumerate(group):
         tok[j, :len(rest[i])] = rest[i]
         owner[take[j]] = i
+      rows = np.asarray(group + group[:1] * idle)
       state = _admit_jit(params, state, prefix, jnp.asarray(take, jnp.int32), jnp.asarray(tok),
-                         jnp.asarray([len(rest[i]) for i in group], jnp.int32),
-                         keys[np.asarray(group)], jnp.asarray(budgets[group]), **common,
-                         **static)
+                         jnp.asarray([len(rest[i]) for i in group] + [1] * idle, jnp.int32),
+                         keys[rows], jnp.asarray(np.r_[budgets[group], np.zeros(idle, np.int32)]),
+                         **common, **static)
     state = decode(params, decode_w, state, prefix, jnp.int32(block), **common, **static)
     live, step, fin = multihost.to_host((state["live"], state["step"], state["finished"]))
     live, step, fin = np.asarray(live), np.asarray(step), np.asarray(fin)
