@@ -100,6 +100,38 @@ def test_admission_groups():
   assert engine.admit_size(sizes, 20, 3) == 1
 
 
+def test_attention_window():
+  """A decode block reads the smallest of line, line/2, line/4 that holds the
+  live rows' writes, never below MIN_WINDOW."""
+  assert engine.window_for(2048, 1025) == 2048
+  assert engine.window_for(2048, 1024) == 1024
+  assert engine.window_for(2048, 100) == engine.MIN_WINDOW == 512
+  assert engine.window_for(4096, 600) == 1024  # two halvings at most
+  assert engine.window_for(512, 10) == 512
+
+
+@pytest.mark.parametrize("kw", [dict(greedy=True), dict(temperature=1.0, top_k=20)])
+def test_attention_windows_keep_the_static_tokens(tiny, monkeypatch, kw):
+  """With small windows allowed, blocks run on part of the lines (growing as
+  rows lengthen) and the tokens stay the static sampler's."""
+  cfg, params = tiny
+  monkeypatch.setattr(engine, "MIN_WINDOW", 8)
+  used = []
+  window_for = engine.window_for
+  monkeypatch.setattr(engine, "window_for", lambda line, need: used.append(
+      (line, window_for(line, need))) or used[-1][1])
+  prompts = _prompts(0, 11)
+  t, m = sampling.left_pad(prompts)
+  args = dict(max_new_tokens=12, eos_ids=(), **kw)
+  ref = sampler_lib.sample(cfg, params, t, m, jax.random.PRNGKey(3), **args)
+  keys = sampler_lib.row_keys(jax.random.PRNGKey(3), jnp.arange(len(prompts)))
+  for slots in (3, 16):
+    _assert_same(engine.generate_tokens(cfg, params, prompts, keys, slots=slots, block=4,
+                                        **args), ref)
+  windows = {w for _, w in used}
+  assert len(windows) >= 2 and max(windows) < 128, used  # grew, on lines of 128
+
+
 def test_compilations_are_bounded_by_the_grids_not_the_prompt_count(tiny):
   """Two calls, of 12 and of 48 prompts from the same length range: the
   programs compiled stay within (group sizes) x (prompt widths) prefills and

@@ -14,7 +14,8 @@ whenever they fit (down to MIN_SLOTS and the mesh's batch divisor), so the last 
 of a call, or of a PPO batch, do not pay for the slots of rows that stopped.
 
 Compiled shapes stay bounded whatever the number of prompts: one decode block
-per (slots, line length, shared prefix length) and one prefill per (group
+per (slots, line length, attention window, shared prefix length), with at
+most three windows per line (`window_for`), and one prefill per (group
 size, prompt width, shared prefix length), with group sizes from
 `group_sizes` and widths on `sampler.bucket_length`'s grid: a bounded number
 of programs for any number of prompts, which a stage's calls reuse.
@@ -54,6 +55,9 @@ BLOCK = 8
 # one more decode program to compile, for little decode work left (a stage's
 # small calls paid more in compiling 4-slot programs than they saved).
 MIN_SLOTS = 8
+# Smallest attention window of a decode block (see `window_for`): below it a
+# line is cheap to read whole, and each window is one more decode program.
+MIN_WINDOW = 512
 
 
 def common_prefix_len(rows: Sequence[Sequence[int]], min_len: Optional[int] = None) -> int:
@@ -126,11 +130,18 @@ def _admit_impl(params, state, prefix, slots_R, tokens_RxP, lens_R, keys_R, budg
 
 
 def _decode_impl(params, decode_w, state, prefix, steps, temperature, top_p, eos_E,
-                 stop_next_SxV, pad_id, *, cfg, greedy, top_k, use_top_p, unit_temp, mesh):
-  """Up to `steps` decode steps of every live slot (fewer once none is live)."""
+                 stop_next_SxV, pad_id, *, cfg, greedy, top_k, use_top_p, unit_temp, mesh,
+                 window):
+  """Up to `steps` decode steps of every live slot (fewer once none is live),
+  attending over the first `window` slots of each line: the host picks a
+  window that holds every live row's writes in this block (`window_for`), so
+  a step reads the filled part of the lines, not the whole lines."""
   S.TRACE_COUNTS["engine_decode"] += 1
   B, N = state["toks"].shape
-  C = state["cache"][0]["k"].shape[-1]
+  full = state["cache"]
+  C = window
+  if C < full[0]["k"].shape[-1]:
+    state = dict(state, cache=[{"k": c["k"][..., :C], "v": c["v"][:, :, :C]} for c in full])
   mask_BxC = jnp.ones((B, C), bool)  # a row sees its own line up to its write index
   head_VxD = models.lm_head_weight(cfg, params).T.astype(cfg.jnp_dtype)
   rows = jnp.arange(B)
@@ -168,7 +179,12 @@ def _decode_impl(params, decode_w, state, prefix, steps, temperature, top_p, eos
     new["live"] = live & ~stopped & (new["step"] < st["budget"])
     return i + 1, new
 
-  return jax.lax.while_loop(cond, body, (jnp.int32(0), state))[1]
+  out = jax.lax.while_loop(cond, body, (jnp.int32(0), state))[1]
+  if C < full[0]["k"].shape[-1]:
+    out["cache"] = S._cache_constraint(
+        cfg, [{"k": f["k"].at[..., :C].set(w["k"]), "v": f["v"].at[:, :, :C].set(w["v"])}
+              for f, w in zip(full, out["cache"])], mesh)
+  return out
 
 
 def _compact_impl(state, keep_K, *, cfg, mesh):
@@ -212,6 +228,17 @@ def group_sizes(slots: int) -> list:
     sizes.append(r)
     r *= 4
   return sizes + [slots]
+
+
+def window_for(line: int, need: int) -> int:
+  """The attention window of a decode block whose live rows write up to slot
+  need - 1: the smallest of line, line/2, line/4 that holds `need`, not below
+  MIN_WINDOW (three decode programs per line at most)."""
+  w = line
+  for _ in range(2):
+    if w // 2 >= max(need, MIN_WINDOW):
+      w //= 2
+  return w
 
 
 def admit_size(sizes: Sequence[int], waiting: int, free: int) -> int:
@@ -285,7 +312,8 @@ def generate_tokens(cfg, params, prompts: Sequence[Sequence[int]], keys, *,
   def decoder(slots):
     feature_major, options = cpu_backend.decode_program(mesh, slots // d, cfg.scan_layers)
     decode_w = S._decode_weights(cfg, params) if feature_major else None
-    return decode_w, S.compiled(_decode_impl, _SAMPLING_STATIC, options, donate_argnums=(2,))
+    return decode_w, S.compiled(_decode_impl, _SAMPLING_STATIC + ("window",), options,
+                                donate_argnums=(2,))
 
   decode_w, decode = decoder(slots)
   common = dict(temperature=jnp.float32(temperature if not greedy else 1.0),
@@ -305,6 +333,7 @@ def generate_tokens(cfg, params, prompts: Sequence[Sequence[int]], keys, *,
   lps_out = np.zeros((n, N), np.float32)
   lengths = np.zeros((n,), np.int32)
   finished = np.zeros((n,), bool)
+  idx = np.zeros((slots,), np.int64)  # each slot's next write index, as the device has it
   while waiting or any(o >= 0 for o in owner):
     while waiting and free:
       r = admit_size(sizes, len(waiting), len(free))
@@ -319,14 +348,17 @@ def generate_tokens(cfg, params, prompts: Sequence[Sequence[int]], keys, *,
       for j, i in enumerate(group):
         tok[j, :len(rest[i])] = rest[i]
         owner[take[j]] = i
+        idx[take[j]] = len(rest[i])
       rows = np.asarray(group + group[:1] * idle)
       state = _admit_jit(params, state, prefix, jnp.asarray(take, jnp.int32), jnp.asarray(tok),
                          jnp.asarray([len(rest[i]) for i in group] + [1] * idle, jnp.int32),
                          keys[rows], jnp.asarray(np.r_[budgets[group], np.zeros(idle, np.int32)]),
                          **common, **static)
-    state = decode(params, decode_w, state, prefix, jnp.int32(block), **common, **static)
-    live, step, fin = multihost.to_host((state["live"], state["step"], state["finished"]))
-    live, step, fin = np.asarray(live), np.asarray(step), np.asarray(fin)
+    need = max(int(idx[s]) for s in range(slots) if owner[s] >= 0) + block
+    state = decode(params, decode_w, state, prefix, jnp.int32(block), **common, **static,
+                   window=window_for(line, need))
+    live, step, fin, idx = (np.array(a) for a in multihost.to_host(
+        (state["live"], state["step"], state["finished"], state["idx"])))
     done = [s for s in range(slots) if owner[s] >= 0 and not live[s]]
     if done:
       t_all, l_all = (np.asarray(a) for a in multihost.to_host((state["toks"], state["lps"])))
@@ -346,6 +378,7 @@ def generate_tokens(cfg, params, prompts: Sequence[Sequence[int]], keys, *,
         keep = busy + [s for s in range(slots) if owner[s] < 0][:slots // 2 - len(busy)]
         state = _compact_jit(state, jnp.asarray(keep, jnp.int32), cfg=cfg, mesh=mesh)
         owner = [owner[s] for s in keep]
+        idx = idx[np.asarray(keep)]
         slots //= 2
         free = [s for s in range(slots) if owner[s] < 0]
         decode_w, decode = decoder(slots)
