@@ -140,7 +140,8 @@ def _decode_impl(params, decode_w, state, prefix, steps, temperature, top_p, eos
   B, N = state["toks"].shape
   full = state["cache"]
   C = window
-  if C < full[0]["k"].shape[-1]:
+  windowed = C < full[0]["k"].shape[-1]
+  if windowed:
     state = dict(state, cache=[{"k": c["k"][..., :C], "v": c["v"][:, :, :C]} for c in full])
   mask_BxC = jnp.ones((B, C), bool)  # a row sees its own line up to its write index
   head_VxD = models.lm_head_weight(cfg, params).T.astype(cfg.jnp_dtype)
@@ -180,7 +181,7 @@ def _decode_impl(params, decode_w, state, prefix, steps, temperature, top_p, eos
     return i + 1, new
 
   out = jax.lax.while_loop(cond, body, (jnp.int32(0), state))[1]
-  if C < full[0]["k"].shape[-1]:
+  if windowed:
     out["cache"] = S._cache_constraint(
         cfg, [{"k": f["k"].at[..., :C].set(w["k"]), "v": f["v"].at[:, :, :C].set(w["v"])}
               for f, w in zip(full, out["cache"])], mesh)
