@@ -64,6 +64,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Finished stages delete their Orbax checkpoints (their final/ exports stay and later
   # runs skip them); True keeps them, e.g. to continue training from a saved step.
   c.keep_checkpoints_when_done = False
+  # Device memory (GiB) the training stages fit their steps to (micro-batches, remat);
+  # 0 = the runtime's (TPU, GPU); the CPU reports none, so CPU steps are not fitted.
+  c.hbm_gib = 0.0
   # red_team / helpful ("builtin" or a path), num_red_team / num_helpful (-1 = all),
   # eval_fraction (share held out for evaluate): see cai_jax.data.prompts.
   c.data = prompts.default_config()

@@ -120,10 +120,10 @@ def train(cfg, params, tokenizer, data: list[Rated], *, steps: int, batch_size: 
                       "rating_B": ratings[idx]}
   batches = data_lib.BatchIterator(data_lib.ShuffledIndex(len(data), batch_size, seed), make)
 
-  def loss_fn(p, batch, rng):
-    del rng
-    return l2_loss(models.reward(cfg, p, batch["tokens_BxL"], batch["mask_BxL"]),
-                   batch["rating_B"]), {}
+  def loss_for(c, split):
+    return lambda p, batch, rng: (
+        l2_loss(models.reward(c, p, batch["tokens_BxL"], batch["mask_BxL"]), batch["rating_B"]),
+        {})
 
   oc = optim.default_optim_config()
   oc.update(learning_rate=learning_rate, weight_decay=weight_decay, b2=0.999,
@@ -132,7 +132,7 @@ def train(cfg, params, tokenizer, data: list[Rated], *, steps: int, batch_size: 
                                                           devices=jax.local_devices()[:1])
   with tempfile.TemporaryDirectory() as tmp:
     res = fit.fit("harmfulness", cfg=cfg, params=params, tokenizer=tokenizer, batches=batches,
-                  example_batch=make(np.arange(batch_size)), loss_fn=loss_fn, num_steps=steps,
+                  example_batch=make(np.arange(batch_size)), loss_for=loss_for, num_steps=steps,
                   optim_config=oc, mesh=mesh, rules=sharding.DEFAULT_RULES,
                   directory=directory or tmp, every=max(steps, 1), keep=1, async_save=False,
                   progress=progress, seed=seed)

@@ -187,7 +187,8 @@ def _train(config, jc, base, fmt, out, key, what, progress) -> None:
   logging.info("evaluate: training the held-out judge %s on %d human pairs (%s)", key,
                len(encoded), ", ".join(what["data"]))
   res = fit.fit("judge", cfg=cfg, params=params, tokenizer=tok, batches=batches,
-                example_batch=make(np.arange(B)), loss_fn=objectives.pm_loss_fn(cfg),
+                example_batch=make(np.arange(B)), 
+                loss_for=lambda c, s: objectives.pm_loss_fn(c),
                 num_steps=int(jc.steps), optim_config=opt, mesh=mesh, rules=rules,
                 directory=out, keep=1, every=max(int(jc.steps) // 3, 1), async_save=False,
                 log_every=10, progress=progress, trainable_layers=int(jc.train_top_layers))

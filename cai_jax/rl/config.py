@@ -34,6 +34,8 @@ def ppo_section() -> ml_collections.ConfigDict:
   c.whiten_advantages = True    # ppo: zero-mean, unit-variance advantages over real tokens
   c.num_epochs = 4              # passes over each rollout batch
   c.num_minibatches = 4         # minibatches per pass (batch_size must divide)
+  c.micro_batches = 0           # gradient accumulation within a minibatch (same update):
+                                # 0 = fitted to device memory (config.hbm_gib); k: k per step
   c.clip_eps = 0.2              # policy ratio clip
   c.value_clip_eps = 0.2        # ppo: value clip around the rollout values
   c.vf_coef = 0.5               # ppo: value-loss weight

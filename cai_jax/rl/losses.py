@@ -143,7 +143,9 @@ def value_loss(values_BxN, old_values_BxN, returns_BxN, mask_BxN, clip_eps: floa
   """½ · mean over real tokens of max((v − R)², (v_clip − R)²), with v_clip the
   new value kept within ±ε of the rollout value. Returns (loss, clip_fraction)."""
   mask = mask_BxN.astype(bool)
-  v_clip = old_values_BxN + jnp.clip(values_BxN - old_values_BxN, -clip_eps, clip_eps)
+  # Clipped as a value, not as old + clip(v - old): inside the range v_clip is then v
+  # itself, so l2 > l1 counts only clipped tokens rather than round-off.
+  v_clip = jnp.clip(values_BxN, old_values_BxN - clip_eps, old_values_BxN + clip_eps)
   l1 = jnp.square(values_BxN - returns_BxN)
   l2 = jnp.square(v_clip - returns_BxN)
   loss = 0.5 * masked_mean(jnp.maximum(l1, l2), mask)

@@ -13,6 +13,7 @@ baseline and create no value model at all.
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Callable, Optional
 
@@ -22,7 +23,8 @@ import ml_collections
 
 from cai_jax import sharding
 from cai_jax.rl import control, rollout as rollout_lib, update as update_lib
-from cai_jax.training import optim
+from cai_jax.training import memory, optim
+from cai_jax.training import state as state_lib
 
 
 _UPDATE_CACHE: dict = {}
@@ -68,8 +70,12 @@ class PPOTrainer:
   def __init__(self, config: ml_collections.ConfigDict, *, policy_cfg, policy_params,
                value_cfg, value_params, reward_fn: Callable, mesh, eos_ids=(2,),
                stop_seqs=(), ref_cfg=None, ref_params=None, sample_fn=None,
-               rules=sharding.DEFAULT_RULES):
+               rules=sharding.DEFAULT_RULES, hbm_gib: float = 0.0):
+    """hbm_gib: device memory the update is fitted to (`training.memory`) when
+    config.micro_batches is 0; 0 reads the runtime's (none on CPU: one micro-batch)."""
     self.config = config
+    self.hbm_gib = float(hbm_gib)
+    self.fit = None
     self.mesh = mesh
     self.rules = rules
     self.batch_size = int(config.batch_size)
@@ -124,17 +130,57 @@ class PPOTrainer:
       shardings = update_lib.state_shardings(state, self.mesh)
       # Trainers built from the same configuration (a resumed run in the same
       # process, tests) share one compiled update.
+      self._fit_update(state, shardings)
       key = (self.policy_cfg, self.value_cfg, self.update_hp, self.mesh, self.batch_size,
              tuple(self.rules), self.config.policy_optim.to_json(),
-             self.config.value_optim.to_json() if self.update_hp.critic else None, int(self.config.get("train_top_layers", -1)),
+             self.config.value_optim.to_json() if self.update_hp.critic else None,
+             int(self.config.get("train_top_layers", -1)),
              jax.tree_util.tree_structure(shardings),
              tuple(jax.tree_util.tree_leaves(shardings)))
       if key not in _UPDATE_CACHE:
-        _UPDATE_CACHE[key] = update_lib.make_update_fn(
-            self.policy_cfg, self.value_cfg, self.policy_tx, self.value_tx, self.update_hp,
-            self.mesh, shardings, self.batch_size, self.rules)
+        _UPDATE_CACHE[key] = self._make_update(shardings, self.update_hp, self.policy_cfg,
+                                               self.value_cfg)
       self._update = _UPDATE_CACHE[key]
     return self._update
+
+  def _make_update(self, shardings, hp, policy_cfg, value_cfg):
+    return update_lib.make_update_fn(policy_cfg, value_cfg, self.policy_tx, self.value_tx, hp,
+                                     self.mesh, shardings, self.batch_size, self.rules)
+
+  def _fit_update(self, state, shardings) -> None:
+    """Chooses micro-batches and remat for the update (`training.memory`), counting
+    the frozen reference beside it, and sets update_hp and the model configs."""
+    hp = self.update_hp
+    rows = self.batch_size // hp.num_minibatches
+    div = sharding.batch_divisor(self.mesh, self.rules)
+    div = div if rows % div == 0 else 1
+    resident = state_lib.per_device_bytes(self.rollout.ref_params)
+    critic = self.value_cfg is not None
+    batch = {k: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=update_lib.batch_input_sharding(self.mesh, self.batch_size,
+                                                                    self.rules))
+             for k, x in update_lib.example_batch(hp, self.batch_size,
+                                                  int(self.config.max_prompt_tokens),
+                                                  int(self.config.max_new_tokens)).items()}
+    rng = jax.random.PRNGKey(0)
+
+    def configs(split):
+      return (self.policy_cfg.replace(remat=split.remat),
+              self.value_cfg.replace(remat=split.remat) if critic else None)
+
+    def measure(split):
+      pc, vc = configs(split)
+      fn = self._make_update(shardings, hp._replace(micro_batches=split.micro_batches), pc, vc)
+      return memory.compiled_bytes(fn.lower(state, batch, rng, jnp.float32(0)).compile(),
+                                   resident)
+
+    self.fit = memory.choose(measure, rows, div, memory.device_budget(self.hbm_gib),
+                             memory.Split(remat=bool(self.policy_cfg.remat)),
+                             fixed_micro_batches=int(self.config.get("micro_batches", 0)),
+                             name="ppo update")
+    logging.info(self.fit.line("ppo update"))
+    self.update_hp = hp._replace(micro_batches=self.fit.split.micro_batches)
+    self.policy_cfg, self.value_cfg = configs(self.fit.split)
 
   def controller_state(self) -> dict:
     return {"kl": self.kl_ctl.state_dict(),

@@ -23,6 +23,7 @@ import optax
 
 from cai_jax import models, sharding
 from cai_jax.rl import losses
+from cai_jax.training import accumulate
 
 
 class UpdateHParams(NamedTuple):
@@ -34,6 +35,7 @@ class UpdateHParams(NamedTuple):
   ent_coef: float = 0.0         # weight of the entropy bonus
   critic: bool = True           # PPO's value model; False for GRPO / RLOO
   kl_in_loss: bool = False      # β·k3(π, π_ref) as a loss term (GRPO) instead of in the reward
+  micro_batches: int = 1        # gradient accumulation within a minibatch (same update)
 
 
 def response_outputs(cfg, params, tokens_BxL, mask_BxL, num_response: int, head: str):
@@ -55,6 +57,15 @@ def batch_keys(hp: UpdateHParams) -> tuple:
   if hp.kl_in_loss:
     keys += ("ref_logprobs",)
   return keys
+
+
+def example_batch(hp: UpdateHParams, batch_size: int, prompt_len: int, response_len: int) -> dict:
+  """ShapeDtypeStructs of the batch the update reads (for lowering without data)."""
+  B, N = batch_size, response_len
+  L = prompt_len + N
+  every = {"tokens": ((B, L), jnp.int32), "mask": ((B, L), jnp.bool_),
+           "response_mask": ((B, N), jnp.bool_)}
+  return {k: jax.ShapeDtypeStruct(*every.get(k, ((B, N), jnp.float32))) for k in batch_keys(hp)}
 
 
 def batch_from_transition(tr: losses.Transition, hp: UpdateHParams = UpdateHParams()) -> dict:
@@ -147,13 +158,18 @@ def make_update_fn(policy_cfg, value_cfg, policy_tx, value_tx, hp: UpdateHParams
     raise ValueError(f"ppo: batch size {batch_size} is not divisible by "
                      f"num_minibatches={hp.num_minibatches}; change ppo.num_minibatches")
   mb_size = batch_size // hp.num_minibatches
+  if mb_size % hp.micro_batches:
+    raise ValueError(f"ppo: minibatch of {mb_size} rows does not split into "
+                     f"{hp.micro_batches} micro-batches; change ppo.micro_batches")
   constrain = mb_size % sharding.batch_divisor(mesh, rules) == 0
+  # Every loss term is a mean over response tokens: micro-batches weigh by their count.
+  acc = dict(weight_of=lambda mb: jnp.sum(mb["response_mask"]), mesh=mesh, rules=rules)
   if hp.critic:
     loss_fn = functools.partial(ppo_loss, policy_cfg=policy_cfg, value_cfg=value_cfg, hp=hp)
-    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+    grad_fn = accumulate.value_and_grad(loss_fn, hp.micro_batches, argnums=(0, 1), **acc)
   else:
     loss_fn = functools.partial(critic_free_loss, policy_cfg=policy_cfg, hp=hp)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    grad_fn = accumulate.value_and_grad(loss_fn, hp.micro_batches, **acc)
 
   def minibatch_step(carry, mb):
     state, beta = carry

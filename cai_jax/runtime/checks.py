@@ -56,7 +56,7 @@ TRAIN = {  # what every supervised stage's loop reads
     "max_len": POSITIVE, "batch_size": POSITIVE, "num_epochs": POS_FLOAT,
     "max_steps": ALL_OR_POSITIVE, "eval_fraction": HOLDOUT, "eval_every": NONNEG,
     "log_every": POSITIVE, "train_top_layers": ALL_OR_POSITIVE, "checkpoint_every": POSITIVE,
-    "keep_checkpoints": POSITIVE, "optim": OPTIM,
+    "keep_checkpoints": POSITIVE, "optim": OPTIM, "micro_batches": NONNEG,
 }
 SAMPLING = {"temperature": NONNEG_FLOAT, "top_p": TOP_P, "max_new_tokens": POSITIVE,
             "batch_size": POSITIVE}
@@ -88,7 +88,7 @@ RULES = {
             "temperature": POS_FLOAT, "missing_eos_penalty": FINITE, "gamma": FRACTION,
             "lam": FRACTION, "num_epochs": POSITIVE, "num_minibatches": POSITIVE,
             "clip_eps": POS_FLOAT, "value_clip_eps": POS_FLOAT, "vf_coef": NONNEG_FLOAT,
-            "ent_coef": NONNEG_FLOAT,
+            "ent_coef": NONNEG_FLOAT, "micro_batches": NONNEG,
             "kl": {"kind": one_of("adaptive", "fixed"), "beta": NONNEG_FLOAT,
                    "target": POS_FLOAT, "horizon": POSITIVE},
             "policy_optim": OPTIM, "value_optim": OPTIM, "train_top_layers": ALL_OR_POSITIVE,

@@ -96,23 +96,25 @@ def run_chunks(ctx, chunks: Sequence[Chunk], make: Callable[[Chunk], Any], *,
 
 
 # ---------------------------------------------------------------- supervised training
-def train(ctx, phase: str, *, cfg, params, tokenizer, batches, example_batch, loss_fn,
+def train(ctx, phase: str, *, cfg, params, tokenizer, batches, example_batch, loss_for,
           num_steps: int, optim_config, sec, eval_fn=None, flops_per_token: float = 0.0,
-          trainable_layers: int = -1):
+          trainable_layers: int = -1, logits_chunk=None):
   """One supervised phase of a stage (`training.fit` in the stage's directory).
 
   Checkpoints go to WORKDIR/<stage>/checkpoints/ for the stage's main phase and
   checkpoints_<phase>/ for another (PM pretraining); per-step metrics to
   metrics.jsonl (metrics_<phase>.jsonl) and TensorBoard. `sec` is the stage's
   section (keep_checkpoints, checkpoint_every, async_checkpoint, eval_every,
-  log_every, tensorboard, progress).
+  log_every, tensorboard, progress, micro_batches). The step is fitted to the
+  device memory (`training.memory`; config.hbm_gib) and the choice written to
+  memory_fit.json (memory_fit_<phase>.json) in the stage's directory.
   """
   from cai_jax import sharding as shd
   from cai_jax.training import fit
   main = phase == ctx.name
-  return fit.fit(
+  res = fit.fit(
       phase, cfg=cfg, params=params, tokenizer=tokenizer, batches=batches,
-      example_batch=example_batch, loss_fn=loss_fn, num_steps=num_steps,
+      example_batch=example_batch, loss_for=loss_for, num_steps=num_steps,
       optim_config=optim_config, mesh=shd.mesh_from_config(ctx.config),
       rules=shd.rules_from_config(ctx.config),
       directory=ctx.dir, checkpoints="checkpoints" if main else f"checkpoints_{phase}",
@@ -121,5 +123,11 @@ def train(ctx, phase: str, *, cfg, params, tokenizer, batches, example_batch, lo
       keep=int(sec.keep_checkpoints), every=int(sec.checkpoint_every),
       async_save=bool(sec.async_checkpoint), eval_fn=eval_fn, eval_every=int(sec.eval_every),
       log_every=int(sec.log_every), progress=bool(sec.progress),
-      flops_per_token=flops_per_token, trainable_layers=trainable_layers, seed=ctx.seed)
+      flops_per_token=flops_per_token, trainable_layers=trainable_layers, seed=ctx.seed,
+      micro_batches=int(sec.get("micro_batches", 0)),
+      hbm_gib=float(ctx.config.get("hbm_gib", 0.0)), logits_chunk=logits_chunk)
+  if ctx.is_main:
+    utils.write_json(utils.join(ctx.dir, "memory_fit.json" if main
+                                else f"memory_fit_{phase}.json"), res.fit)
+  return res
 

@@ -33,7 +33,7 @@ from cai_jax.utils import InputError
 STAGE = "dpo"
 USES = ("seed", "model", "dtype", "prompt_format")
 VOLATILE = ("log_every", "checkpoint_every", "keep_checkpoints", "async_checkpoint",
-            "tensorboard", "progress", "eval_every", "max_eval_pairs")
+            "tensorboard", "progress", "eval_every", "max_eval_pairs", "micro_batches")
 REFERENCE_FILE = "reference_logprobs.json"
 
 
@@ -49,6 +49,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.beta = 0.1                # strength of the implicit KL to the reference
   c.max_len = 512             # tokens per prompt + response row (prompt end, response start kept)
   c.batch_size = 8            # pairs per step (global)
+  c.micro_batches = 0         # 0: fitted to device memory (config.hbm_gib); k: k per step
   c.num_epochs = 1.0          # passes over the mixture
   c.max_steps = -1            # cap on steps; -1 = num_epochs worth
   c.eval_fraction = 0.1       # pairs of each source held out for the margin's agreement
@@ -115,7 +116,6 @@ def run(config, workdir: str) -> dict:
   _reference(ctx, cfg, params, train + eval_sets["ai"] + eval_sets["human"], L, pad)
 
   beta, kind = float(dc.beta), str(dc.loss)
-  loss_fn = objectives.dpo_loss_fn(cfg, beta, kind)
   mesh, rules = shd.mesh_from_config(config), shd.rules_from_config(config)
 
   def eval_fn(p, step):
@@ -140,7 +140,8 @@ def run(config, workdir: str) -> dict:
   if int(dc.max_steps) > 0:
     steps = min(steps, int(dc.max_steps))
   res = runners.train(ctx, STAGE, cfg=cfg, params=params, tokenizer=tok, batches=batches,
-                      example_batch=make(np.arange(B)), loss_fn=loss_fn, num_steps=steps,
+                      example_batch=make(np.arange(B)), num_steps=steps,
+                      loss_for=lambda c, s: objectives.dpo_loss_fn(c, beta, kind),
                       optim_config=dc.optim, sec=dc,
                       eval_fn=eval_fn if any(eval_sets.values()) else None,
                       flops_per_token=flops_lib.train_flops_per_token(

@@ -42,7 +42,7 @@ from cai_jax.utils import InputError
 STAGE = "ppo"
 USES = ("seed", "model", "dtype", "prompt_format", "data")
 VOLATILE = ("checkpoint_every", "keep_checkpoints", "log_samples_every", "num_logged_samples",
-            "tensorboard", "progress")
+            "tensorboard", "progress", "micro_batches")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -197,7 +197,8 @@ def run(config, workdir: str, reward_fn=None) -> dict:
   matcher = from_strings(tok, stops, pcfg.vocab_size)
   trainer = trainer_lib.PPOTrainer(pc, policy_cfg=pcfg, policy_params=pparams, value_cfg=vcfg,
                                    value_params=vparams, reward_fn=reward_fn, mesh=mesh,
-                                   eos_ids=eos, stop_seqs=matcher, rules=rules)
+                                   eos_ids=eos, stop_seqs=matcher, rules=rules,
+                                   hbm_gib=float(config.get("hbm_gib", 0.0)))
   del pparams, vparams  # host copies; the trainer holds sharded ones
   pm_params = None
   state = trainer.init_state()
@@ -262,6 +263,8 @@ def run(config, workdir: str, reward_fn=None) -> dict:
       ctx.path("metrics.jsonl")) else []
   if ctx.is_main:
     plot_curves(ctx.path("metrics.jsonl"), ctx.path("curves.png"))
+    if trainer.fit is not None:  # how the update was fitted to device memory
+      utils.write_json(ctx.path("memory_fit.json"), trainer.fit.record())
   summary = {
       "algorithm": str(pc.algorithm),
       "reward": "custom" if reward_fn is not None and not isinstance(

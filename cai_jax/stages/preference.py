@@ -34,7 +34,7 @@ STAGE = "pm"
 USES = ("seed", "model", "dtype", "prompt_format")
 VOLATILE = ("log_every", "checkpoint_every", "keep_checkpoints", "async_checkpoint",
             "tensorboard", "progress", "eval_every", "calibration_bins", "max_eval_pairs",
-            "require_human_data")
+            "require_human_data", "micro_batches")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -52,6 +52,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.max_eval_pairs = -1       # evaluate on at most this many held-out pairs per source (-1 = all)
   c.max_len = 512             # tokens per response sequence (the end is kept)
   c.batch_size = 8            # pairs per step (global)
+  c.micro_batches = 0         # 0: fitted to device memory (config.hbm_gib); k: k per step
   c.num_epochs = 1.0          # passes over the mixture
   c.max_steps = -1            # cap on fine-tuning steps; -1 = num_epochs worth
   c.train_top_layers = -1     # -1 trains everything; k trains top k blocks + final norm + head
@@ -108,8 +109,8 @@ def _train_phase(ctx, name, cfg, params, tok, train_pairs, eval_sets, steps, lr)
     return res
 
   res = runners.train(ctx, name, cfg=cfg, params=params, tokenizer=tok, batches=batches,
-                      example_batch=make(np.arange(B)), loss_fn=objectives.pm_loss_fn(cfg),
-                      num_steps=steps, optim_config=oc, sec=pc,
+                      example_batch=make(np.arange(B)), num_steps=steps,
+                      loss_for=lambda c, s: objectives.pm_loss_fn(c), optim_config=oc, sec=pc,
                       eval_fn=eval_fn if any(eval_sets.values()) else None,
                       flops_per_token=flops_lib.train_flops_per_token(
                           cfg, L, lm_head=False, trainable_layers=int(pc.train_top_layers)),

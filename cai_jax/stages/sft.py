@@ -27,7 +27,7 @@ from cai_jax.utils import InputError
 STAGE = "sft"
 USES = ("seed", "model", "dtype", "prompt_format")
 VOLATILE = ("log_every", "checkpoint_every", "keep_checkpoints", "async_checkpoint",
-            "tensorboard", "progress", "eval_every", "use_tfds")
+            "tensorboard", "progress", "eval_every", "use_tfds", "micro_batches")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -46,6 +46,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval_every = 0            # steps between evals; 0 = only at the end
   c.log_every = 10            # steps between progress-bar updates (metrics: every step)
   c.logits_chunk = 0          # LM-head block length; > 0 recomputes its logits in backward
+  c.micro_batches = 0         # 0: fitted to device memory (config.hbm_gib); k: k per step
   c.train_top_layers = -1     # -1 trains everything; k trains the top k blocks + heads
   c.optim = optim.default_optim_config()  # AdamW; constant lr as in the paper's SL stage
   c.checkpoint_every = 100    # steps between Orbax checkpoints
@@ -125,8 +126,10 @@ def run(config, workdir: str) -> dict:
         eval_batches, shd.mesh_from_config(config), weight_key="loss_tokens",
         rules=shd.rules_from_config(config))
   res = runners.train(ctx, STAGE, cfg=cfg, params=params, tokenizer=tok, batches=batches,
-                      example_batch=make(np.arange(B)), loss_fn=loss_fn, num_steps=steps,
-                      optim_config=sc.optim, sec=sc, eval_fn=eval_fn,
+                      example_batch=make(np.arange(B)), num_steps=steps,
+                      loss_for=lambda c, s: objectives.sft_loss_fn(c, s.logits_chunk),
+                      logits_chunk=int(sc.logits_chunk), optim_config=sc.optim, sec=sc,
+                      eval_fn=eval_fn,
                       flops_per_token=flops_lib.train_flops_per_token(
                           cfg, L, trainable_layers=int(sc.train_top_layers)),
                       trainable_layers=int(sc.train_top_layers))

@@ -1,7 +1,16 @@
-"""Memory planner: per-device memory of the SFT and PPO train steps per mesh.
+"""Memory planner: per-device memory of the train steps per mesh, and the split
+each training stage would choose on a named TPU slice.
 
   python -m cai_jax.tools.plan --config=configs/paper.py --model=llama2-7b
   python -m cai_jax.tools.plan --model=llama3-8b --meshes='1,4,1;1,16,1;1,8,4' --remat
+  python -m cai_jax.tools.plan --config=configs/paper.py:model=llama2-7b --slice=v5e-16
+
+With --slice, each step (sft, pm, ppo by default) is fitted as the stage fits it
+at start-up (`training.memory.choose`): the config's global batch kept, the
+micro-batch x accumulation split, rematerialisation and logits chunk chosen so
+that the compiled step fits the slice's HBM per chip (times memory.HEADROOM),
+on an FSDP mesh over the slice's chips. It exits 2, with the reason, when no
+split of some step fits.
 
 Lowers and compiles the project's own jitted steps (`training.make_train_step`
 with `objectives.sft_loss_fn`, and `rl.update.make_update_fn`) for abstract
@@ -40,6 +49,19 @@ GiB = float(1 << 30)
 DEFAULT_MESHES = ((1, 4, 1), (1, 8, 1), (1, 16, 1), (1, 4, 4), (1, 32, 1), (2, 16, 1))
 # HBM per chip (one JAX device), GiB.
 HBM_GIB = {"v5e": 16, "v4": 32, "v5p": 95}
+# TensorCores per chip in slice names: v4-32 and v5p-64 count two per chip (one JAX
+# device per chip, megacore); v5e-16 counts chips.
+CORES_PER_CHIP = {"v5e": 1, "v4": 2, "v5p": 2}
+
+
+def parse_slice(name: str) -> tuple:
+  """'v5e-16' -> ('v5e', 16 chips, 16 GiB per chip)."""
+  kind, _, size = name.strip().lower().partition("-")
+  if kind not in HBM_GIB or not size.isdigit() or int(size) % CORES_PER_CHIP[kind] \
+      or int(size) < CORES_PER_CHIP[kind]:
+    raise PlanError(f"--slice {name!r}: expected <type>-<size> with type one of "
+                    f"{', '.join(HBM_GIB)} (e.g. v5e-16, v4-32, v5p-64)")
+  return kind, int(size) // CORES_PER_CHIP[kind], HBM_GIB[kind]
 
 
 class PlanError(ValueError):
@@ -133,6 +155,8 @@ class Shapes:
   ppo_response: int = 256
   ppo_minibatches: int = 4
   ppo_epochs: int = 1
+  pm_batch: int = 64
+  pm_len: int = 512
   dpo_batch: int = 64
   dpo_len: int = 512
 
@@ -146,6 +170,10 @@ def shapes_from_config(config) -> Shapes:
     s.sft_batch = int(sft.get("batch_size", s.sft_batch))
     s.sft_len = int(sft.get("max_len", s.sft_len))
     s.logits_chunk = int(sft.get("logits_chunk", s.logits_chunk))
+  pm = config.get("pm", None)
+  if pm is not None:
+    s.pm_batch = int(pm.get("batch_size", s.pm_batch))
+    s.pm_len = int(pm.get("max_len", s.pm_len))
   ppo = config.get("ppo", None)
   if ppo is not None:
     s.ppo_batch = int(ppo.get("batch_size", s.ppo_batch))
@@ -185,23 +213,18 @@ def abstract_opt_state(tx, params_sds, mesh):
 
 def per_device_bytes(tree) -> int:
   """Bytes one device holds of a tree of sharded ShapeDtypeStructs."""
-  import jax
-  import numpy as np
-  total = 0
-  for x in jax.tree_util.tree_leaves(tree):
-    shard = x.sharding.shard_shape(x.shape)
-    total += int(np.prod(shard, dtype=np.int64)) * np.dtype(x.dtype).itemsize
-  return total
+  from cai_jax.training.state import per_device_bytes as per_device
+  return per_device(tree)
 
 
 # ---------------------------------------------------------------- the steps
-def _lm_train_state(cfg, mesh, optim_config, rules):
+def _lm_train_state(cfg, mesh, optim_config, rules, heads=("lm",)):
   """(optimizer, abstract TrainState of a language model, replicated sharding)."""
   import jax.numpy as jnp
   from cai_jax import sharding
   from cai_jax.training import optim
   from cai_jax.training.state import TrainState
-  params = abstract_sharded_params(cfg, mesh, ("lm",), rules)
+  params = abstract_sharded_params(cfg, mesh, heads, rules)
   tx = optim.make_optimizer(optim_config)
   rep = sharding.replicated(mesh)
   state = TrainState(step=_sds((), jnp.int32, rep), params=params,
@@ -209,7 +232,7 @@ def _lm_train_state(cfg, mesh, optim_config, rules):
   return tx, state, rep
 
 
-def lower_sft(cfg, mesh, shapes: Shapes, optim_config, rules):
+def lower_sft(cfg, mesh, shapes: Shapes, optim_config, rules, micro_batches: int = 1):
   """The SFT stage's train step, lowered for abstract state and batch."""
   import jax.numpy as jnp
   from cai_jax import sharding
@@ -220,7 +243,25 @@ def lower_sft(cfg, mesh, shapes: Shapes, optim_config, rules):
   batch = {"tokens_BxL": _sds((B, L), jnp.int32, bs), "targets_BxL": _sds((B, L), jnp.int32, bs),
            "loss_mask_BxL": _sds((B, L), jnp.float32, bs), "mask_BxL": _sds((B, L), bool, bs)}
   step = loop.make_train_step(objectives.sft_loss_fn(cfg, shapes.logits_chunk), tx, state,
-                              mesh, batch, rules=rules)
+                              mesh, batch, rules=rules, micro_batches=micro_batches)
+  rng = _sds((2,), jnp.uint32, rep)
+  return step.lower(state, batch, rng), per_device_bytes(state), 0
+
+
+def lower_pm(cfg, mesh, shapes: Shapes, optim_config, rules, micro_batches: int = 1):
+  """The pm stage's train step: both sequences of each pair in one forward pass."""
+  import jax.numpy as jnp
+  from cai_jax import sharding
+  from cai_jax.training import loop, objectives
+  tx, state, rep = _lm_train_state(cfg, mesh, optim_config, rules, heads=("score",))
+  B, L = shapes.pm_batch, shapes.pm_len
+  bs, b1 = sharding.batch_sharding(mesh, 2, rules), sharding.batch_sharding(mesh, 1, rules)
+  batch = {"p_B": _sds((B,), jnp.float32, b1)}
+  for side in ("a", "b"):
+    batch.update({f"tokens_{side}_BxL": _sds((B, L), jnp.int32, bs),
+                  f"mask_{side}_BxL": _sds((B, L), bool, bs)})
+  step = loop.make_train_step(objectives.pm_loss_fn(cfg), tx, state, mesh, batch, rules=rules,
+                              micro_batches=micro_batches)
   rng = _sds((2,), jnp.uint32, rep)
   return step.lower(state, batch, rng), per_device_bytes(state), 0
 
@@ -247,7 +288,8 @@ def lower_dpo(cfg, mesh, shapes: Shapes, optim_config, rules):
   return step.lower(state, batch, rng), per_device_bytes(state), 0
 
 
-def lower_ppo(cfg, mesh, shapes: Shapes, policy_optim, value_optim, rules, critic: bool = True):
+def lower_ppo(cfg, mesh, shapes: Shapes, policy_optim, value_optim, rules, critic: bool = True,
+              micro_batches: int = 1):
   """The PPO update (K epochs of minibatch steps) for policy + value model, or
   (critic=False) the GRPO / RLOO update of the policy alone, whose k3 loss term
   reads the reference log-probs."""
@@ -267,14 +309,11 @@ def lower_ppo(cfg, mesh, shapes: Shapes, policy_optim, value_optim, rules, criti
     state.update(value=value, value_opt=abstract_opt_state(vtx, value, mesh))
   shardings = update.state_shardings(state, mesh)
   hp = update.UpdateHParams(epochs=shapes.ppo_epochs, num_minibatches=shapes.ppo_minibatches,
-                            critic=critic, kl_in_loss=not critic)
-  B, N = shapes.ppo_batch, shapes.ppo_response
-  L = shapes.ppo_prompt + N
-  bs = sharding.batch_sharding(mesh, 2, rules)
-  batch = {"tokens": _sds((B, L), jnp.int32, bs), "mask": _sds((B, L), bool, bs),
-           "response_mask": _sds((B, N), bool, bs)}
-  for k in update.batch_keys(hp)[3:]:
-    batch[k] = _sds((B, N), jnp.float32, bs)
+                            critic=critic, kl_in_loss=not critic, micro_batches=micro_batches)
+  B = shapes.ppo_batch
+  bs = update.batch_input_sharding(mesh, B, rules)
+  batch = {k: _sds(x.shape, x.dtype, bs) for k, x in
+           update.example_batch(hp, B, shapes.ppo_prompt, shapes.ppo_response).items()}
   fn = update.make_update_fn(cfg, cfg, ptx, vtx, hp, mesh, shardings, B, rules)
   # Frozen during the update but resident for rollouts: reference policy and PM.
   frozen = per_device_bytes(abstract_sharded_params(cfg, mesh, ("lm",), rules)) + \
@@ -316,44 +355,75 @@ def analyse(lowered, state_bytes, frozen_bytes, step, mesh_dims) -> Row:
              out / GiB, tmp / GiB, frozen_bytes / GiB, total / GiB, dt)
 
 
+def _rules(config, rules):
+  from cai_jax import sharding
+  if rules is not None:
+    return rules
+  return sharding.rules_from_config(config) if config is not None else sharding.DEFAULT_RULES
+
+
+def _section_optim(config, section, name):
+  from cai_jax.training import optim
+  sec = config.get(section, None) if config is not None else None
+  return sec[name] if sec is not None and name in sec else optim.default_optim_config()
+
+
+def step_batch(step: str, shapes: Shapes) -> tuple:
+  """(rows the step's batch splits into micro-batches, config field that sets them)."""
+  if step == "sft":
+    return shapes.sft_batch, "sft.batch_size"
+  if step == "pm":
+    return shapes.pm_batch, "pm.batch_size"
+  if step == "dpo":
+    return shapes.dpo_batch, "dpo.batch_size"
+  if step in ("ppo", "grpo", "rloo"):
+    if shapes.ppo_batch % shapes.ppo_minibatches:
+      raise PlanError(f"ppo batch {shapes.ppo_batch} not divisible by "
+                      f"{shapes.ppo_minibatches} minibatches")
+    return shapes.ppo_batch // shapes.ppo_minibatches, "ppo minibatch"
+  raise PlanError(f"unknown step {step!r}; use sft, pm, ppo, grpo, rloo or dpo")
+
+
+def lower_step(step: str, cfg, mesh, shapes: Shapes, config, rules, micro_batches: int = 1):
+  """(lowered step, state bytes, frozen bytes) of one step on `mesh`."""
+  if step == "sft":
+    return lower_sft(cfg, mesh, shapes, _section_optim(config, "sft", "optim"), rules,
+                     micro_batches)
+  if step == "pm":
+    return lower_pm(cfg, mesh, shapes, _section_optim(config, "pm", "optim"), rules,
+                    micro_batches)
+  if step == "dpo":
+    return lower_dpo(cfg, mesh, shapes, _section_optim(config, "dpo", "optim"), rules)
+  return lower_ppo(cfg, mesh, shapes, _section_optim(config, "ppo", "policy_optim"),
+                   _section_optim(config, "ppo", "value_optim"), rules, critic=step == "ppo",
+                   micro_batches=micro_batches)
+
+
+def _mesh(dims, rules, shapes: Shapes, steps):
+  import jax
+  from cai_jax import sharding
+  n = math.prod(dims)
+  if n > jax.device_count():
+    raise PlanError(f"mesh {dims} needs {n} devices, JAX has {jax.device_count()}")
+  mesh = sharding.make_mesh(dims, devices=jax.devices()[:n])
+  div = sharding.batch_divisor(mesh, rules)
+  for step in steps:
+    rows, field = step_batch(step, shapes)
+    if step in ("sft", "pm", "dpo") and rows % div:
+      raise PlanError(f"{step} batch {rows} does not divide over mesh {dims} "
+                      f"(batch axes = {div}); change {field} or the mesh")
+  return mesh, div
+
+
 def plan(cfg, meshes: Sequence[tuple], shapes: Shapes, steps=("sft", "ppo"), config=None,
          rules=None, progress=print) -> list[Row]:
   """Compiles each step on each mesh; returns one Row per (step, mesh)."""
-  import jax
-  from cai_jax import sharding
-  from cai_jax.training import optim
-  rules = sharding.rules_from_config(config) if config is not None and rules is None else (
-      rules or sharding.DEFAULT_RULES)
-  def section_optim(section, name):
-    sec = config.get(section, None) if config is not None else None
-    return sec[name] if sec is not None and name in sec else optim.default_optim_config()
+  rules = _rules(config, rules)
   rows = []
   for dims in meshes:
-    n = math.prod(dims)
-    if n > jax.device_count():
-      raise PlanError(f"mesh {dims} needs {n} devices, JAX has {jax.device_count()}")
-    mesh = sharding.make_mesh(dims, devices=jax.devices()[:n])
-    div = sharding.batch_divisor(mesh, rules)
+    mesh, _ = _mesh(dims, rules, shapes, steps)
     for step in steps:
-      if step == "sft":
-        if shapes.sft_batch % div:
-          raise PlanError(f"sft batch {shapes.sft_batch} does not divide over mesh {dims} "
-                          f"(batch axes = {div}); change --sft_batch or the mesh")
-        lowered = lower_sft(cfg, mesh, shapes, section_optim("sft", "optim"), rules)
-      elif step == "dpo":
-        if shapes.dpo_batch % div:
-          raise PlanError(f"dpo batch {shapes.dpo_batch} does not divide over mesh {dims} "
-                          f"(batch axes = {div}); change dpo.batch_size or the mesh")
-        lowered = lower_dpo(cfg, mesh, shapes, section_optim("dpo", "optim"), rules)
-      elif step in ("ppo", "grpo", "rloo"):
-        if shapes.ppo_batch % shapes.ppo_minibatches:
-          raise PlanError(f"ppo batch {shapes.ppo_batch} not divisible by "
-                          f"{shapes.ppo_minibatches} minibatches")
-        lowered = lower_ppo(cfg, mesh, shapes, section_optim("ppo", "policy_optim"),
-                            section_optim("ppo", "value_optim"), rules, critic=step == "ppo")
-      else:
-        raise PlanError(f"unknown step {step!r}; use sft, ppo, grpo, rloo or dpo")
-      row = analyse(*lowered, step, dims)
+      row = analyse(*lower_step(step, cfg, mesh, shapes, config, rules), step, dims)
       rows.append(row)
       if progress:
         progress(f"  {step} mesh={dims}: {row.total_gib:.2f} GiB/device = state "
@@ -361,6 +431,54 @@ def plan(cfg, meshes: Sequence[tuple], shapes: Shapes, steps=("sft", "ppo"), con
                  f"+ other {row.total_gib - row.state_gib - row.temp_gib - row.frozen_gib:.2f} "
                  f"(compiled in {row.compile_s:.0f}s)")
   return rows
+
+
+def fit_slice(cfg, slice_name: str, shapes: Shapes, steps=("sft", "pm", "ppo"), config=None,
+              rules=None, progress=print) -> list:
+  """[(step, memory.Fit)]: each step's split on the named slice (FSDP over its chips).
+  PlanError when some step fits no split."""
+  import dataclasses as dc
+  from cai_jax.training import memory
+  _, chips, hbm = parse_slice(slice_name)
+  rules = _rules(config, rules)
+  dims = (1, chips, 1)
+  mesh, div = _mesh(dims, rules, shapes, steps)
+  budget = memory.device_budget(hbm)
+  out = []
+  for step in steps:
+    rows, _ = step_batch(step, shapes)
+    chunked = step == "sft"
+
+    def measure(split, step=step):
+      c = cfg.replace(remat=split.remat)
+      sh = dc.replace(shapes, logits_chunk=split.logits_chunk)
+      lowered, _, frozen = lower_step(step, c, mesh, sh, config, rules, split.micro_batches)
+      return memory.compiled_bytes(lowered.compile(), frozen)
+
+    try:
+      fit = memory.choose(measure, rows, div if rows % div == 0 else 1, budget,
+                          memory.Split(remat=bool(cfg.remat),
+                                       logits_chunk=shapes.logits_chunk if chunked else 0),
+                          chunked=chunked, name=step)
+    except memory.FitError as e:
+      raise PlanError(f"{slice_name}: {e}") from None
+    out.append((step, fit))
+    if progress:
+      progress(f"  {fit.line(step)}")
+  return out
+
+
+def format_fits(fits, slice_name: str) -> str:
+  _, chips, hbm = parse_slice(slice_name)
+  lines = [f"{slice_name}: {chips} chips x {hbm} GiB, FSDP mesh (1,{chips},1)",
+           "| step | rows per step | micro-batch | accumulation steps | remat | logits chunk "
+           "| GiB/device | usable GiB |", "|" + "---|" * 8]
+  for step, f in fits:
+    k = f.split.micro_batches
+    lines.append(f"| {step} | {f.batch_size} | {f.batch_size // k} | {k} | "
+                 f"{'on' if f.split.remat else 'off'} | {f.split.logits_chunk or '-'} | "
+                 f"{f.bytes / GiB:.2f} | {f.budget / GiB:.2f} |")
+  return "\n".join(lines)
 
 
 def format_table(rows: Sequence[Row], title: str = "") -> str:
@@ -385,8 +503,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  "HF dir; overrides config.model")
   p.add_argument("--meshes", default=";".join(",".join(map(str, m)) for m in DEFAULT_MESHES),
                  help="';'-separated data,fsdp,tensor meshes")
-  p.add_argument("--steps", default="sft,ppo", help="comma-separated: sft, ppo, grpo, rloo, "
-                 "dpo (grpo and rloo compile the same critic-free update)")
+  p.add_argument("--steps", default="", help="comma-separated: sft, pm, ppo, grpo, rloo, "
+                 "dpo (grpo and rloo compile the same critic-free update); default sft,ppo, "
+                 "and sft,pm,ppo with --slice")
+  p.add_argument("--slice", default="", help="a TPU slice (v5e-16, v4-32, v5p-64, ...): "
+                 "print the split each step chooses to fit its HBM, instead of the mesh table")
   p.add_argument("--dtype", default="", help="param/compute dtype (default: config.dtype, "
                  "else bfloat16)")
   p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
@@ -401,7 +522,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   p.add_argument("--json", default="", help="also write the rows as JSON here")
   a = p.parse_args(argv)
   try:
-    meshes = parse_meshes(a.meshes)
+    if a.slice:
+      meshes = ((1, parse_slice(a.slice)[1], 1),)
+    else:
+      meshes = parse_meshes(a.meshes)
     ensure_devices(max(math.prod(m) for m in meshes))
     config = load_config(a.config) if a.config else None
     name = a.model or (config.get("model", "") if config is not None else "")
@@ -414,13 +538,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       v = getattr(a, f.name)
       if v is not None:
         setattr(shapes, f.name, v)
-    steps = tuple(s.strip() for s in a.steps.split(",") if s.strip())
+    steps = tuple(s.strip() for s in (a.steps or ("sft,pm,ppo" if a.slice else "sft,ppo"))
+                  .split(",") if s.strip())
     print(f"planning {name}: {cfg.num_params() / 1e9:.2f}B params, {cfg.dtype}, "
           f"remat={cfg.remat}, scan_layers={cfg.scan_layers}; {shapes}", flush=True)
-    rows = plan(cfg, meshes, shapes, steps, config)
+    if a.slice:
+      fits = fit_slice(cfg, a.slice, shapes, steps, config,
+                       progress=lambda m: print(m, flush=True))
+    else:
+      rows = plan(cfg, meshes, shapes, steps, config)
   except PlanError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  if a.slice:
+    print(format_fits(fits, a.slice))
+    if a.json:
+      from cai_jax.utils import atomic_write_text
+      atomic_write_text(a.json, json.dumps({step: f.record() for step, f in fits}, indent=1)
+                        + "\n")
+    return 0
   print(format_table(rows))
   if a.json:
     from cai_jax.utils import atomic_write_text

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from cai_jax import interrupts
 from cai_jax import sharding as shd
+from cai_jax.training import accumulate
 from cai_jax.training import flops as flops_lib
 from cai_jax.training.state import TrainState, abstract_state, state_shardings
 from cai_jax.utils import InputError
@@ -37,22 +38,29 @@ class TrainingDivergedError(RuntimeError):
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, state: TrainState,
                     mesh, batch_example: dict, trainable=None, donate: bool = True,
-                    rules=shd.DEFAULT_RULES, lr_schedule=None):
+                    rules=shd.DEFAULT_RULES, lr_schedule=None, micro_batches: int = 1):
   """Jitted `(state, batch, rng) -> (state, metrics)` with explicit shardings.
 
   `trainable`: optional bool tree; frozen params enter the loss behind
   stop_gradient so XLA skips their backward pass entirely. The loss is traced
   under `sharding.activation_sharding`, so the model's activations stay on the
   batch axes. `lr_schedule` (step -> rate) adds the step's learning rate to the metrics.
+  `micro_batches` k > 1 accumulates the gradient over k micro-batches of the batch
+  (`accumulate`), weighted as `accumulate.weighted` marked the loss: the same update
+  as one pass over the batch, with one micro-batch's activations in memory.
   """
+  def f(params, batch, rng):
+    if trainable is not None:
+      params = jax.tree_util.tree_map(
+          lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
+    return loss_fn(params, batch, rng)
+  weight_of, sum_keys = accumulate.weighting(loss_fn)
+  grad_fn = accumulate.value_and_grad(f, int(micro_batches), weight_of=weight_of,
+                                      sum_keys=sum_keys, mesh=mesh, rules=rules)
+
   @shd.activation_sharding(mesh, rules)
   def step(st: TrainState, batch, rng):
-    def f(params):
-      if trainable is not None:
-        params = jax.tree_util.tree_map(
-            lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
-      return loss_fn(params, batch, rng)
-    (loss, aux), grads = jax.value_and_grad(f, has_aux=True)(st.params)
+    (loss, aux), grads = grad_fn(st.params, batch, rng)
     # Gradients take their parameters' shardings at once (a reduce-scatter on
     # FSDP axes), rather than staying whole until the optimizer reads them.
     if mesh.size > 1:
@@ -81,6 +89,7 @@ class LoopResult:
   evals: list              # per eval: {"step", ...}
   resumed_from: Optional[int]
   stopped_early: bool
+  fit: Optional[dict] = None  # how the step was fitted to memory (`memory.Fit.record`)
 
 
 def _finite(m: dict) -> bool:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from cai_jax import models
 from cai_jax.models.transformer import dense
-from cai_jax.training import losses
+from cai_jax.training import accumulate, losses
 from cai_jax.training.data import segment_attention_mask
 
 
@@ -153,7 +153,7 @@ def sft_loss_fn(cfg, logits_chunk: int = 0):
                            batch["targets_BxL"], m, logits_chunk)
     n = jnp.sum(m)
     return total / jnp.maximum(n, 1.0), {"loss_tokens": n}
-  return loss_fn
+  return accumulate.weighted(loss_fn, lambda b: jnp.sum(b["loss_mask_BxL"]), ("loss_tokens",))
 
 
 def pair_rewards(cfg, params, batch):

@@ -65,3 +65,17 @@ def tree_bytes(tree) -> int:
   import numpy as np
   return int(sum(int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
                  for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "shape")))
+
+
+def per_device_bytes(tree) -> int:
+  """Bytes one device holds of a tree of sharded arrays or ShapeDtypeStructs (a
+  leaf without a sharding counts whole)."""
+  import numpy as np
+  total = 0
+  for x in jax.tree_util.tree_leaves(tree):
+    if not hasattr(x, "shape"):
+      continue
+    sh = getattr(x, "sharding", None)
+    shape = sh.shard_shape(x.shape) if sh is not None else x.shape
+    total += int(np.prod(shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+  return total
