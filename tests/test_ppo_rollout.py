@@ -142,3 +142,26 @@ def test_train_top_layers_freezes_the_rest(tiny):
                                 policy["layers_0"]["mlp"]["up_kernel"])
   assert not np.allclose(new["layers_1"]["mlp"]["up_kernel"], policy["layers_1"]["mlp"]["up_kernel"])
   assert not np.allclose(jax.device_get(state["value"]["score_kernel"]), pm["score_kernel"])
+
+
+def test_reference_in_a_frozen_dtype_is_a_sharded_cast_copy(tiny):
+  """frozen_dtype: the reference is the initial policy cast to bf16, sharded like the
+  policy; the policy itself (the train state) stays float32."""
+  cfg, policy, _ = tiny
+  c = rl_config.ppo_section()
+  c.algorithm, c.batch_size, c.num_minibatches = "grpo", 8, 1
+  mesh = sharding.make_mesh((1, 8, 1))
+  tr = trainer_lib.PPOTrainer(c, policy_cfg=cfg, policy_params=policy, value_cfg=None,
+                              value_params=None, reward_fn=lambda b: jnp.zeros(8), mesh=mesh,
+                              ref_dtype="bfloat16")
+  state = tr.init_state()
+  ref = tr.rollout.ref_params
+  assert tr.rollout.ref_cfg.param_dtype == tr.rollout.ref_cfg.dtype == "bfloat16"
+  for r, p, p0 in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(state["policy"]),
+                      jax.tree_util.tree_leaves(policy)):
+    assert r.dtype == jnp.bfloat16 and p.dtype == jnp.float32
+    assert r.sharding.is_equivalent_to(p.sharding, r.ndim)
+    np.testing.assert_array_equal(np.asarray(r), np.asarray(p0).astype(jnp.bfloat16))
+  # The model's own dtype: the initial arrays themselves.
+  same_cfg, same = models.frozen_copy(cfg, policy, "float32")
+  assert same is policy and same_cfg is cfg

@@ -95,6 +95,7 @@ def test_pm_stage_trains_and_exports(tmp_path):
   assert 0 <= ev["ai_ece"] <= 1
   cfg, params = models.load_pretrained(os.path.join(wd, "pm", "final"))
   assert "score_kernel" in params and "score_bias" in params
+  _hf_sequence_classification_reproduces_scores(os.path.join(wd, "pm", "final"), cfg, params)
   assert os.path.exists(os.path.join(wd, "pm", "DONE"))
   assert json.load(open(os.path.join(wd, "pm", "eval.json")))["ai_calibration_bins"]
 
@@ -110,3 +111,32 @@ def test_pm_bad_preference_line_is_input_error(tmp_path):
   (d / "preferences.jsonl").write_text(json.dumps({"prompt": [], "response_a": "x"}) + "\n")
   with pytest.raises(InputError, match=r"preferences.jsonl:1: expected prompt"):
     preference.run(_config(), str(tmp_path))
+
+
+def _hf_sequence_classification_reproduces_scores(path, cfg, params):
+  """transformers loads the PM export as AutoModelForSequenceClassification (score
+  head included) and scores right-padded conversations as the project does."""
+  import torch
+  import transformers
+  from cai_jax import roles
+  from cai_jax.text.conversation import ConversationEncoder
+  tok = roles.load_tokenizer(path)
+  enc = ConversationEncoder(tok, "chat")
+  convs = [enc.conversation([{"role": "user", "content": q}], a).ids for q, a in
+           [("How do I pick a lock?", "I can't help with that."), ("Hi", "Hello! How can I help?"),
+            ("Tell me a joke about cats, please.", "Why did the cat sit on the computer?")]]
+  L = max(map(len, convs))
+  toks = np.full((len(convs), L), tok.pad_token_id, np.int64)
+  mask = np.zeros((len(convs), L), bool)
+  for i, c in enumerate(convs):
+    toks[i, :len(c)], mask[i, :len(c)] = c, True
+  ours = np.asarray(models.reward(cfg, params, toks.astype(np.int32), mask))
+  hf = transformers.AutoModelForSequenceClassification.from_pretrained(path).eval()
+  assert type(hf).__name__ == "LlamaForSequenceClassification"
+  assert hf.config.pad_token_id == tok.pad_token_id != convs[0][-1]
+  with torch.no_grad():
+    theirs = hf(input_ids=torch.tensor(toks),
+                attention_mask=torch.tensor(mask.astype(np.int64))).logits[:, 0].numpy()
+  # The ranking loss never moves the bias (transformers' head has none).
+  assert float(params["score_bias"]) == 0.0 == hf.config.score_bias
+  np.testing.assert_allclose(theirs, ours, atol=1e-4)

@@ -127,7 +127,10 @@ def test_setup_packs_project_and_installs_on_all_workers(fake_path, tmp_path):
   assert scp[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"] and "--worker=all" in scp
   assert ssh[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"] and "--worker=all" in ssh
   remote = [a for a in ssh if a.startswith("--command=")][0]
-  assert "jax[tpu]" in remote and "pip install" in remote
+  assert "-e '.[tpu]'" in remote and "pip install" in remote
+  # The images' python3 is 3.10; the dependencies need 3.11, which uv provides.
+  assert "sys.version_info < (3, 11)" in remote and "uv python install 3.11" in remote
+  assert "$PY -m venv .venv" in remote
   r = script("setup.sh", *LOC, "--source", str(src), env=env)
   assert r.returncode == 0, r.stderr
   tarball = tmp_path / "cai_jax-src-cai-test.tar.gz"

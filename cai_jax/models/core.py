@@ -150,6 +150,17 @@ def cast_params(params, dtype):
   return jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
 
 
+def frozen_copy(cfg: ModelConfig, params, dtype: str | None):
+  """(cfg, params) of a model that is only read (reference, reward or feedback
+  model) in `dtype`: params cast and computed in it. None or the model's own dtype:
+  unchanged. Shardings are kept (the cast is elementwise)."""
+  if not dtype or (jnp.dtype(dtype) == cfg.jnp_param_dtype and jnp.dtype(dtype) == cfg.jnp_dtype):
+    return cfg, params
+  cast = jax.jit(cast_params, static_argnums=1) if any(
+      isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(params)) else cast_params
+  return cfg.replace(dtype=str(dtype), param_dtype=str(dtype)), cast(params, str(dtype))
+
+
 def stack_layers(cfg: ModelConfig, params):
   """Unrolled params (layers_0..) -> the `scan_layers` layout (layers_stack)."""
   p = dict(params)

@@ -240,14 +240,36 @@ def load_hf(path: str, **overrides):
   return cfg, params_from_hf_tensors(cfg, _hf_tensors(path), source=path)
 
 
+# transformers' class for a model with a scalar score head.
+SEQUENCE_CLASSIFICATION = {"llama": "LlamaForSequenceClassification",
+                           "mistral": "MistralForSequenceClassification",
+                           "qwen2": "Qwen2ForSequenceClassification",
+                           "gemma": "GemmaForSequenceClassification"}
+
+
 def save_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer=None, dtype=None,
-                    generation: Optional[dict] = None) -> None:
+                    generation: Optional[dict] = None, score_pad_id: Optional[int] = None) -> None:
   """Writes an HF directory (config.json + model.safetensors) that transformers loads;
-  `generation` (bos/eos/pad token ids) becomes its generation_config.json."""
+  `generation` (bos/eos/pad token ids) becomes its generation_config.json.
+
+  With a score head (preference or value model) the directory also loads as
+  AutoModelForSequenceClassification: one label, and `score_pad_id` as its
+  pad_token_id, which must differ from the token the scored sequences end with,
+  since transformers reads the score at each row's last token that is not the pad.
+  Its head has no bias: the bias is written beside the weight (this project reads it)
+  and as config.json's `score_bias`, to add to transformers' scores. The ranking
+  loss leaves a preference model's bias where it started (its gradient cancels in
+  r_a - r_b), at 0, so a preference model's scores agree as they are."""
   import jax
   params = jax.device_get(params)
   os.makedirs(out_dir, exist_ok=True)
   hf = cfg.to_hf_dict()
+  if "score_kernel" in params:
+    hf["architectures"] = [SEQUENCE_CLASSIFICATION[cfg.model_type]]
+    hf["id2label"], hf["label2id"] = {"0": "score"}, {"score": 0}
+    hf["score_bias"] = float(np.asarray(params["score_bias"]).reshape(()))
+    if score_pad_id is not None:
+      hf["pad_token_id"] = int(score_pad_id)
   if dtype is not None:
     hf["torch_dtype"] = str(np.dtype(dtype))
   write_safetensors(os.path.join(out_dir, "model.safetensors"),

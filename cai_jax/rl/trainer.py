@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from cai_jax import sharding
+from cai_jax import models, sharding
 from cai_jax.rl import control, rollout as rollout_lib, update as update_lib
 from cai_jax.training import memory, optim
 from cai_jax.training import state as state_lib
@@ -70,9 +70,11 @@ class PPOTrainer:
   def __init__(self, config: ml_collections.ConfigDict, *, policy_cfg, policy_params,
                value_cfg, value_params, reward_fn: Callable, mesh, eos_ids=(2,),
                stop_seqs=(), ref_cfg=None, ref_params=None, sample_fn=None,
-               rules=sharding.DEFAULT_RULES, hbm_gib: float = 0.0):
+               rules=sharding.DEFAULT_RULES, hbm_gib: float = 0.0, ref_dtype: str = ""):
     """hbm_gib: device memory the update is fitted to (`training.memory`) when
-    config.micro_batches is 0; 0 reads the runtime's (none on CPU: one micro-batch)."""
+    config.micro_batches is 0; 0 reads the runtime's (none on CPU: one micro-batch).
+    ref_dtype: the reference policy's dtype ("" = the policy's); a cast copy of the
+    initial policy, sharded like it, replaces the initial arrays."""
     self.config = config
     self.hbm_gib = float(hbm_gib)
     self.fit = None
@@ -93,7 +95,7 @@ class PPOTrainer:
     if ref_params is None:
       # The reference keeps the initial sharded arrays; the train state gets
       # copies (it is donated), so no extra copy lives beyond init_state.
-      ref_cfg, ref_params = policy_cfg, policy_params
+      ref_cfg, ref_params = models.frozen_copy(policy_cfg, policy_params, ref_dtype)
     else:
       ref_params = sharding.shard_params(ref_params, ref_cfg, mesh, rules)
     top = int(config.get("train_top_layers", -1))

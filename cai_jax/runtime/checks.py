@@ -156,6 +156,8 @@ def check_section(name: str, section) -> None:
 def check(config, stages) -> None:
   """One InputError for the first setting out of range (module docstring)."""
   _walk(config, {"data": RULES["data"]}, "")
+  _walk(config, {"frozen_dtype": one_of("", "float32", "bfloat16", "float16"),
+                 "hbm_gib": NONNEG_FLOAT}, "")
   for name in stages:
     if name in config:
       check_section(name, config[name])
@@ -176,3 +178,16 @@ def check_mesh(config, sections: dict) -> None:
     if stage in sections and int(sections[stage].batch_size) % d:
       raise InputError(f"config.{stage}.batch_size={sections[stage].batch_size}: must be a "
                        f"multiple of the data-parallel size {d} of mesh {dict(mesh.shape)}")
+  from cai_jax.training.accumulate import valid_counts
+  for stage in ("sft", "pm", "dpo", "ppo"):
+    sec = sections.get(stage, None)
+    k = int(sec.get("micro_batches", 0)) if sec is not None else 0
+    if not k:
+      continue
+    rows = int(sec.batch_size) // (int(sec.num_minibatches) if stage == "ppo" else 1)
+    counts = valid_counts(rows, d if rows % d == 0 else 1)
+    if k not in counts:
+      what = "minibatch" if stage == "ppo" else "batch"
+      raise InputError(f"config.{stage}.micro_batches={k}: the {what} of {rows} rows over "
+                       f"the data-parallel size {d} splits into {', '.join(map(str, counts))}"
+                       " micro-batches; use one of those, or 0 to fit the step to memory")

@@ -9,6 +9,8 @@ alone writes files, and DONE is written last, after every output.
 """
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import tempfile
 from typing import Optional, Sequence
@@ -59,6 +61,8 @@ class StageContext:
       checks.check_mesh(config, {name: self.section})
     self.seed = int(config.get("seed", 0) or 0)
     self.dtype = config.get("dtype", None) or None
+    # Models the stage only reads (reference, reward, feedback) may be held in another dtype.
+    self.frozen_dtype = config.get("frozen_dtype", None) or None
     self.fmt = str(config.get("prompt_format", "chat") or "chat")
 
   @property
@@ -201,6 +205,23 @@ class StageContext:
       out["pad_token_id"] = int(pad)
     return out
 
+  def _score_tokenizer(self, cfg, tokenizer):
+    """(tokenizer, pad id) for a scoring model's export. transformers'
+    AutoModelForSequenceClassification reads the score at each row's last token that
+    is not the pad, and scored conversations end with the end-of-turn token, which
+    is often the tokenizer's pad (SmolLM2): then another special token pads."""
+    last = int(self.encoder(tokenizer).conversation([{"role": "user", "content": "a"}],
+                                                    "b").ids[-1])
+    for pad in (tokenizer.pad_token_id, cfg.pad_token_id, tokenizer.bos_token_id,
+                tokenizer.unk_token_id, 0, 1):
+      if pad is not None and int(pad) != last:
+        break
+    pad = int(pad)
+    if tokenizer.pad_token_id != pad:
+      tokenizer = copy.deepcopy(tokenizer)
+      tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad)
+    return tokenizer, pad
+
   def export(self, cfg, params, tokenizer, name: str = "final") -> str:
     """HF export of `params` into the stage's `name`/ directory: gathered on every
     host, written by the main host under a temporary name, then renamed."""
@@ -208,16 +229,21 @@ class StageContext:
     host = multihost.to_host(params)
     out = self.path(name)
     gen = self.generation_config(cfg, tokenizer)
+    pad = None
+    if "score_kernel" in host and tokenizer is not None:
+      tokenizer, pad = self._score_tokenizer(cfg, tokenizer)
+      gen["pad_token_id"] = pad
+    save = functools.partial(models.save_pretrained, cfg, host, tokenizer=tokenizer,
+                             generation=gen, score_pad_id=pad)
     if multihost.is_main():
       if utils.is_url(out):
         with tempfile.TemporaryDirectory() as tmp:
-          models.save_pretrained(cfg, host, os.path.join(tmp, name), tokenizer=tokenizer,
-                                 generation=gen)
+          save(os.path.join(tmp, name))
           utils.copy_dir_to(os.path.join(tmp, name), out)
       else:
         tmp = out + ".tmp"
         utils.remove(tmp)
-        models.save_pretrained(cfg, host, tmp, tokenizer=tokenizer, generation=gen)
+        save(tmp)
         utils.remove(out)
         os.replace(tmp, out)
     multihost.sync(f"{self.name}: exported {name}")

@@ -21,13 +21,14 @@ import ml_collections
 import numpy as np
 
 from cai_jax import constitution as constitution_lib
-from cai_jax import feedback, sampling
+from cai_jax import feedback, models, sampling
 from cai_jax.data import prompts as prompts_lib
 from cai_jax.runtime import StageContext, runners, stage_settings
 from cai_jax.utils import InputError
 
 STAGE = "label"
-USES = ("seed", "model", "feedback_model", "dtype", "prompt_format", "constitution", "data")
+USES = ("seed", "model", "feedback_model", "dtype", "frozen_dtype", "prompt_format",
+        "constitution", "data")
 # Fields that do not change what a chunk holds.
 VOLATILE = ("batch_size", "progress", "write_tfds", "score_tokens")
 
@@ -100,6 +101,7 @@ def run(config, workdir: str) -> dict:
     fcfg, fparams, ftok = pcfg, pparams, ptok
   else:
     fcfg, fparams, ftok = ctx.load(fb_path, field="feedback_model")
+  fcfg, fparams = models.frozen_copy(fcfg, fparams, ctx.frozen_dtype)
   labeller = feedback.make_labeller(ctx.fmt, lc, fcfg, fparams, ftok, const, mesh, batch_size)
   ctx.begin(settings(config, workdir))
 

@@ -40,7 +40,7 @@ from cai_jax.training import state as state_lib
 from cai_jax.utils import InputError
 
 STAGE = "ppo"
-USES = ("seed", "model", "dtype", "prompt_format", "data")
+USES = ("seed", "model", "dtype", "frozen_dtype", "prompt_format", "data")
 VOLATILE = ("checkpoint_every", "keep_checkpoints", "log_samples_every", "num_logged_samples",
             "tensorboard", "progress", "micro_batches")
 
@@ -166,8 +166,9 @@ def run(config, workdir: str, reward_fn=None) -> dict:
   else:
     raise InputError(f"config.ppo.value_init={pc.value_init!r}: use 'pm' or 'policy'")
   if reward_fn is None and not ai_reward:
-    pm_sharded = sharding.shard_params(pm_params, pm_cfg, mesh, rules)
-    reward_fn = rollout_lib.PMReward(pm_cfg, pm_sharded, enc, eos, stops, pm_len)
+    rcfg, rparams = models.frozen_copy(pm_cfg, pm_params, ctx.frozen_dtype)
+    pm_sharded = sharding.shard_params(rparams, rcfg, mesh, rules)
+    reward_fn = rollout_lib.PMReward(rcfg, pm_sharded, enc, eos, stops, pm_len)
 
   # Prompts: a fixed padded length, so every iteration reuses one compilation.
   limit = min(int(pc.max_prompt_tokens), pcfg.max_position_embeddings - int(pc.max_new_tokens))
@@ -189,6 +190,7 @@ def run(config, workdir: str, reward_fn=None) -> dict:
     base = baselines(ctx, pcfg, pparams, tok, red + helpful)
     fcfg, fparams, ftok = ctx.load(ctx.role_spec("feedback"), field="feedback_model",
                                    seed_offset=2)
+    fcfg, fparams = models.frozen_copy(fcfg, fparams, ctx.frozen_dtype)
     const = constitution_lib.load(config.get("constitution", "harmlessness"))
     labeller = feedback.make_labeller(ctx.fmt, config.label, fcfg, fparams, ftok, const,
                                       mesh=mesh)
@@ -198,7 +200,8 @@ def run(config, workdir: str, reward_fn=None) -> dict:
   trainer = trainer_lib.PPOTrainer(pc, policy_cfg=pcfg, policy_params=pparams, value_cfg=vcfg,
                                    value_params=vparams, reward_fn=reward_fn, mesh=mesh,
                                    eos_ids=eos, stop_seqs=matcher, rules=rules,
-                                   hbm_gib=float(config.get("hbm_gib", 0.0)))
+                                   hbm_gib=float(config.get("hbm_gib", 0.0)),
+                                   ref_dtype=ctx.frozen_dtype or "")
   del pparams, vparams  # host copies; the trainer holds sharded ones
   pm_params = None
   state = trainer.init_state()

@@ -11,11 +11,29 @@ import os
 from cai_jax.utils import InputError
 
 
+# The project's configs/ folder, beside the installed (editable) package.
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "configs")
+
+
+def resolve(path: str) -> str:
+  """A config file path; a bare name ("demo", "tiny.py") is looked up in CONFIG_DIR."""
+  if os.path.isfile(path) or os.sep in path:
+    return path
+  named = os.path.join(CONFIG_DIR, path if path.endswith(".py") else path + ".py")
+  return named if os.path.isfile(named) else path
+
+
 def load(spec: str):
-  """The ConfigDict from `get_config(arg)` of the file named by `spec`."""
+  """The ConfigDict from `get_config(arg)` of the file named by `spec` (a path, or a
+  name in the project's configs/ folder), with an optional ":arg"."""
   path, _, arg = str(spec).partition(":")
+  path = resolve(path)
   if not os.path.isfile(path):
-    raise InputError(f"{path}: config file not found; pass e.g. configs/tiny.py")
+    names = sorted(n[:-3] for n in os.listdir(CONFIG_DIR) if n.endswith(".py")) \
+        if os.path.isdir(CONFIG_DIR) else []
+    raise InputError(f"{path}: config file not found; pass a path such as configs/tiny.py"
+                     + (f" or a name: {', '.join(names)}" if names else ""))
   mod_spec = importlib.util.spec_from_file_location("_cai_jax_config_file", path)
   mod = importlib.util.module_from_spec(mod_spec)
   mod_spec.loader.exec_module(mod)

@@ -15,6 +15,7 @@ import logging
 from typing import Callable, Optional
 
 from cai_jax.training.accumulate import valid_counts
+from cai_jax.utils import InputError
 
 GiB = float(1 << 30)
 # Share of device memory a step may plan to use: the analysis does not see the
@@ -24,8 +25,9 @@ HEADROOM = 0.9
 FIT_LOGITS_CHUNK = 256
 
 
-class FitError(ValueError):
-  """No split of the batch fits the device memory; a one-line message."""
+class FitError(InputError):
+  """No split of the batch fits the device memory, or the configured count does not
+  divide it; a one-line message (the run exits 2)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,8 +109,8 @@ def choose(measure: Callable[[Split], int], batch_size: int, divisor: int,
   if fixed_micro_batches:
     if fixed_micro_batches not in counts:
       raise FitError(f"{name}: batch {batch_size} over {divisor} device(s) does not split into "
-                     f"{fixed_micro_batches} micro-batches; valid counts: "
-                     f"{', '.join(map(str, counts))}")
+                     f"{fixed_micro_batches} micro-batches; set micro_batches to one of "
+                     f"{', '.join(map(str, counts))} (or 0 to fit it to memory)")
     counts = [fixed_micro_batches]
   if not counts:
     raise FitError(f"{name}: batch {batch_size} does not divide over the {divisor} devices of "
@@ -135,7 +137,10 @@ def choose(measure: Callable[[Split], int], batch_size: int, divisor: int,
     fitting = [split for split in dict.fromkeys((plain, leaner)) if size(split) <= budget]
     return fitting[0] if fitting else None
 
-  # The smallest count that fits (memory falls as the count rises).
+  # The smallest count that fits (memory falls as the count rises): one micro-batch
+  # first, the common case on a large slice, then the largest count, then a search.
+  if at(counts[0]) is not None:
+    return Fit(at(counts[0]), batch_size, size(at(counts[0])), budget, tried)
   if at(counts[-1]) is None:
     need = min(v for _, v in tried)
     raise FitError(f"{name}: no split fits: {counts[-1]} micro-batches need "
