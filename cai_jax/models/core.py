@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cai_jax.models import lora
 from cai_jax.models.config import ModelConfig
 from cai_jax.models.transformer import Transformer
 
@@ -87,6 +88,7 @@ def forward(cfg: ModelConfig, params, tokens_BxT, positions_BxT, mask, cache=Non
   """One call of the model; returns a dict with logits/scores/hidden/cache
   (`pack`: a packed prefill, see `Transformer`)."""
   heads = heads_of(cfg, params) if heads is None else tuple(heads)
+  params = lora.merge(params)  # LoRA adapters, when the params carry them
   return module(cfg, heads).apply({"params": params}, tokens_BxT, positions_BxT, mask,
                                   cache, cache_index, last_only, pack)
 
@@ -162,10 +164,15 @@ def frozen_copy(cfg: ModelConfig, params, dtype: str | None):
 
 
 def stack_layers(cfg: ModelConfig, params):
-  """Unrolled params (layers_0..) -> the `scan_layers` layout (layers_stack)."""
+  """Unrolled params (layers_0..) -> the `scan_layers` layout (layers_stack), LoRA
+  adapters included; host arrays stay on the host (no device copy)."""
+  host = all(isinstance(x, np.ndarray) for x in jax.tree_util.tree_leaves(params))
+  stack = np.stack if host else jnp.stack
   p = dict(params)
   layers = [p.pop(f"layers_{i}") for i in range(cfg.num_layers)]
-  p["layers_stack"] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)
+  p["layers_stack"] = jax.tree_util.tree_map(lambda *xs: stack(xs), *layers)
+  if "lora" in p and "layers_0" in p["lora"]:
+    p["lora"] = stack_layers(cfg, p["lora"])
   return p
 
 
@@ -175,4 +182,6 @@ def unstack_layers(cfg: ModelConfig, params):
   stacked = p.pop("layers_stack")
   for i in range(cfg.num_layers):
     p[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], stacked)
+  if "lora" in p and "layers_stack" in p["lora"]:
+    p["lora"] = unstack_layers(cfg, p["lora"])
   return p

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from cai_jax.models import lora
 from cai_jax.training import optim
 
 
@@ -51,6 +52,8 @@ def ppo_section() -> ml_collections.ConfigDict:
   c.value_optim.learning_rate = 1e-5
   c.train_top_layers = -1       # -1 trains all of policy and value; k: only the top k blocks
                                 # + final norm + heads (saves optimizer memory)
+  c.lora = lora.default_config()  # lora.rank > 0: policy and value train rank-r adapters (and
+                                # the value head) only; the reference is the base without them
   c.init_from = ""              # policy / reference: "" = WORKDIR/sft (when sft runs or ran),
                                 # else config.model (any form of cai_jax.roles)
   c.pm = ""                     # preference model (reward "pm"): "" = WORKDIR/pm

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from cai_jax import models, sharding
+from cai_jax.models import lora
 from cai_jax.rl import control, rollout as rollout_lib, update as update_lib
 from cai_jax.training import memory, optim
 from cai_jax.training import state as state_lib
@@ -93,13 +94,17 @@ class PPOTrainer:
     else:
       value_params = sharding.shard_params(value_params, value_cfg, mesh, rules)
     if ref_params is None:
-      # The reference keeps the initial sharded arrays; the train state gets
-      # copies (it is donated), so no extra copy lives beyond init_state.
-      ref_cfg, ref_params = models.frozen_copy(policy_cfg, policy_params, ref_dtype)
+      # The reference keeps the initial sharded arrays (without LoRA adapters); the
+      # train state gets copies (it is donated), so no extra copy lives beyond init_state.
+      ref_cfg, ref_params = models.frozen_copy(policy_cfg, lora.base(policy_params), ref_dtype)
     else:
       ref_params = sharding.shard_params(ref_params, ref_cfg, mesh, rules)
     top = int(config.get("train_top_layers", -1))
     mask = None if top < 0 else (lambda p: optim.trainable_mask(p, top, train_embeddings=False))
+    if lora.KEY in policy_params:  # LoRA: adapters (and the value head) train
+      mask = lora.trainable_mask
+    self.trainable = mask
+    self._merge = jax.jit(lora.merge)
     self.policy_tx = optim.make_optimizer(config.policy_optim, trainable=mask)
     self.value_tx = optim.make_optimizer(config.value_optim, trainable=mask) \
         if self.update_hp.critic else None
@@ -147,7 +152,8 @@ class PPOTrainer:
 
   def _make_update(self, shardings, hp, policy_cfg, value_cfg):
     return update_lib.make_update_fn(policy_cfg, value_cfg, self.policy_tx, self.value_tx, hp,
-                                     self.mesh, shardings, self.batch_size, self.rules)
+                                     self.mesh, shardings, self.batch_size, self.rules,
+                                     trainable=self.trainable)
 
   def _fit_update(self, state, shardings) -> None:
     """Chooses micro-batches and remat for the update (`training.memory`), counting
@@ -203,7 +209,9 @@ class PPOTrainer:
     t_start = time.perf_counter()
     rng_sample, rng_update = jax.random.split(rng)
     beta = self.kl_ctl.beta
-    tr, metrics, timings = self.rollout(state["policy"], state.get("value"), prompt_tokens_BxP,
+    # LoRA adapters merged once for the rollout, not at every decoding step.
+    policy = self._merge(state["policy"]) if lora.KEY in state["policy"] else state["policy"]
+    tr, metrics, timings = self.rollout(policy, state.get("value"), prompt_tokens_BxP,
                                         prompt_mask_BxP, rng_sample, beta, prompts=prompts)
     t0 = time.perf_counter()
     sh = update_lib.batch_input_sharding(self.mesh, self.batch_size, self.rules)

@@ -14,7 +14,6 @@ values for response token t are read at position P−1+t.
 """
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -151,9 +150,11 @@ def state_shardings(state, mesh):
 
 
 def make_update_fn(policy_cfg, value_cfg, policy_tx, value_tx, hp: UpdateHParams, mesh,
-                   shardings, batch_size: int, rules=sharding.DEFAULT_RULES):
+                   shardings, batch_size: int, rules=sharding.DEFAULT_RULES, trainable=None):
   """Jitted `(state, batch, rng, beta) -> (state, metrics)` running hp.epochs
-  passes. beta is the KL coefficient of a kl_in_loss update (unused otherwise)."""
+  passes. beta is the KL coefficient of a kl_in_loss update (unused otherwise).
+  trainable: params -> bool tree; frozen params enter the loss behind stop_gradient,
+  so no gradient is computed for them (LoRA's base, layers below train_top_layers)."""
   if batch_size % hp.num_minibatches:
     raise ValueError(f"ppo: batch size {batch_size} is not divisible by "
                      f"num_minibatches={hp.num_minibatches}; change ppo.num_minibatches")
@@ -164,11 +165,20 @@ def make_update_fn(policy_cfg, value_cfg, policy_tx, value_tx, hp: UpdateHParams
   constrain = mb_size % sharding.batch_divisor(mesh, rules) == 0
   # Every loss term is a mean over response tokens: micro-batches weigh by their count.
   acc = dict(weight_of=lambda mb: jnp.sum(mb["response_mask"]), mesh=mesh, rules=rules)
+  def frozen(params):
+    if trainable is None:
+      return params
+    return jax.tree_util.tree_map(lambda p, t: p if t else jax.lax.stop_gradient(p), params,
+                                  trainable(params))
+
   if hp.critic:
-    loss_fn = functools.partial(ppo_loss, policy_cfg=policy_cfg, value_cfg=value_cfg, hp=hp)
+    def loss_fn(policy, value, mb, beta):
+      return ppo_loss(frozen(policy), frozen(value), mb, beta, policy_cfg=policy_cfg,
+                      value_cfg=value_cfg, hp=hp)
     grad_fn = accumulate.value_and_grad(loss_fn, hp.micro_batches, argnums=(0, 1), **acc)
   else:
-    loss_fn = functools.partial(critic_free_loss, policy_cfg=policy_cfg, hp=hp)
+    def loss_fn(policy, mb, beta):
+      return critic_free_loss(frozen(policy), mb, beta, policy_cfg=policy_cfg, hp=hp)
     grad_fn = accumulate.value_and_grad(loss_fn, hp.micro_batches, **acc)
 
   def minibatch_step(carry, mb):

@@ -58,6 +58,10 @@ TRAIN = {  # what every supervised stage's loop reads
     "log_every": POSITIVE, "train_top_layers": ALL_OR_POSITIVE, "checkpoint_every": POSITIVE,
     "keep_checkpoints": POSITIVE, "optim": OPTIM, "micro_batches": NONNEG,
 }
+LORA = {"rank": NONNEG, "alpha": POS_FLOAT,
+        "targets": Rule(lambda v: isinstance(v, (tuple, list)) and len(v) > 0 and set(v) <= {
+            "q", "k", "v", "o", "gate", "up", "down"},
+            "a non-empty tuple of q, k, v, o, gate, up, down")}
 SAMPLING = {"temperature": NONNEG_FLOAT, "top_p": TOP_P, "max_new_tokens": POSITIVE,
             "batch_size": POSITIVE}
 SPLIT = one_of("train", "eval", "all")
@@ -70,7 +74,7 @@ RULES = {
                "revision_max_new_tokens": POSITIVE, "max_prompt_tokens": NONNEG,
                "retry_empty": NONNEG, "helpful_samples": NONNEG, "split": SPLIT,
                "chunk_size": POSITIVE},
-    "sft": {**TRAIN, "num_rounds": ALL_OR_POSITIVE, "logits_chunk": NONNEG},
+    "sft": {**TRAIN, "num_rounds": ALL_OR_POSITIVE, "logits_chunk": NONNEG, "lora": LORA},
     "label": {**SAMPLING, "num_principles": POSITIVE, "num_fewshot": ALL_OR_NONNEG,
               "debias_mean": one_of("probability", "logprob"), "cot_samples": POSITIVE,
               "cot_max_new_tokens": POSITIVE, "cot_temperature": NONNEG_FLOAT,
@@ -88,7 +92,7 @@ RULES = {
             "temperature": POS_FLOAT, "missing_eos_penalty": FINITE, "gamma": FRACTION,
             "lam": FRACTION, "num_epochs": POSITIVE, "num_minibatches": POSITIVE,
             "clip_eps": POS_FLOAT, "value_clip_eps": POS_FLOAT, "vf_coef": NONNEG_FLOAT,
-            "ent_coef": NONNEG_FLOAT, "micro_batches": NONNEG,
+            "ent_coef": NONNEG_FLOAT, "micro_batches": NONNEG, "lora": LORA,
             "kl": {"kind": one_of("adaptive", "fixed"), "beta": NONNEG_FLOAT,
                    "target": POS_FLOAT, "horizon": POSITIVE},
             "policy_optim": OPTIM, "value_optim": OPTIM, "train_top_layers": ALL_OR_POSITIVE,

@@ -30,6 +30,7 @@ import numpy as np
 
 from cai_jax import constitution as constitution_lib
 from cai_jax import feedback, interrupts, models, sampling as sampling_lib, sharding, utils
+from cai_jax.models import lora
 from cai_jax.data import prompts as prompts_lib
 from cai_jax.rl import config as rl_config
 from cai_jax.rl import prompt_mix, rollout as rollout_lib, trainer as trainer_lib
@@ -165,6 +166,13 @@ def run(config, workdir: str, reward_fn=None) -> dict:
     vparams = models.drop_heads(models.add_score_head(pcfg, pparams), ("score",))
   else:
     raise InputError(f"config.ppo.value_init={pc.value_init!r}: use 'pm' or 'policy'")
+  if lora.enabled(pc):  # adapters on the policy and the value model; their bases stay frozen
+    lc = pc.lora
+    pparams = lora.add(pparams, int(lc.rank), float(lc.alpha), tuple(lc.targets),
+                       jax.random.PRNGKey(ctx.seed + 4))
+    if vparams is not None:
+      vparams = lora.add(vparams, int(lc.rank), float(lc.alpha), tuple(lc.targets),
+                         jax.random.PRNGKey(ctx.seed + 5))
   if reward_fn is None and not ai_reward:
     rcfg, rparams = models.frozen_copy(pm_cfg, pm_params, ctx.frozen_dtype)
     pm_sharded = sharding.shard_params(rparams, rcfg, mesh, rules)
@@ -187,7 +195,7 @@ def run(config, workdir: str, reward_fn=None) -> dict:
   pad_id = pcfg.pad_token_id if pcfg.pad_token_id is not None else 0
   ctx.begin(settings(config, workdir))
   if ai_reward:
-    base = baselines(ctx, pcfg, pparams, tok, red + helpful)
+    base = baselines(ctx, pcfg, lora.base(pparams), tok, red + helpful)
     fcfg, fparams, ftok = ctx.load(ctx.role_spec("feedback"), field="feedback_model",
                                    seed_offset=2)
     fcfg, fparams = models.frozen_copy(fcfg, fparams, ctx.frozen_dtype)
@@ -259,9 +267,9 @@ def run(config, workdir: str, reward_fn=None) -> dict:
     samples.close()
     mngr.close()
 
-  ctx.export(pcfg, state["policy"], tok)
+  ctx.export(pcfg, lora.merge(state["policy"]), tok)
   if critic:
-    ctx.export(vcfg, state["value"], tok, "value_final")
+    ctx.export(vcfg, lora.merge(state["value"]), tok, "value_final")
   rows = list(utils.read_jsonl(ctx.path("metrics.jsonl"))) if utils.exists(
       ctx.path("metrics.jsonl")) else []
   if ctx.is_main:

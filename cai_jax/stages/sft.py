@@ -16,10 +16,12 @@ revisions; configs/paper.py takes a pretrained model as `pretrained=`).
 from __future__ import annotations
 
 
+import jax
 import ml_collections
 import numpy as np
 
 from cai_jax import models, utils
+from cai_jax.models import lora
 from cai_jax.runtime import StageContext, runners, stage_settings
 from cai_jax.training import data, flops as flops_lib, loop, objectives, optim
 from cai_jax.utils import InputError
@@ -48,6 +50,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.logits_chunk = 0          # LM-head block length; > 0 recomputes its logits in backward
   c.micro_batches = 0         # 0: fitted to device memory (config.hbm_gib); k: k per step
   c.train_top_layers = -1     # -1 trains everything; k trains the top k blocks + heads
+  c.lora = lora.default_config()  # lora.rank > 0: train rank-r adapters only (export merged)
   c.optim = optim.default_optim_config()  # AdamW; constant lr as in the paper's SL stage
   c.checkpoint_every = 100    # steps between Orbax checkpoints
   c.keep_checkpoints = 2      # checkpoints kept
@@ -88,6 +91,9 @@ def run(config, workdir: str) -> dict:
   # checkpoint (checking that the shapes match this model).
   cfg, params, tok = ctx.load(ctx.role_spec("initial", sc.init_from), field="sft.init_from")
   params = models.drop_heads(params, ("lm",))
+  if lora.enabled(sc):
+    params = lora.add(params, int(sc.lora.rank), float(sc.lora.alpha), tuple(sc.lora.targets),
+                      jax.random.PRNGKey(ctx.seed + 3))
   enc = ctx.encoder(tok)
   raw = build_examples(sc, revise_dir)
   ctx.begin(settings(config, workdir))
@@ -134,7 +140,7 @@ def run(config, workdir: str) -> dict:
                           cfg, L, trainable_layers=int(sc.train_top_layers)),
                       trainable_layers=int(sc.train_top_layers))
   del params
-  ctx.export(cfg, res.state.params, tok)
+  ctx.export(cfg, lora.merge(res.state.params), tok)
   summary = {"steps": res.step, "num_examples": len(raw), "num_train_rows": len(rows),
              "num_eval_examples": len(eval_ex),
              "final_loss": res.history[-1]["loss"] if res.history else None,

@@ -157,6 +157,7 @@ class Shapes:
   ppo_epochs: int = 1
   pm_batch: int = 64
   pm_len: int = 512
+  lora_rank: int = 0       # > 0: SFT and PPO train rank-r adapters of every projection
   dpo_batch: int = 64
   dpo_len: int = 512
 
@@ -174,6 +175,9 @@ def shapes_from_config(config) -> Shapes:
   if pm is not None:
     s.pm_batch = int(pm.get("batch_size", s.pm_batch))
     s.pm_len = int(pm.get("max_len", s.pm_len))
+  lora_rank = max((int(config[k].lora.rank) for k in ("sft", "ppo")
+                   if k in config and "lora" in config[k]), default=0)
+  s.lora_rank = lora_rank
   ppo = config.get("ppo", None)
   if ppo is not None:
     s.ppo_batch = int(ppo.get("batch_size", s.ppo_batch))
@@ -202,6 +206,21 @@ def abstract_sharded_params(cfg, mesh, heads, rules):
   return jax.tree_util.tree_map(lambda a, s: _sds(a.shape, a.dtype, s), abstract, shard)
 
 
+def with_lora(params_sds, mesh, rank: int):
+  """Abstract params with rank-`rank` adapters on every projection (replicated:
+  they are small), as `models.lora.add` makes them; unchanged for rank 0."""
+  import jax
+  from cai_jax import sharding
+  from cai_jax.models import lora
+  if not rank:
+    return params_sds
+  shapes = jax.eval_shape(lambda p: lora.add(p, rank, 16.0, tuple(lora.TARGETS),
+                                             jax.random.PRNGKey(0))[lora.KEY], params_sds)
+  rep = sharding.replicated(mesh)
+  return dict(params_sds, **{lora.KEY: jax.tree_util.tree_map(
+      lambda x: _sds(x.shape, x.dtype, rep), shapes)})
+
+
 def abstract_opt_state(tx, params_sds, mesh):
   """Optimizer state as the train states place it (`sharding.opt_state_shardings`)."""
   import jax
@@ -218,14 +237,15 @@ def per_device_bytes(tree) -> int:
 
 
 # ---------------------------------------------------------------- the steps
-def _lm_train_state(cfg, mesh, optim_config, rules, heads=("lm",)):
+def _lm_train_state(cfg, mesh, optim_config, rules, heads=("lm",), lora_rank: int = 0):
   """(optimizer, abstract TrainState of a language model, replicated sharding)."""
   import jax.numpy as jnp
   from cai_jax import sharding
+  from cai_jax.models import lora
   from cai_jax.training import optim
   from cai_jax.training.state import TrainState
-  params = abstract_sharded_params(cfg, mesh, heads, rules)
-  tx = optim.make_optimizer(optim_config)
+  params = with_lora(abstract_sharded_params(cfg, mesh, heads, rules), mesh, lora_rank)
+  tx = optim.make_optimizer(optim_config, trainable=lora.trainable_mask if lora_rank else None)
   rep = sharding.replicated(mesh)
   state = TrainState(step=_sds((), jnp.int32, rep), params=params,
                      opt_state=abstract_opt_state(tx, params, mesh))
@@ -236,14 +256,16 @@ def lower_sft(cfg, mesh, shapes: Shapes, optim_config, rules, micro_batches: int
   """The SFT stage's train step, lowered for abstract state and batch."""
   import jax.numpy as jnp
   from cai_jax import sharding
+  from cai_jax.models import lora
   from cai_jax.training import loop, objectives
-  tx, state, rep = _lm_train_state(cfg, mesh, optim_config, rules)
+  tx, state, rep = _lm_train_state(cfg, mesh, optim_config, rules, lora_rank=shapes.lora_rank)
   B, L = shapes.sft_batch, shapes.sft_len
   bs = sharding.batch_sharding(mesh, 2, rules)
   batch = {"tokens_BxL": _sds((B, L), jnp.int32, bs), "targets_BxL": _sds((B, L), jnp.int32, bs),
            "loss_mask_BxL": _sds((B, L), jnp.float32, bs), "mask_BxL": _sds((B, L), bool, bs)}
+  trainable = lora.trainable_mask(state.params) if shapes.lora_rank else None
   step = loop.make_train_step(objectives.sft_loss_fn(cfg, shapes.logits_chunk), tx, state,
-                              mesh, batch, rules=rules, micro_batches=micro_batches)
+                              mesh, batch, trainable, rules=rules, micro_batches=micro_batches)
   rng = _sds((2,), jnp.uint32, rep)
   return step.lower(state, batch, rng), per_device_bytes(state), 0
 
@@ -295,17 +317,20 @@ def lower_ppo(cfg, mesh, shapes: Shapes, policy_optim, value_optim, rules, criti
   reads the reference log-probs."""
   import jax.numpy as jnp
   from cai_jax import sharding
+  from cai_jax.models import lora
   from cai_jax.rl import update
   from cai_jax.training import optim
-  policy = abstract_sharded_params(cfg, mesh, ("lm",), rules)
-  ptx = optim.make_optimizer(policy_optim)
+  mask = lora.trainable_mask if shapes.lora_rank else None
+  policy = with_lora(abstract_sharded_params(cfg, mesh, ("lm",), rules), mesh, shapes.lora_rank)
+  ptx = optim.make_optimizer(policy_optim, trainable=mask)
   rep = sharding.replicated(mesh)
   state = {"step": _sds((), jnp.int32, rep), "policy": policy,
            "policy_opt": abstract_opt_state(ptx, policy, mesh)}
   vtx = None
   if critic:
-    value = abstract_sharded_params(cfg, mesh, ("score",), rules)
-    vtx = optim.make_optimizer(value_optim)
+    value = with_lora(abstract_sharded_params(cfg, mesh, ("score",), rules), mesh,
+                      shapes.lora_rank)
+    vtx = optim.make_optimizer(value_optim, trainable=mask)
     state.update(value=value, value_opt=abstract_opt_state(vtx, value, mesh))
   shardings = update.state_shardings(state, mesh)
   hp = update.UpdateHParams(epochs=shapes.ppo_epochs, num_minibatches=shapes.ppo_minibatches,
@@ -314,7 +339,7 @@ def lower_ppo(cfg, mesh, shapes: Shapes, policy_optim, value_optim, rules, criti
   bs = update.batch_input_sharding(mesh, B, rules)
   batch = {k: _sds(x.shape, x.dtype, bs) for k, x in
            update.example_batch(hp, B, shapes.ppo_prompt, shapes.ppo_response).items()}
-  fn = update.make_update_fn(cfg, cfg, ptx, vtx, hp, mesh, shardings, B, rules)
+  fn = update.make_update_fn(cfg, cfg, ptx, vtx, hp, mesh, shardings, B, rules, trainable=mask)
   # Frozen during the update but resident for rollouts: reference policy and PM.
   frozen = per_device_bytes(abstract_sharded_params(cfg, mesh, ("lm",), rules)) + \
       per_device_bytes(abstract_sharded_params(cfg, mesh, ("score",), rules))

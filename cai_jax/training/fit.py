@@ -25,6 +25,7 @@ import numpy as np
 
 from cai_jax import models, multihost, roles, utils
 from cai_jax import sharding as shd
+from cai_jax.models import lora
 from cai_jax.training import checkpoint, loop, memory, optim
 from cai_jax.training import state as state_lib
 from cai_jax.training.metrics import MetricsWriter
@@ -48,16 +49,6 @@ def train_layout(cfg, mesh, trainable_layers: int, ckpt_dir: str) -> bool:
   return mesh.size > 1 or cfg.num_params() > SCAN_MIN_PARAMS
 
 
-def _stack(cfg, params):
-  """Unrolled -> scanned params, on the host for host arrays (no device copy)."""
-  if all(isinstance(x, np.ndarray) for x in jax.tree_util.tree_leaves(params)):
-    p = dict(params)
-    layers = [p.pop(f"layers_{i}") for i in range(cfg.num_layers)]
-    p["layers_stack"] = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *layers)
-    return p
-  return models.stack_layers(cfg, params)
-
-
 def fit(phase: str, *, cfg, params, tokenizer, batches, example_batch, loss_for,
         num_steps: int, optim_config, mesh, rules, directory: str,
         checkpoints: str = "checkpoints", metrics: str = "metrics.jsonl",
@@ -75,9 +66,11 @@ def fit(phase: str, *, cfg, params, tokenizer, batches, example_batch, loss_for,
   scan = train_layout(cfg, mesh, trainable_layers, ckpt_dir)
   tcfg = cfg.replace(scan_layers=scan)
   if scan:
-    params = _stack(cfg, params)
+    params = models.stack_layers(cfg, params)
   trainable = None
-  if int(trainable_layers) >= 0:
+  if lora.KEY in params:  # LoRA: the adapters (and a score head) train, the base is read
+    trainable = lora.trainable_mask(params)
+  elif int(trainable_layers) >= 0:
     trainable = optim.trainable_mask(params, int(trainable_layers), train_embeddings=False)
   tx = optim.make_optimizer(optim_config, total_steps=num_steps, trainable=trainable)
   st = state_lib.create_train_state(params, tx, tcfg, mesh, rules)

@@ -137,8 +137,9 @@ def choose(measure: Callable[[Split], int], batch_size: int, divisor: int,
     fitting = [split for split in dict.fromkeys((plain, leaner)) if size(split) <= budget]
     return fitting[0] if fitting else None
 
-  # The smallest count that fits (memory falls as the count rises): one micro-batch
-  # first, the common case on a large slice, then the largest count, then a search.
+  # One micro-batch first: accumulating holds float32 gradient sums, which can cost
+  # more than the activations a split saves. From two up, memory falls as the count
+  # rises: the largest count, then a binary search for the smallest that fits.
   if at(counts[0]) is not None:
     return Fit(at(counts[0]), batch_size, size(at(counts[0])), budget, tried)
   if at(counts[-1]) is None:
