@@ -55,6 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dtype = "float32"          # parameter/compute dtype: "float32" on CPU, "bfloat16" on TPU
   c.frozen_dtype = ""          # dtype of models only read: PPO's reference and reward PM, the
                                # feedback model (label, ppo.reward=ai); "" = dtype
+  c.export_dtype = ""          # dtype of the stages' HF exports; "" = the params' (bf16 on TPU)
   c.prompt_format = "chat"     # "chat": tokenizer chat template; "raw": Human:/Assistant: text
   c.constitution = "harmlessness"  # constitution name (constitutions/<name>.json) or a path
   c.mesh = ml_collections.ConfigDict()

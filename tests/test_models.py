@@ -282,3 +282,20 @@ def test_bad_input_errors(tmp_path):
   with pytest.raises(models.CheckpointError) as e:
     models.load_pretrained(str(g))
   assert "x.gguf" in _one_line(e)
+
+
+def test_stage_exports_in_the_configured_dtype(tmp_path):
+  """config.export_dtype: a stage's HF export in that dtype ("" keeps the params')."""
+  from cai_jax import pipeline, roles
+  from cai_jax.runtime import StageContext
+  from cai_jax.stages import sft
+  cfg, params, tok = roles.load("tiny")
+  for dtype, want in (("", "float32"), ("bfloat16", "bfloat16")):
+    config = pipeline.base_config()
+    config.export_dtype = dtype
+    ctx = StageContext(config, str(tmp_path / (dtype or "default")), "sft", sft.default_config())
+    out = ctx.export(cfg, params, tok)
+    with open(os.path.join(out, "config.json")) as f:
+      assert json.load(f)["torch_dtype"] == want
+    m = transformers.AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+    assert str(next(m.parameters()).dtype) == f"torch.{want}"

@@ -161,6 +161,7 @@ def check(config, stages) -> None:
   """One InputError for the first setting out of range (module docstring)."""
   _walk(config, {"data": RULES["data"]}, "")
   _walk(config, {"frozen_dtype": one_of("", "float32", "bfloat16", "float16"),
+                 "export_dtype": one_of("", "float32", "bfloat16", "float16"),
                  "hbm_gib": NONNEG_FLOAT}, "")
   for name in stages:
     if name in config:

@@ -234,7 +234,8 @@ class StageContext:
       tokenizer, pad = self._score_tokenizer(cfg, tokenizer)
       gen["pad_token_id"] = pad
     save = functools.partial(models.save_pretrained, cfg, host, tokenizer=tokenizer,
-                             generation=gen, score_pad_id=pad)
+                             generation=gen, score_pad_id=pad,
+                             dtype=self.config.get("export_dtype", "") or None)
     if multihost.is_main():
       if utils.is_url(out):
         with tempfile.TemporaryDirectory() as tmp:
