@@ -89,7 +89,7 @@ def test_sft_gradients_equal_the_big_batch_gradients():
   _close(g4, g1)
 
 
-@pytest.mark.parametrize("k", [2, 4])
+@pytest.mark.parametrize("k", [4])
 def test_pm_micro_batches_equal_the_big_batch_step(k):
   batch = _pm_batch()
   one_p, one_m = _step(objectives.pm_loss_fn(CFG), ("score",), batch, 1)
