@@ -140,19 +140,19 @@ def choose(measure: Callable[[Split], int], batch_size: int, divisor: int,
   # One micro-batch first: accumulating holds float32 gradient sums, which can cost
   # more than the activations a split saves. From two up, memory falls as the count
   # rises: the largest count, then a binary search for the smallest that fits.
-  if at(counts[0]) is not None:
-    return Fit(at(counts[0]), batch_size, size(at(counts[0])), budget, tried)
-  if at(counts[-1]) is None:
-    need = min(v for _, v in tried)
-    raise FitError(f"{name}: no split fits: {counts[-1]} micro-batches need "
-                   f"{need / GiB:.1f} GiB per device, {budget / GiB:.1f} GiB usable; use more "
-                   "devices or a smaller batch or sequence length")
-  lo, hi = 0, len(counts) - 1
-  while lo < hi:
-    mid = (lo + hi) // 2
-    if at(counts[mid]) is not None:
-      hi = mid
-    else:
-      lo = mid + 1
-  pick = at(counts[lo])
+  pick = at(counts[0])
+  if pick is None:
+    if at(counts[-1]) is None:
+      need = min(v for _, v in tried)
+      raise FitError(f"{name}: no split fits: {counts[-1]} micro-batches need "
+                     f"{need / GiB:.1f} GiB per device, {budget / GiB:.1f} GiB usable; use "
+                     "more devices or a smaller batch or sequence length")
+    lo, hi = 1, len(counts) - 1
+    while lo < hi:
+      mid = (lo + hi) // 2
+      if at(counts[mid]) is not None:
+        hi = mid
+      else:
+        lo = mid + 1
+    pick = at(counts[lo])
   return Fit(pick, batch_size, size(pick), budget, tried)
