@@ -39,6 +39,7 @@ setuptools.setup(
             "pytest>=8,<10",
             "torch==2.13.0",
             "accelerate>=1.0,<2",
+            "peft>=0.21,<0.22",
             "nbclient>=0.10,<1",
             "nbformat>=5.9,<6",
             "ipykernel>=6.29,<8",

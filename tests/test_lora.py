@@ -102,8 +102,9 @@ def test_scanned_layout_carries_the_adapters():
 @pytest.mark.slow
 def test_tiny_pipeline_with_lora_in_sft_and_ppo(tmp_path):
   """configs/tiny.py through revise, sft, label, pm and ppo with rank-4 adapters in
-  SFT and PPO (policy and value model), on 2 devices (the scanned SFT layout): the
-  exports are ordinary merged models, and the SFT model differs from the initial one."""
+  SFT and PPO (policy and value model), on 2 devices (the scanned layout in SFT and
+  the PPO update): the exports are ordinary merged models beside PEFT adapters, and
+  the SFT model differs from the initial one."""
   import os
   import subprocess
   import sys
@@ -127,7 +128,10 @@ def test_tiny_pipeline_with_lora_in_sft_and_ppo(tmp_path):
   _, initial, _ = roles.load("tiny")
   toks = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (2, 9)))
   assert float(jnp.abs(models.logits(cfg, sft, toks) - models.logits(cfg, initial, toks)).max()) > 0
-  assert utils.read_json(str(w / "sft" / "memory_fit.json"))["scan_layers"]
+  for s in ("sft", "ppo"):  # both trained the scanned layout on 2 devices
+    assert utils.read_json(str(w / s / "memory_fit.json"))["scan_layers"], s
+    conf = utils.read_json(str(w / s / "adapter" / "adapter_config.json"))
+    assert conf["r"] == 4 and conf["peft_type"] == "LORA", conf
 
 
 def test_planner_counts_adapter_only_optimizer_state():
@@ -142,3 +146,76 @@ def test_planner_counts_adapter_only_optimizer_state():
                       steps=("ppo",), progress=None)
   for f, a in zip(full, adapted):
     assert a.state_gib < 0.5 * f.state_gib, (f.step, f.state_gib, a.state_gib)
+
+
+def test_adapters_run_beside_the_kernels_without_an_adapted_copy():
+  """The adapted model's gradient step holds no adapted copy of the kernels: its
+  temporaries stay below the adapted kernels' size, which merging first (what the
+  forward pass did before) needs in full."""
+  cfg = models.tiny(vocab_size=64, hidden_size=256, intermediate_size=1024, num_layers=2,
+                    num_heads=4, num_kv_heads=4, head_dim=64, tie_embeddings=True)
+  p = lora.add(models.init_params(cfg, jax.random.PRNGKey(0)), 2, 4.0, tuple(lora.TARGETS),
+               jax.random.PRNGKey(1))
+  toks = jnp.zeros((1, 4), jnp.int32)
+  kernels = sum(x.nbytes for k in p if k.startswith("layers_")
+                for blk in p[k].values() for n, x in blk.items() if n.endswith("_kernel"))
+
+  def temp(merge_first):
+    def loss(ad):
+      q = dict(p, lora=ad)
+      return models.logits(cfg, lora.merge(q) if merge_first else q, toks).sum()
+    return jax.jit(jax.grad(loss)).lower(p["lora"]).compile().memory_analysis() \
+        .temp_size_in_bytes
+
+  assert temp(True) >= kernels  # the measure sees a merged copy
+  assert temp(False) < 0.25 * kernels
+
+
+def test_ppo_reference_is_the_frozen_base_of_the_train_state():
+  """With LoRA the trainer holds no reference copy: each rollout reads the state's
+  base (adapters dropped), which frozen_dtype holds in bf16 beside float32 adapters."""
+  from cai_jax.rl import config as rl_config, trainer as trainer_lib
+  _, params = _adapted(seed=2)
+  c = rl_config.ppo_section()
+  c.algorithm, c.batch_size, c.num_minibatches, c.max_new_tokens = "grpo", 8, 1, 4
+  mesh = shd.make_mesh((1, 8, 1))
+  tr = trainer_lib.PPOTrainer(c, policy_cfg=CFG, policy_params=params, value_cfg=None,
+                              value_params=None, reward_fn=lambda b: jnp.zeros(8), mesh=mesh,
+                              ref_dtype="bfloat16")
+  state = tr.init_state()
+  assert tr.ref_is_base and tr.rollout.ref_params is None
+  pol = state["policy"]
+  assert pol["layers_0"]["attn"]["q_kernel"].dtype == jnp.bfloat16
+  assert pol["lora"]["layers_0"]["attn"]["q_kernel"]["a"].dtype == jnp.float32
+  prompts = np.tile(np.arange(3, 9, dtype=np.int32), (8, 1))
+  state, _, trans = tr.iteration(state, prompts, np.ones(prompts.shape, bool),
+                                 jax.random.PRNGKey(0))
+  tokens = jnp.concatenate([trans.prompt_tokens_BxP, trans.response_tokens_BxN], axis=1)
+  mask = jnp.concatenate([trans.prompt_mask_BxP, trans.response_mask_BxN], axis=1)
+  base = lora.base(jax.device_get(params))
+  base = jax.tree_util.tree_map(lambda x: jnp.asarray(x).astype(jnp.bfloat16), base)
+  P, N = prompts.shape[1], trans.response_tokens_BxN.shape[1]
+  logits = models.logits(CFG, base, tokens, mask)[:, P - 1:P + N - 1]
+  want = jnp.take_along_axis(jax.nn.log_softmax(logits), trans.response_tokens_BxN[..., None],
+                             -1)[..., 0]
+  np.testing.assert_allclose(np.where(trans.response_mask_BxN, trans.ref_logprobs_BxN, 0),
+                             np.where(trans.response_mask_BxN, want, 0), atol=1e-5)
+
+
+def test_peft_adapter_export_loads_on_the_base_in_transformers(tmp_path):
+  """The adapters alone, in the PEFT layout, applied by peft to the base's HF export,
+  reproduce the adapted model's logits."""
+  import peft
+  _, params = _adapted(seed=4, targets=("q", "v", "o", "up", "down"))
+  models.save_pretrained(CFG, lora.base(params), str(tmp_path / "base"))
+  models.save_peft_adapter(CFG, params, str(tmp_path / "adapter"), base_model="base")
+  hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"))
+  hf = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
+  toks = np.random.default_rng(5).integers(3, 128, (2, 10))
+  ours = np.asarray(models.logits(CFG, params, jnp.asarray(toks)))
+  with torch.no_grad():
+    theirs = hf(input_ids=torch.tensor(toks)).logits.float().numpy()
+  np.testing.assert_allclose(theirs, ours, atol=1e-5)
+  # A model without adapters has nothing to write.
+  with pytest.raises(ValueError, match="no LoRA adapters"):
+    models.save_peft_adapter(CFG, lora.base(params), str(tmp_path / "none"), base_model="base")

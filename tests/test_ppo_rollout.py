@@ -165,3 +165,34 @@ def test_reference_in_a_frozen_dtype_is_a_sharded_cast_copy(tiny):
   # The model's own dtype: the initial arrays themselves.
   same_cfg, same = models.frozen_copy(cfg, policy, "float32")
   assert same is policy and same_cfg is cfg
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_scanned_train_state_updates_as_the_unrolled_one(tiny, algorithm):
+  """scan_layers: the train state holds stacked layers (the sampler decodes an unrolled
+  view); one iteration samples the same tokens and updates the params as the unrolled
+  layout does."""
+  cfg, policy, pm = tiny
+  c = rl_config.ppo_section()
+  c.algorithm, c.batch_size, c.num_minibatches, c.max_new_tokens = algorithm, 8, 2, 4
+  mesh = sharding.make_mesh((1, 8, 1))
+  value = models.drop_heads(pm, ("score",)) if algorithm == "ppo" else None
+  reward = lambda b: models.reward(cfg, pm, b["tokens"], b["mask"])  # noqa: E731
+  prompts = np.tile(np.arange(3, 9, dtype=np.int32), (8, 1))
+  out = {}
+  for scan in (False, True):
+    tr = trainer_lib.PPOTrainer(c, policy_cfg=cfg, policy_params=policy, value_cfg=cfg,
+                                value_params=value, reward_fn=reward, mesh=mesh, scan_layers=scan)
+    state = tr.init_state()
+    assert ("layers_stack" in state["policy"]) == scan
+    state, metrics, trans = tr.iteration(state, prompts, np.ones(prompts.shape, bool),
+                                         jax.random.PRNGKey(3))
+    out[scan] = (jax.device_get(tr.unrolled(state["policy"])), metrics, trans,
+                 None if value is None else jax.device_get(tr.unrolled(state["value"], True)))
+  (p0, m0, t0, v0), (p1, m1, t1, v1) = out[False], out[True]
+  np.testing.assert_array_equal(t0.response_tokens_BxN, t1.response_tokens_BxN)
+  np.testing.assert_allclose(m0["policy_loss"], m1["policy_loss"], atol=1e-5)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), p0, p1)
+  assert not np.allclose(p1["layers_1"]["mlp"]["up_kernel"], policy["layers_1"]["mlp"]["up_kernel"])
+  if value is not None:
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), v0, v1)

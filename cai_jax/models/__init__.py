@@ -4,6 +4,7 @@ Public API:
   cfg, params = models.load_pretrained(path)            # HF dir or .gguf file
   logits_BxLxV = models.logits(cfg, params, tokens_BxL, mask_BxL)   # float32
   models.save_pretrained(cfg, params, out_dir)           # HF format
+  models.save_peft_adapter(cfg, params, out_dir, base)   # LoRA adapters, PEFT layout
   tok = models.load_tokenizer(path)                      # HF tokenizer object
 """
 from cai_jax.models.config import (ModelConfig, ModelConfigError, PRESETS, gemma_7b,
@@ -15,5 +16,5 @@ from cai_jax.models.core import (abstract_params, add_score_head, cache_logical_
                                  logits, module, positions_from_mask, reward, scores,
                                  stack_layers, unstack_layers)
 from cai_jax.models.io import (CheckpointError, cache_dir, check_pretrained, load_gguf, load_hf,
-                               load_pretrained, load_tokenizer, resolve_path, save_pretrained,
-                               smollm2_gguf_path)
+                               load_pretrained, load_tokenizer, resolve_path, save_peft_adapter,
+                               save_pretrained, smollm2_gguf_path)

@@ -88,8 +88,7 @@ def forward(cfg: ModelConfig, params, tokens_BxT, positions_BxT, mask, cache=Non
   """One call of the model; returns a dict with logits/scores/hidden/cache
   (`pack`: a packed prefill, see `Transformer`)."""
   heads = heads_of(cfg, params) if heads is None else tuple(heads)
-  params = lora.merge(params)  # LoRA adapters, when the params carry them
-  return module(cfg, heads).apply({"params": params}, tokens_BxT, positions_BxT, mask,
+  return module(cfg, heads).apply(lora.variables(params), tokens_BxT, positions_BxT, mask,
                                   cache, cache_index, last_only, pack)
 
 

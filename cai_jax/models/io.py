@@ -283,6 +283,53 @@ def save_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer=None, dtyp
                              json.dumps(generation, indent=2).encode())
 
 
+# HF module of each LoRA target: (block in the HF layer, projection).
+PEFT_MODULES = {"q": ("self_attn", "q_proj"), "k": ("self_attn", "k_proj"),
+                "v": ("self_attn", "v_proj"), "o": ("self_attn", "o_proj"),
+                "gate": ("mlp", "gate_proj"), "up": ("mlp", "up_proj"),
+                "down": ("mlp", "down_proj")}
+
+
+def save_peft_adapter(cfg: ModelConfig, params, out_dir: str, base_model: str,
+                      dtype=None) -> None:
+  """Writes a causal LM's LoRA adapters (unrolled layout) in the PEFT layout:
+  adapter_config.json and adapter_model.safetensors, which
+  `peft.PeftModel.from_pretrained(<the base as an HF model>, out_dir)` loads.
+
+  A (in, r) and B (r, out) become lora_A.weight (r, in) and lora_B.weight (out, r),
+  with the inputs and outputs flattened in the order the HF export flattens the
+  kernels; scale alpha/rank is kept as lora_alpha = scale * r."""
+  from cai_jax.models import lora
+  params = jax.device_get(params)
+  ad = params.get(lora.KEY, {})
+  dtype = np.dtype(dtype or cfg.param_dtype)
+  dtype = ml_dtypes.bfloat16 if dtype == np.dtype(ml_dtypes.bfloat16) else dtype
+  targets, t, rank = set(), {}, 0
+  for i in range(cfg.num_layers):
+    for name, (block, kernel, _) in lora.TARGETS.items():
+      ab = ad.get(f"layers_{i}", {}).get(block, {}).get(kernel)
+      if ab is None:
+        continue
+      hf_block, proj = PEFT_MODULES[name]
+      rank = ab["a"].shape[-1]
+      a = np.asarray(ab["a"], np.float32).reshape(-1, rank).T
+      b = np.asarray(ab["b"], np.float32).reshape(rank, -1).T
+      p = f"base_model.model.model.layers.{i}.{hf_block}.{proj}."
+      t[p + "lora_A.weight"] = np.ascontiguousarray(a.astype(dtype))
+      t[p + "lora_B.weight"] = np.ascontiguousarray(b.astype(dtype))
+      targets.add(proj)
+  if not t:
+    raise ValueError("save_peft_adapter: the params carry no LoRA adapters")
+  conf = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+          "r": int(rank), "lora_alpha": float(np.asarray(ad["scale"])) * rank,
+          "lora_dropout": 0.0, "target_modules": sorted(targets), "bias": "none",
+          "fan_in_fan_out": False, "use_rslora": False, "inference_mode": True}
+  os.makedirs(out_dir, exist_ok=True)
+  write_safetensors(os.path.join(out_dir, "adapter_model.safetensors"), t)
+  utils.atomic_write_bytes(os.path.join(out_dir, "adapter_config.json"),
+                           json.dumps(conf, indent=2).encode())
+
+
 # ----------------------------------------------------------------- GGUF
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
   out, inp = w.shape

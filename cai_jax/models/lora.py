@@ -3,8 +3,11 @@
 The adapters live in the params tree under "lora", mirroring the layers they
 adapt ({"layers_3": {"attn": {"q_kernel": {"a": ..., "b": ...}}}, "scale": s}),
 so they travel with the params through sharding, checkpoints and the scanned
-layout. `models.forward` merges them into the base weights before it runs, so
-every loss, scorer and sampler sees the adapted model; training marks only the
+layout. `models.forward` hands them to the model as the "lora" collection
+(`variables`), where each adapted projection adds x A B beside its frozen kernel:
+every loss, scorer and sampler sees the adapted model, and no adapted copy of a
+kernel exists (a merged one per layer would cost the memory LoRA saves; the
+rollout merges once, where decoding pays per step); training marks only the
 adapters (and a scoring model's head) trainable, so only they carry optimizer
 state, and the base is read, never updated. `base(params)` is the model without
 adapters (PPO's reference); `merge(params)` is the adapted model with ordinary
@@ -76,6 +79,19 @@ def _delta(w, a, b):
   return (a2 @ b2).reshape(w.shape)
 
 
+def variables(params) -> dict:
+  """Flax variables for `params`: {"params": base, "lora": adapters with B scaled
+  by alpha/rank} (what `transformer.adapted` reads), or {"params": params}."""
+  if KEY not in params:
+    return {"params": params}
+  ad = dict(params[KEY])
+  scale = ad.pop("scale")
+  ad = jax.tree_util.tree_map_with_path(
+      lambda path, x: x * scale.astype(x.dtype) if getattr(path[-1], "key", None) == "b" else x,
+      ad)
+  return {"params": base(params), KEY: ad}
+
+
 def merge(params):
   """The adapted model with ordinary weights (no "lora" entry); params unchanged
   when they have no adapters."""
@@ -100,6 +116,14 @@ def merge(params):
 def base(params):
   """The model without its adapters (the same arrays, no copy)."""
   return {k: v for k, v in params.items() if k != KEY}
+
+
+def cast_base(params, dtype):
+  """params with the frozen base (all but the adapters and a score head) in
+  `dtype`: a LoRA model's base is only read, like a reference model."""
+  mask = trainable_mask(params)
+  return {k: v if k == KEY else jax.tree_util.tree_map(
+      lambda m, x: x if m else x.astype(dtype), mask[k], v) for k, v in params.items()}
 
 
 def trainable_mask(params, heads_trainable: bool = True):

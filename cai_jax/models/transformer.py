@@ -29,6 +29,19 @@ def _param(mod: nn.Module, name: str, shape, axes, init, dtype):
   return mod.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
+def adapted(mod: nn.Module, name: str, x: Array, y: Array) -> Array:
+  """y plus x A B when the variables carry a LoRA adapter of kernel `name`
+  (collection "lora", B already scaled): the low-rank update runs beside the
+  frozen projection, so no adapted copy of the kernel is ever materialised."""
+  if not mod.has_variable("lora", name):
+    return y
+  ab = mod.get_variable("lora", name)
+  r = ab["a"].shape[-1]
+  a = ab["a"].reshape(-1, r).astype(x.dtype)
+  b = ab["b"].reshape(r, -1).astype(x.dtype)
+  return y + dense(dense(x, a), b).astype(y.dtype)
+
+
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
   half = cfg.head_dim // 2
   inv = 1.0 / (cfg.rope_theta ** (np.arange(0, half, dtype=np.float64) * 2 / cfg.head_dim))
@@ -277,11 +290,14 @@ class Attention(nn.Module):
     wo = _param(self, "o_kernel", (N, H, D), ("heads", "head_dim", "embed"), kinit, pd)
     x = x_BxTxD.astype(cd)
     B, T = x.shape[:2]
-    q = shd.constrain(dense(x, wq.reshape(D, N * H).astype(cd)).reshape(B, T, N, H),
+    def project(name, w):
+      return adapted(self, name, x, dense(x, w.reshape(D, -1).astype(cd)))
+
+    q = shd.constrain(project("q_kernel", wq).reshape(B, T, N, H),
                       ("batch", "length", "heads"))
-    k = shd.constrain(dense(x, wk.reshape(D, K * H).astype(cd)).reshape(B, T, K, H),
+    k = shd.constrain(project("k_kernel", wk).reshape(B, T, K, H),
                       ("batch", "length", "kv_heads"))
-    v = shd.constrain(dense(x, wv.reshape(D, K * H).astype(cd)).reshape(B, T, K, H),
+    v = shd.constrain(project("v_kernel", wv).reshape(B, T, K, H),
                       ("batch", "length", "kv_heads"))
     if cfg.qkv_bias:
       zinit = nn.initializers.zeros
@@ -291,6 +307,10 @@ class Attention(nn.Module):
     q = apply_rope(q, sin, cos)
     k = apply_rope(k, sin, cos)
     wo_2d = wo.reshape(N * H, -1).astype(cd)
+
+    def out_proj(o):
+      return adapted(self, "o_kernel", o, dense(o, wo_2d))
+
     if pack is not None:
       # Packed prefill: x holds the real prompt tokens of all rows as one row
       # (1 x T). The projections above and the o-projection and MLP after run
@@ -300,10 +320,10 @@ class Attention(nn.Module):
       q, k, v = (a[0][pack_index_BxP] for a in (q, k, v))
       o, new_cache = cached_attention(cfg, q, k, v, allowed_BxTxS, cache, cache_index)
       o = o.reshape(-1, N * H)[slot_index_T][None]
-      return dense(o, wo_2d), new_cache
+      return out_proj(o), new_cache
     if cache is not None:
       o, new_cache = cached_attention(cfg, q, k, v, allowed_BxTxS, cache, cache_index)
-      return dense(o, wo_2d), new_cache
+      return out_proj(o), new_cache
     # Head-major layouts, with a KV head's G query heads stacked along the
     # query axis, so both attention dots are plain batched [G*Tq, H] matmuls.
     q = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)
@@ -324,7 +344,7 @@ class Attention(nn.Module):
       o = jnp.einsum("bkms,bksh->bkmh", p, v[:, :, :ts]).reshape(B, K, G, tq, H)
       outs.append(o.transpose(0, 3, 1, 2, 4))
     o = outs[0] if n_blk == 1 else jnp.concatenate(outs, axis=1)
-    return dense(o.reshape(B, T, N * H), wo_2d), None
+    return out_proj(o.reshape(B, T, N * H)), None
 
 
 class MLP(nn.Module):
@@ -340,9 +360,12 @@ class MLP(nn.Module):
     wu = _param(self, "up_kernel", (D, F), ("embed", "mlp"), kinit, pd)
     wd = _param(self, "down_kernel", (F, D), ("mlp", "embed"), kinit, pd)
     x = x.astype(cd)
-    g = shd.constrain(dense(x, wg.astype(cd)), ("batch", "length", "mlp"))
-    u = shd.constrain(dense(x, wu.astype(cd)), ("batch", "length", "mlp"))
-    return dense(glu(cfg, g, u), wd.astype(cd))
+    g = shd.constrain(adapted(self, "gate_kernel", x, dense(x, wg.astype(cd))),
+                      ("batch", "length", "mlp"))
+    u = shd.constrain(adapted(self, "up_kernel", x, dense(x, wu.astype(cd))),
+                      ("batch", "length", "mlp"))
+    h = glu(cfg, g, u)
+    return adapted(self, "down_kernel", h, dense(h, wd.astype(cd)))
 
 
 class Block(nn.Module):
@@ -413,7 +436,7 @@ class Transformer(nn.Module):
         raise ValueError("a scan_layers model runs without a KV cache; convert its params "
                          "with models.unstack_layers and sample with scan_layers=False")
       block_cls = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
-      stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+      stack = nn.scan(block_cls, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True},
                       in_axes=(nn.broadcast,) * 5, length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
       x, _ = stack(cfg, name="layers_stack")(x, sin, cos, allowed, None, None)

@@ -192,8 +192,12 @@ class Rollout:
   """
 
   def __init__(self, policy_cfg, ref_cfg, ref_params, value_cfg, reward_fn, hp: RolloutHParams,
-               mesh=None, sample_fn: Optional[Callable] = None, normalizer=None):
+               mesh=None, sample_fn: Optional[Callable] = None, normalizer=None,
+               sample_cfg=None):
+    """sample_cfg: the config the default sampler decodes with (the unrolled
+    layout of a policy trained scanned), else policy_cfg."""
     self.policy_cfg, self.ref_cfg, self.value_cfg = policy_cfg, ref_cfg, value_cfg
+    self.sample_cfg = policy_cfg if sample_cfg is None else sample_cfg
     self.ref_params = ref_params
     self.reward_fn = reward_fn
     self.hp = hp
@@ -203,23 +207,27 @@ class Rollout:
 
   def _default_sample(self, params, prompt_tokens, prompt_mask, rng):
     from cai_jax import sampling
-    return sampling.sample(self.policy_cfg, params, prompt_tokens, prompt_mask, rng,
+    return sampling.sample(self.sample_cfg, params, prompt_tokens, prompt_mask, rng,
                            max_new_tokens=self.hp.max_new_tokens,
                            temperature=self.hp.temperature, eos_ids=tuple(self.hp.eos_ids),
                            stop_seqs=self.hp.stop_seqs, mesh=self.mesh)
 
   def __call__(self, policy_params, value_params, prompt_tokens_BxP, prompt_mask_BxP, rng,
-               beta: float, clock=None, prompts=None):
+               beta: float, clock=None, prompts=None, ref_params=None, sample_params=None):
     """Returns (Transition, metrics dict of floats, timings dict of seconds).
 
-    prompts: the prompts' message lists, for rewards read from text (PMReward)."""
+    prompts: the prompts' message lists, for rewards read from text (PMReward).
+    ref_params: the reference for this call (a LoRA policy's base), else the held one.
+    sample_params: the policy to decode with (a LoRA policy merged once), else
+    policy_params, which always gives the log-probs the update's ratio starts from."""
     import time
     clock = clock or time.perf_counter
     timings = {}
     t0 = clock()
     prompt_tokens_BxP = jnp.asarray(prompt_tokens_BxP, jnp.int32)
     prompt_mask_BxP = jnp.asarray(prompt_mask_BxP, bool)
-    out = self.sample_fn(policy_params, prompt_tokens_BxP, prompt_mask_BxP, rng)
+    out = self.sample_fn(policy_params if sample_params is None else sample_params,
+                         prompt_tokens_BxP, prompt_mask_BxP, rng)
     resp = jnp.asarray(out.tokens_BxN, jnp.int32)
     lengths = jnp.asarray(out.lengths_B, jnp.int32)
     finished = jnp.asarray(out.finished_B, bool)
@@ -236,7 +244,8 @@ class Rollout:
 
     t0 = clock()
     logp, ref_logp, values, entropy = _forward_all(
-        self.policy_cfg, self.ref_cfg, self.value_cfg, policy_params, self.ref_params,
+        self.policy_cfg, self.ref_cfg, self.value_cfg, policy_params,
+        self.ref_params if ref_params is None else ref_params,
         value_params, batch["tokens"], batch["mask"], resp, rmask)
     scores = raw_scores
     if self.normalizer is not None:

@@ -71,12 +71,25 @@ class PPOTrainer:
   def __init__(self, config: ml_collections.ConfigDict, *, policy_cfg, policy_params,
                value_cfg, value_params, reward_fn: Callable, mesh, eos_ids=(2,),
                stop_seqs=(), ref_cfg=None, ref_params=None, sample_fn=None,
-               rules=sharding.DEFAULT_RULES, hbm_gib: float = 0.0, ref_dtype: str = ""):
+               rules=sharding.DEFAULT_RULES, hbm_gib: float = 0.0, ref_dtype: str = "",
+               scan_layers: bool = False):
     """hbm_gib: device memory the update is fitted to (`training.memory`) when
     config.micro_batches is 0; 0 reads the runtime's (none on CPU: one micro-batch).
     ref_dtype: the reference policy's dtype ("" = the policy's); a cast copy of the
-    initial policy, sharded like it, replaces the initial arrays."""
+    initial policy, sharded like it, replaces the initial arrays.
+    scan_layers: the train state holds the scanned layout (`training.fit.train_layout`),
+    whose update gathers one layer's weights at a time; the sampler decodes an unrolled
+    view made once per rollout, and `unrolled` gives the exported layout."""
     self.config = config
+    self.scan_layers = bool(scan_layers)
+    self.sample_cfg = policy_cfg
+    self._value_cfg_unrolled = value_cfg
+    if self.scan_layers:  # params arrive unrolled (host or device) and are stacked here
+      policy_params = models.stack_layers(policy_cfg, policy_params)
+      policy_cfg = policy_cfg.replace(scan_layers=True)
+      if value_params is not None:
+        value_params = models.stack_layers(value_cfg, value_params)
+        value_cfg = value_cfg.replace(scan_layers=True)
     self.hbm_gib = float(hbm_gib)
     self.fit = None
     self.mesh = mesh
@@ -93,10 +106,19 @@ class PPOTrainer:
       value_cfg = None
     else:
       value_params = sharding.shard_params(value_params, value_cfg, mesh, rules)
-    if ref_params is None:
-      # The reference keeps the initial sharded arrays (without LoRA adapters); the
-      # train state gets copies (it is donated), so no extra copy lives beyond init_state.
-      ref_cfg, ref_params = models.frozen_copy(policy_cfg, lora.base(policy_params), ref_dtype)
+    # LoRA: the reference is the policy's own frozen base, read from the train state
+    # at each rollout (no second copy); with ref_dtype the bases are held in it.
+    self.ref_is_base = ref_params is None and lora.KEY in policy_params
+    if self.ref_is_base:
+      if ref_dtype:
+        policy_params = lora.cast_base(policy_params, ref_dtype)
+        if value_params is not None:
+          value_params = lora.cast_base(value_params, ref_dtype)
+      ref_cfg = policy_cfg
+    elif ref_params is None:
+      # The reference keeps the initial sharded arrays; the train state gets copies
+      # (it is donated), so no extra copy lives beyond init_state.
+      ref_cfg, ref_params = models.frozen_copy(policy_cfg, policy_params, ref_dtype)
     else:
       ref_params = sharding.shard_params(ref_params, ref_cfg, mesh, rules)
     top = int(config.get("train_top_layers", -1))
@@ -104,7 +126,12 @@ class PPOTrainer:
     if lora.KEY in policy_params:  # LoRA: adapters (and the value head) train
       mask = lora.trainable_mask
     self.trainable = mask
-    self._merge = jax.jit(lora.merge)
+    # What the sampler decodes: adapters merged once per rollout, not at every step,
+    # and unrolled layers (decoding with a KV cache runs layer by layer).
+    scfg = self.sample_cfg
+    unroll = (lambda p: models.unstack_layers(scfg, p)) if self.scan_layers else (lambda p: p)
+    self._sample_view = jax.jit(lambda p: unroll(lora.merge(p))) \
+        if self.scan_layers or lora.KEY in policy_params else None
     self.policy_tx = optim.make_optimizer(config.policy_optim, trainable=mask)
     self.value_tx = optim.make_optimizer(config.value_optim, trainable=mask) \
         if self.update_hp.critic else None
@@ -113,7 +140,7 @@ class PPOTrainer:
     self.normalizer = control.RunningMeanStd() if config.normalize_rewards else None
     self.rollout = rollout_lib.Rollout(policy_cfg, ref_cfg, ref_params, value_cfg, reward_fn,
                                        self.rollout_hp, mesh=mesh, sample_fn=sample_fn,
-                                       normalizer=self.normalizer)
+                                       normalizer=self.normalizer, sample_cfg=self.sample_cfg)
     self._init = (policy_params, value_params)
     self.policy_cfg, self.value_cfg = policy_cfg, value_cfg
     self._update = None
@@ -162,7 +189,7 @@ class PPOTrainer:
     rows = self.batch_size // hp.num_minibatches
     div = sharding.batch_divisor(self.mesh, self.rules)
     div = div if rows % div == 0 else 1
-    resident = state_lib.per_device_bytes(self.rollout.ref_params)
+    resident = 0 if self.ref_is_base else state_lib.per_device_bytes(self.rollout.ref_params)
     critic = self.value_cfg is not None
     batch = {k: jax.ShapeDtypeStruct(
         x.shape, x.dtype, sharding=update_lib.batch_input_sharding(self.mesh, self.batch_size,
@@ -190,6 +217,13 @@ class PPOTrainer:
     self.update_hp = hp._replace(micro_batches=self.fit.split.micro_batches)
     self.policy_cfg, self.value_cfg = configs(self.fit.split)
 
+  def unrolled(self, params, value: bool = False):
+    """The policy's (or value model's) params of the train state in the unrolled
+    layout that exports, evaluation and the sampler read."""
+    if not self.scan_layers:
+      return params
+    return models.unstack_layers(self._value_cfg_unrolled if value else self.sample_cfg, params)
+
   def controller_state(self) -> dict:
     return {"kl": self.kl_ctl.state_dict(),
             "normalizer": None if self.normalizer is None else self.normalizer.state_dict()}
@@ -209,10 +243,13 @@ class PPOTrainer:
     t_start = time.perf_counter()
     rng_sample, rng_update = jax.random.split(rng)
     beta = self.kl_ctl.beta
-    # LoRA adapters merged once for the rollout, not at every decoding step.
-    policy = self._merge(state["policy"]) if lora.KEY in state["policy"] else state["policy"]
-    tr, metrics, timings = self.rollout(policy, state.get("value"), prompt_tokens_BxP,
-                                        prompt_mask_BxP, rng_sample, beta, prompts=prompts)
+    # The log-probs the update's ratio starts from come from the policy as the update
+    # trains it (layout, unmerged adapters); the sampler decodes its view of it.
+    policy = state["policy"]
+    tr, metrics, timings = self.rollout(
+        policy, state.get("value"), prompt_tokens_BxP, prompt_mask_BxP, rng_sample, beta,
+        prompts=prompts, ref_params=lora.base(policy) if self.ref_is_base else None,
+        sample_params=None if self._sample_view is None else self._sample_view(policy))
     t0 = time.perf_counter()
     sh = update_lib.batch_input_sharding(self.mesh, self.batch_size, self.rules)
     host = jax.device_get(update_lib.batch_from_transition(tr, self.update_hp))

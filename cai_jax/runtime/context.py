@@ -227,7 +227,6 @@ class StageContext:
     host, written by the main host under a temporary name, then renamed."""
     from cai_jax import models
     host = multihost.to_host(params)
-    out = self.path(name)
     gen = self.generation_config(cfg, tokenizer)
     pad = None
     if "score_kernel" in host and tokenizer is not None:
@@ -236,6 +235,23 @@ class StageContext:
     save = functools.partial(models.save_pretrained, cfg, host, tokenizer=tokenizer,
                              generation=gen, score_pad_id=pad,
                              dtype=self.config.get("export_dtype", "") or None)
+    return self._write_dir(name, save)
+
+  def export_adapter(self, cfg, params, base_model: str, name: str = "adapter") -> str:
+    """A LoRA model's adapters in the PEFT layout, in the stage's `name`/ directory
+    (`base_model`: what the adapters apply to, recorded in adapter_config.json)."""
+    from cai_jax import models
+    from cai_jax.models import lora
+    adapters = {lora.KEY: params[lora.KEY]}  # gathered alone, not the base
+    save = functools.partial(models.save_peft_adapter, cfg, multihost.to_host(adapters),
+                             base_model=base_model,
+                             dtype=self.config.get("export_dtype", "") or None)
+    return self._write_dir(name, save)
+
+  def _write_dir(self, name: str, save) -> str:
+    """`save(dir)` into the stage's `name`/ directory: by the main host under a
+    temporary name, then renamed."""
+    out = self.path(name)
     if multihost.is_main():
       if utils.is_url(out):
         with tempfile.TemporaryDirectory() as tmp:

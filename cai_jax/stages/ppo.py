@@ -37,7 +37,7 @@ from cai_jax.rl import prompt_mix, rollout as rollout_lib, trainer as trainer_li
 from cai_jax.runtime import StageContext, stage_settings
 from cai_jax.sampling import bucket_length, eos_ids_of, from_strings
 from cai_jax.text import stop_strings
-from cai_jax.training import state as state_lib
+from cai_jax.training import fit as fit_lib, state as state_lib
 from cai_jax.utils import InputError
 
 STAGE = "ppo"
@@ -140,7 +140,7 @@ def run(config, workdir: str, reward_fn=None) -> dict:
   mesh = sharding.mesh_from_config(config)
   rules = sharding.rules_from_config(config)
 
-  _, pcfg, pparams, tok = ctx.load_policy(pc.init_from, "ppo.init_from")
+  policy_spec, pcfg, pparams, tok = ctx.load_policy(pc.init_from, "ppo.init_from")
   enc = ctx.encoder(tok)
   stops = stop_strings(ctx.fmt, tok)
   eos = eos_ids_of(pcfg, tok)
@@ -205,11 +205,15 @@ def run(config, workdir: str, reward_fn=None) -> dict:
     reward_fn = rollout_lib.AIReward(labeller, tok, eos, stops, base, ctx.seed)
 
   matcher = from_strings(tok, stops, pcfg.vocab_size)
+  # The update trains the scanned layout where fitting a slice needs it; a resumed
+  # run keeps the layout its checkpoints were saved in.
+  scan = fit_lib.train_layout(pcfg, mesh, int(pc.get("train_top_layers", -1)),
+                              ctx.path("checkpoints"))
   trainer = trainer_lib.PPOTrainer(pc, policy_cfg=pcfg, policy_params=pparams, value_cfg=vcfg,
                                    value_params=vparams, reward_fn=reward_fn, mesh=mesh,
                                    eos_ids=eos, stop_seqs=matcher, rules=rules,
                                    hbm_gib=float(config.get("hbm_gib", 0.0)),
-                                   ref_dtype=ctx.frozen_dtype or "")
+                                   ref_dtype=ctx.frozen_dtype or "", scan_layers=scan)
   del pparams, vparams  # host copies; the trainer holds sharded ones
   pm_params = None
   state = trainer.init_state()
@@ -222,6 +226,8 @@ def run(config, workdir: str, reward_fn=None) -> dict:
   rng = jax.random.PRNGKey(ctx.seed)
 
   mngr = ctx.checkpoint_manager(keep=int(pc.keep_checkpoints), async_save=False)
+  if ctx.is_main:
+    fit_lib.record_layout(ctx.path("checkpoints"), scan)
   start = 0
   latest = mngr.latest_step()
   if latest is not None:
@@ -267,15 +273,18 @@ def run(config, workdir: str, reward_fn=None) -> dict:
     samples.close()
     mngr.close()
 
-  ctx.export(pcfg, lora.merge(state["policy"]), tok)
+  policy = trainer.unrolled(state["policy"])
+  ctx.export(pcfg, lora.merge(policy), tok)
+  if lora.KEY in policy:  # also the adapters alone, for PEFT on the base
+    ctx.export_adapter(pcfg, policy, policy_spec)
   if critic:
-    ctx.export(vcfg, lora.merge(state["value"]), tok, "value_final")
+    ctx.export(vcfg, lora.merge(trainer.unrolled(state["value"], value=True)), tok, "value_final")
   rows = list(utils.read_jsonl(ctx.path("metrics.jsonl"))) if utils.exists(
       ctx.path("metrics.jsonl")) else []
   if ctx.is_main:
     plot_curves(ctx.path("metrics.jsonl"), ctx.path("curves.png"))
     if trainer.fit is not None:  # how the update was fitted to device memory
-      utils.write_json(ctx.path("memory_fit.json"), trainer.fit.record())
+      utils.write_json(ctx.path("memory_fit.json"), dict(trainer.fit.record(), scan_layers=scan))
   summary = {
       "algorithm": str(pc.algorithm),
       "reward": "custom" if reward_fn is not None and not isinstance(

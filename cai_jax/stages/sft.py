@@ -89,7 +89,8 @@ def run(config, workdir: str) -> dict:
     raise InputError(f"config.sft.max_len={L}: must be >= 2")
   # A resumed run rebuilds the configured model, then the loop restores its
   # checkpoint (checking that the shapes match this model).
-  cfg, params, tok = ctx.load(ctx.role_spec("initial", sc.init_from), field="sft.init_from")
+  init_spec = ctx.role_spec("initial", sc.init_from)
+  cfg, params, tok = ctx.load(init_spec, field="sft.init_from")
   params = models.drop_heads(params, ("lm",))
   if lora.enabled(sc):
     params = lora.add(params, int(sc.lora.rank), float(sc.lora.alpha), tuple(sc.lora.targets),
@@ -141,6 +142,8 @@ def run(config, workdir: str) -> dict:
                       trainable_layers=int(sc.train_top_layers))
   del params
   ctx.export(cfg, lora.merge(res.state.params), tok)
+  if lora.KEY in res.state.params:  # also the adapters alone, for PEFT on the base
+    ctx.export_adapter(cfg, res.state.params, init_spec)
   summary = {"steps": res.step, "num_examples": len(raw), "num_train_rows": len(rows),
              "num_eval_examples": len(eval_ex),
              "final_loss": res.history[-1]["loss"] if res.history else None,

@@ -340,9 +340,11 @@ def lower_ppo(cfg, mesh, shapes: Shapes, policy_optim, value_optim, rules, criti
   batch = {k: _sds(x.shape, x.dtype, bs) for k, x in
            update.example_batch(hp, B, shapes.ppo_prompt, shapes.ppo_response).items()}
   fn = update.make_update_fn(cfg, cfg, ptx, vtx, hp, mesh, shardings, B, rules, trainable=mask)
-  # Frozen during the update but resident for rollouts: reference policy and PM.
-  frozen = per_device_bytes(abstract_sharded_params(cfg, mesh, ("lm",), rules)) + \
-      per_device_bytes(abstract_sharded_params(cfg, mesh, ("score",), rules))
+  # Frozen during the update but resident for rollouts: the PM, and the reference
+  # policy unless LoRA makes it the state's own frozen base.
+  frozen = per_device_bytes(abstract_sharded_params(cfg, mesh, ("score",), rules))
+  if not shapes.lora_rank:
+    frozen += per_device_bytes(abstract_sharded_params(cfg, mesh, ("lm",), rules))
   return (fn.lower(state, batch, _sds((2,), jnp.uint32, rep), _sds((), jnp.float32, rep)),
           per_device_bytes(state), frozen)
 

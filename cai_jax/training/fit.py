@@ -49,6 +49,13 @@ def train_layout(cfg, mesh, trainable_layers: int, ckpt_dir: str) -> bool:
   return mesh.size > 1 or cfg.num_params() > SCAN_MIN_PARAMS
 
 
+def record_layout(ckpt_dir: str, scan: bool) -> None:
+  """Writes the layout beside the checkpoints (main host), once: a resumed run reads
+  it back through `train_layout`."""
+  if not utils.exists(utils.join(ckpt_dir, LAYOUT_FILE)):
+    utils.write_json(utils.join(ckpt_dir, LAYOUT_FILE), {"scan_layers": bool(scan)})
+
+
 def fit(phase: str, *, cfg, params, tokenizer, batches, example_batch, loss_for,
         num_steps: int, optim_config, mesh, rules, directory: str,
         checkpoints: str = "checkpoints", metrics: str = "metrics.jsonl",
@@ -98,8 +105,7 @@ def fit(phase: str, *, cfg, params, tokenizer, batches, example_batch, loss_for,
     eval_fn = (lambda f: lambda p, step: f(unstack(p), step))(eval_fn)
   if multihost.is_main():
     roles.prepare_checkpoint_dir(ckpt_dir, cfg, tokenizer)
-    if not utils.exists(utils.join(ckpt_dir, LAYOUT_FILE)):
-      utils.write_json(utils.join(ckpt_dir, LAYOUT_FILE), {"scan_layers": scan})
+    record_layout(ckpt_dir, scan)
   multihost.sync(f"{phase}: checkpoint directory prepared")
   mngr = checkpoint.Manager(ckpt_dir, max_to_keep=int(keep), save_interval_steps=int(every),
                             async_save=bool(async_save))
