@@ -292,3 +292,32 @@ def test_scanned_training_layout_equals_the_unrolled_one(tmp_path):
                               str(tmp_path / "eight" / "checkpoints"))
   # Training only the top layers needs per-layer leaves.
   assert not fit_lib.train_layout(CFG, _mesh(), 1, str(tmp_path / "none"))
+
+
+def test_ppo_fit_counts_the_models_resident_beside_the_update():
+  """The PPO update's fit counts the reward's PM and the reference beside the state;
+  a LoRA policy's reference is its own base, which counts nothing extra."""
+  from cai_jax.models import lora
+  from cai_jax.rl import config as rl_config, rollout, trainer as trainer_lib
+  mesh = _mesh()
+  c = rl_config.ppo_section()
+  c.algorithm, c.batch_size, c.num_minibatches, c.max_new_tokens = "grpo", 8, 1, 4
+  c.max_prompt_tokens = 8
+  policy = models.init_params(CFG, jax.random.PRNGKey(0))
+  pm = shd.shard_params(models.init_params(CFG, jax.random.PRNGKey(1), heads=("score",)),
+                        CFG, mesh)
+  fits = {}
+  for name, reward, params in (
+      ("none", lambda b: jnp.zeros(8), policy),
+      ("pm", rollout.PMReward(CFG, pm, None, (2,), (), 16), policy),
+      ("pm+lora", rollout.PMReward(CFG, pm, None, (2,), (), 16),
+       lora.add(policy, 2, 4.0, ("q",), jax.random.PRNGKey(2)))):
+    tr = trainer_lib.PPOTrainer(c, policy_cfg=CFG, policy_params=params, value_cfg=None,
+                                value_params=None, reward_fn=reward, mesh=mesh, hbm_gib=1.0)
+    state = tr.init_state()
+    tr._update_fn(state)
+    fits[name] = (tr.fit.bytes, tr.rollout.ref_params)
+  assert fits["pm"][0] - fits["none"][0] == state_lib.per_device_bytes(pm)
+  assert fits["pm+lora"][1] is None  # no reference copy
+  # The LoRA state holds the adapters and their moments, not the reference's weights.
+  assert fits["pm+lora"][0] < fits["pm"][0]

@@ -183,6 +183,13 @@ def group_advantages_from_scores(scores_B, logprobs_BxN, ref_logprobs_BxN, mask_
   return rewards, adv, rewards, diag
 
 
+def reward_model_params(reward_fn):
+  """The params a reward holds resident (a PM, an AI reward's feedback model), or None."""
+  if isinstance(reward_fn, AIReward):
+    return getattr(reward_fn.labeller, "params", None)
+  return getattr(reward_fn, "params", None)
+
+
 class Rollout:
   """Generates and scores one batch; holds the frozen reference and reward.
 

@@ -184,12 +184,16 @@ class PPOTrainer:
 
   def _fit_update(self, state, shardings) -> None:
     """Chooses micro-batches and remat for the update (`training.memory`), counting
-    the frozen reference beside it, and sets update_hp and the model configs."""
+    the frozen models beside it, and sets update_hp and the model configs."""
     hp = self.update_hp
     rows = self.batch_size // hp.num_minibatches
     div = sharding.batch_divisor(self.mesh, self.rules)
     div = div if rows % div == 0 else 1
-    resident = 0 if self.ref_is_base else state_lib.per_device_bytes(self.rollout.ref_params)
+    # Resident beside the update: the reference (unless it is the LoRA base) and the
+    # reward's model (a PM, or the feedback model of an AI reward).
+    reward_model = rollout_lib.reward_model_params(self.rollout.reward_fn)
+    resident = state_lib.per_device_bytes(reward_model) + (
+        0 if self.ref_is_base else state_lib.per_device_bytes(self.rollout.ref_params))
     critic = self.value_cfg is not None
     batch = {k: jax.ShapeDtypeStruct(
         x.shape, x.dtype, sharding=update_lib.batch_input_sharding(self.mesh, self.batch_size,

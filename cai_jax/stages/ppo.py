@@ -218,8 +218,7 @@ def run(config, workdir: str, reward_fn=None) -> dict:
   pm_params = None
   state = trainer.init_state()
   # What the stage holds: the train state, the frozen reference and the reward's model.
-  reward_model = reward_fn.labeller.params if isinstance(reward_fn, rollout_lib.AIReward) \
-      else reward_fn.params if isinstance(reward_fn, rollout_lib.PMReward) else None
+  reward_model = rollout_lib.reward_model_params(reward_fn)
   resident = {"train_state": state_lib.tree_bytes(state),
               "reference": state_lib.tree_bytes(trainer.rollout.ref_params),
               "reward_model": state_lib.tree_bytes(reward_model)}
