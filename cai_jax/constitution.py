@@ -93,6 +93,9 @@ class Constitution:
   label_examples: tuple = ()
   cot_examples: tuple = ()
   source: str = ""
+  # Named groups of choice principles, ((axis, (choice principle id, ...)), ...): each
+  # choice principle in exactly one. () is one unnamed axis, the paper's single scalar.
+  axes: tuple = ()
 
   def subset(self, k: int) -> "Constitution":
     """The first k principles and first k choice principles (k <= 0: all).
@@ -113,6 +116,27 @@ class Constitution:
         self, critique_examples=cut(self.critique_examples, num_critique),
         label_examples=cut(self.label_examples, num_label),
         cot_examples=cut(self.cot_examples, num_cot))
+
+  @property
+  def axis_names(self) -> list[str]:
+    return [name for name, _ in self.axes]
+
+  def for_axis(self, name: str) -> "Constitution":
+    """The constitution whose choice principles are one axis's (for labelling it)."""
+    ids = dict(self.axes).get(name)
+    if ids is None:
+      raise KeyError(f"constitution {self.name!r} has no axis {name!r} "
+                     f"(axes: {', '.join(self.axis_names) or 'none'})")
+    return dataclasses.replace(self, choice_principles=tuple(
+        p for p in self.choice_principles if p.id in ids), axes=())
+
+  def axes_fingerprint(self) -> str:
+    """A short hash of the axes alone. `fingerprint` leaves them out, so adding axes
+    to a constitution changes nothing for a stage that does not label per axis."""
+    import hashlib
+    import json
+    text = json.dumps([[n, list(ids)] for n, ids in self.axes])
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
   @property
   def principle_ids(self) -> list[str]:
@@ -141,9 +165,13 @@ class Constitution:
     text = json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
-  def to_dict(self) -> dict:
+  def to_dict(self, with_axes: bool = False) -> dict:
+    """The JSON form (`save`); axes only with `with_axes` (see `axes_fingerprint`)."""
     d = dataclasses.asdict(self)
     d.pop("source")
+    axes = d.pop("axes")
+    if with_axes and axes:
+      d["axes"] = {name: list(ids) for name, ids in axes}
     for key in ("label_examples", "cot_examples"):
       for ex in d[key]:
         ex["options"] = list(ex["options"])
@@ -151,7 +179,8 @@ class Constitution:
 
   def save(self, path: str) -> None:
     from cai_jax.utils import atomic_write_text
-    atomic_write_text(path, json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(path, json.dumps(self.to_dict(with_axes=True), indent=2,
+                                       ensure_ascii=False) + "\n")
 
 
 # ----------------------------------------------------------------------------
@@ -282,7 +311,7 @@ def from_dict(data: Any, source: str = "<constitution>") -> Constitution:
   c = _Checker(source)
   data = c.obj(data, "top level")
   c.unknown(data, ("name", "description", "principles", "choice_principles",
-                   "critique_examples", "label_examples", "cot_examples"), "top level")
+                   "critique_examples", "label_examples", "cot_examples", "axes"), "top level")
   name = c.field(data, "name", "top level")
   description = c.field(data, "description", "top level", allow_empty=True)
 
@@ -335,8 +364,37 @@ def from_dict(data: Any, source: str = "<constitution>") -> Constitution:
     opts, ans = c.options(e, w)
     cot.append(CoTExample(conv, c.field(e, "principle", w, allow_empty=True), opts,
                           c.field(e, "reasoning", w), ans))
+  axes = _axes(c, data, [p.id for p in choice])
   return Constitution(name, description, tuple(principles), tuple(choice), tuple(crit),
-                      tuple(label), tuple(cot), source=source)
+                      tuple(label), tuple(cot), source=source, axes=axes)
+
+
+def _axes(c: _Checker, data: dict, choice_ids: list) -> tuple:
+  """`axes`: {axis name: [choice principle id, ...]}, every choice principle in
+  exactly one axis."""
+  if "axes" not in data:
+    return ()
+  axes = c.obj(data["axes"], "axes")
+  if not axes:
+    c.fail("axes", "is empty; name at least one axis or leave the field out")
+  owner, out = {}, []
+  for name, ids in axes.items():
+    where = f"axes.{name}"
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_]+", name):
+      c.fail(where, "axis names are letters, digits and underscores")
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+      c.fail(where, "expected a non-empty list of choice principle ids")
+    for i in ids:
+      if i not in choice_ids:
+        c.fail(where, f"{i!r} is not a choice principle id")
+      if i in owner:
+        c.fail(where, f"{i!r} is already in axis {owner[i]!r}; a principle has one axis")
+      owner[i] = name
+    out.append((name, tuple(ids)))
+  missing = [i for i in choice_ids if i not in owner]
+  if missing:
+    c.fail("axes", f"choice principles {missing} are in no axis; give each one an axis")
+  return tuple(out)
 
 
 def _list(c: _Checker, data: dict, key: str) -> list:

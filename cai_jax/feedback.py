@@ -306,13 +306,52 @@ class Labeller:
     return out
 
 
-def make_labeller(fmt: str, lc, cfg, params, tokenizer, const, mesh=None, batch_size=None):
+class AxisLabeller:
+  """One label per axis of the constitution: each axis's Labeller draws its
+  principles within the axis. The record's `axes` holds every axis's label fields;
+  its own p_a, logp_a and logp_b are the axes' means (what a single-scalar PM reads),
+  and principle_ids lists every axis's draws."""
+
+  def __init__(self, labellers: dict):
+    self.labellers = labellers
+    first = next(iter(labellers.values()))
+    # One prompter (its count of shortened questions) and one list of first-option
+    # probabilities for all axes, as for a single Labeller.
+    self.prompter, self.params, self.cfg = first.prompter, first.params, first.cfg
+    self.first_position = first.first_position
+    for lab in labellers.values():
+      lab.first_position = self.first_position
+
+  def __call__(self, items: Sequence[dict], rng: np.random.Generator, seed: int) -> list:
+    per_axis = {name: lab(items, rng, seed + k)
+                for k, (name, lab) in enumerate(self.labellers.items())}
+    out = []
+    for i in range(len(items)):
+      axes = {name: recs[i] for name, recs in per_axis.items()}
+      rec = {"principle_ids": [pid for r in axes.values() for pid in r["principle_ids"]]}
+      for key in ("p_a", "logp_a", "logp_b", "p_a_soft"):
+        if key in next(iter(axes.values())):
+          rec[key] = float(np.mean([r[key] for r in axes.values()]))
+      rec["axes"] = axes
+      out.append(rec)
+    return out
+
+
+def make_labeller(fmt: str, lc, cfg, params, tokenizer, const, mesh=None, batch_size=None,
+                  per_axis: bool = False):
   """The feedback model's Labeller with a label section's prompt settings (the
-  label stage's, or the evaluate stage's feedback-model judge)."""
+  label stage's, or the evaluate stage's feedback-model judge); `per_axis`: an
+  AxisLabeller over the constitution's axes."""
   margin = 16 + (int(lc.cot_max_new_tokens) if lc.cot else 0)
   limit = cfg.max_position_embeddings - margin
   if int(lc.max_prompt_tokens) > 0:
     limit = min(limit, int(lc.max_prompt_tokens))
   prompter = Prompter(fmt, tokenizer, str(lc.system_prompt), limit,
                       bool(lc.get("options_header", True)), bool(lc.get("cot_dialogue", True)))
-  return Labeller(cfg, params, tokenizer, prompter, const, lc, mesh, batch_size)
+  if not per_axis:
+    return Labeller(cfg, params, tokenizer, prompter, const, lc, mesh, batch_size)
+  if not const.axes:
+    raise InputError(f"{const.source or const.name}: label.per_axis needs a constitution with "
+                     "axes (an \"axes\" object, constitutions/README.md), or per_axis=False")
+  return AxisLabeller({name: Labeller(cfg, params, tokenizer, prompter, const.for_axis(name), lc,
+                                      mesh, batch_size) for name in const.axis_names})

@@ -1,4 +1,5 @@
 """Constitutions: the project's own files, validation errors, paper import and layout."""
+import dataclasses
 import json
 import os
 
@@ -256,3 +257,38 @@ def test_chat_rendering_uses_prior_turns():
 def test_import_paper_missing_dir(tmp_path):
   with pytest.raises(C.ConstitutionError, match="file not found"):
     C.import_paper(str(tmp_path))
+
+
+def test_axes_group_the_choice_principles(tmp_path):
+  """axes: each choice principle in one named axis; for_axis keeps that axis's
+  questions; the fingerprint leaves axes out (a run that does not label per axis is
+  unchanged by them), the axes fingerprint covers them, and save keeps them."""
+  h = C.load("harmlessness")
+  assert h.axis_names == ["harm", "ethics", "helpfulness"]
+  owned = [i for _, ids in h.axes for i in ids]
+  assert sorted(owned) == sorted(h.choice_principle_ids)
+  ethics = h.for_axis("ethics")
+  assert ethics.choice_principle_ids == [i for i in h.choice_principle_ids
+                                         if i in dict(h.axes)["ethics"]]
+  assert ethics.axes == () and ethics.principles == h.principles
+  plain = dataclasses.replace(h, axes=())
+  assert plain.fingerprint() == h.fingerprint()
+  assert plain.axes_fingerprint() != h.axes_fingerprint()
+  p = tmp_path / "axes.json"
+  h.save(str(p))
+  assert C.load(str(p)).axes == h.axes
+  with pytest.raises(KeyError, match="no axis 'tone'"):
+    h.for_axis("tone")
+
+  d = json.loads(p.read_text())
+  d["axes"]["ethics"].append("less_harmful")
+  _one_line_error(_write(tmp_path, d, "twice.json"), "axes.ethics", "already in axis 'harm'")
+  d = json.loads(p.read_text())
+  d["axes"]["ethics"].remove("wise")
+  _one_line_error(_write(tmp_path, d, "missing_axis.json"), "axes", "'wise'", "in no axis")
+  d = json.loads(p.read_text())
+  d["axes"]["harm"].append("nope")
+  _one_line_error(_write(tmp_path, d, "unknown.json"), "axes.harm", "'nope' is not a choice")
+  d = json.loads(p.read_text())
+  d["axes"] = {"bad name": d["axes"]["harm"]}
+  _one_line_error(_write(tmp_path, d, "name.json"), "axes.bad name", "letters, digits")

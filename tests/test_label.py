@@ -307,3 +307,39 @@ def test_policy_role_prefers_the_sft_stage(tmp_path):
   os.makedirs(tmp_path / "sft" / "final")
   assert ctx().role_spec("policy") == str(tmp_path / "sft")
   assert ctx().role_spec("policy", "smollm2") == "smollm2"
+
+
+def test_per_axis_labels_draw_within_each_axis(tmp_path, fakes):
+  """label.per_axis: one soft label per axis from principles of that axis only; the
+  record's p_a is the axes' mean. Without per_axis the axes change nothing: the
+  records equal those of the same constitution with its axes removed."""
+  const = C.load("harmlessness")
+  label.run(make_config(num_red_team=3, per_axis=True, num_principles=2, debias=False),
+            str(tmp_path / "axes"))
+  sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+  recs = _records(str(tmp_path / "axes"))
+  assert recs
+  for r in recs:
+    assert list(r["axes"]) == const.axis_names
+    for name, ids in const.axes:
+      a = r["axes"][name]
+      assert len(a["principle_ids"]) == 2 and set(a["principle_ids"]) <= set(ids)
+      ps = [sig(fakes.content(const.choice_principle(pid).text, r["response_a"])
+                - fakes.content(const.choice_principle(pid).text, r["response_b"]))
+            for pid in a["principle_ids"]]
+      assert a["p_a"] == pytest.approx(np.mean(ps), abs=1e-12)
+    assert r["p_a"] == pytest.approx(np.mean([r["axes"][n]["p_a"] for n in const.axis_names]),
+                                     abs=1e-12)
+    assert r["principle_ids"] == [p for n in const.axis_names
+                                  for p in r["axes"][n]["principle_ids"]]
+
+  plain = tmp_path / "plain.json"
+  dataclasses.replace(const, axes=()).save(str(plain))
+  label.run(make_config(num_red_team=3), str(tmp_path / "with_axes"))
+  c = make_config(num_red_team=3)
+  c.constitution = str(plain)
+  label.run(c, str(tmp_path / "without"))
+  assert _records(str(tmp_path / "with_axes")) == _records(str(tmp_path / "without"))
+  c.label.per_axis = True
+  with pytest.raises(InputError, match="label.per_axis needs a constitution with axes"):
+    label.run(c, str(tmp_path / "bad"))

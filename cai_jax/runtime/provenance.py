@@ -76,7 +76,7 @@ def flatten(d: dict, prefix: str = "") -> dict:
 # the code did before them: a snapshot without the field ran with that value.
 LATER_FIELDS = {
     "ppo.algorithm": "ppo", "ppo.reward": "pm", "ppo.group_size": 4, "ppo.group_std": True,
-    "ppo.kl_in": "reward", "frozen_dtype": "",
+    "ppo.kl_in": "reward", "frozen_dtype": "", "label.per_axis": False,
     **{f"{s}.lora.{k}": v for s in ("sft", "ppo") for k, v in (
         ("rank", 0), ("alpha", 16.0), ("targets", ["q", "k", "v", "o", "gate", "up", "down"]))},
 }

@@ -7,7 +7,8 @@ debiasing, chain of thought with its clamp, hard-label ablation).
 
 Output in WORKDIR/label/:
   preferences.jsonl  {id, prompt, response_a, response_b, principle_ids, p_a, logp_a,
-                      logp_b, cot (CoT only), p_a_soft (hard labels only)}
+                      logp_b, cot (CoT only), p_a_soft (hard labels only),
+                      axes (per_axis only: {axis: those label fields})}
   tfds/              the same records as an array_record TFDS dataset (data/preferences_tfds.py)
   chunks/            fixed-size chunks written under a temporary name, then renamed
   DONE               written last
@@ -43,6 +44,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.temperature = 1.0  # sampling temperature of the responses
   c.top_p = 1.0  # nucleus threshold of the responses (1.0 = off)
   c.num_principles = 1  # principles per comparison; k > 1 averages the k soft labels (ensembling)
+  # one soft label per axis of the constitution (its "axes"), num_principles drawn within
+  # each; the record's p_a is their mean, `axes` holds each
+  c.per_axis = False
   c.num_fewshot = -1  # few-shot labelling examples before each question (-1: all)
   c.options_header = True  # an "Options:" line before (A)/(B), as in the paper's prompt
   c.debias = True  # score both option orders and combine them, cancelling position bias
@@ -72,8 +76,10 @@ def default_config() -> ml_collections.ConfigDict:
 def settings(config, workdir: str) -> dict:
   """What this stage's records depend on (its provenance snapshot)."""
   const = constitution_lib.load(config.get("constitution", "harmlessness"))
-  return stage_settings(config, workdir, STAGE, USES, VOLATILE,
-                        {"constitution_sha": const.fingerprint()})
+  extra = {"constitution_sha": const.fingerprint()}
+  if config.label.get("per_axis", False):
+    extra["per_axis_constitution_sha"] = const.axes_fingerprint()
+  return stage_settings(config, workdir, STAGE, USES, VOLATILE, extra)
 
 
 def _seed(key) -> int:
@@ -102,7 +108,8 @@ def run(config, workdir: str) -> dict:
   else:
     fcfg, fparams, ftok = ctx.load(fb_path, field="feedback_model")
   fcfg, fparams = models.frozen_copy(fcfg, fparams, ctx.frozen_dtype)
-  labeller = feedback.make_labeller(ctx.fmt, lc, fcfg, fparams, ftok, const, mesh, batch_size)
+  labeller = feedback.make_labeller(ctx.fmt, lc, fcfg, fparams, ftok, const, mesh, batch_size,
+                                    per_axis=bool(lc.per_axis))
   ctx.begin(settings(config, workdir))
 
   root = jax.random.PRNGKey(ctx.seed)
@@ -145,6 +152,9 @@ def run(config, workdir: str) -> dict:
       "questions_shortened": sum(r.extra["shortened"] for r in results if r.extra),
       "policy": pol_path, "feedback_model": fb_path,
   }
+  if lc.per_axis:
+    summary["mean_p_a_per_axis"] = {a: float(np.mean([r["axes"][a]["p_a"] for r in done]))
+                                    for a in const.axis_names}
   if first_position:
     # P((A)) averaged over every scored question: 0.5 means no raw position preference.
     summary["mean_p_first_option"] = float(np.mean(first_position))

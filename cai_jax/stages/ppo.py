@@ -53,7 +53,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 # Fields of config.label that do not change the AI reward's question.
 LABEL_UNUSED = ("policy", "max_new_tokens", "temperature", "top_p", "split", "batch_size",
-                "score_tokens", "chunk_size", "write_tfds", "progress")
+                "score_tokens", "chunk_size", "write_tfds", "progress", "per_axis")
 
 
 def settings(config, workdir: str) -> dict:
