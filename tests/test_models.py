@@ -299,3 +299,34 @@ def test_stage_exports_in_the_configured_dtype(tmp_path):
       assert json.load(f)["torch_dtype"] == want
     m = transformers.AutoModelForCausalLM.from_pretrained(out, dtype="auto")
     assert str(next(m.parameters()).dtype) == f"torch.{want}"
+
+
+def test_score_head_per_axis_round_trips_through_transformers(tmp_path):
+  """cfg.score_labels: one score per axis (BxA at the last token); the export loads as
+  AutoModelForSequenceClassification with one label per axis, whose logits plus
+  config.json's score_bias are our scores, and loads back with the same labels."""
+  cfg = models.tiny(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                    num_heads=4, num_kv_heads=2, head_dim=8,
+                    score_labels=("harm", "ethics", "helpfulness"))
+  params = models.add_score_head(cfg, models.init_params(cfg, jax.random.PRNGKey(0)),
+                                 jax.random.PRNGKey(1), init_std=0.5)
+  params["score_bias"] = jnp.asarray([0.25, -1.0, 2.0], jnp.float32)
+  assert params["score_kernel"].shape == (32, 3)
+  toks = np.random.default_rng(0).integers(3, 64, (3, 9)).astype(np.int32)
+  mask = np.ones(toks.shape, bool)
+  mask[0, 6:] = False  # a right-padded row: its score is read at its last real token
+  ours = np.asarray(models.reward(cfg, params, toks, mask))
+  assert ours.shape == (3, 3)
+  single = np.asarray(models.reward(cfg, params, toks[:1, :6], mask[:1, :6]))
+  np.testing.assert_allclose(ours[:1], single, atol=1e-5)
+  out = str(tmp_path / "pm")
+  models.save_pretrained(cfg, params, out, score_pad_id=0)
+  hf = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+  assert hf.config.id2label == {0: "harm", 1: "ethics", 2: "helpfulness"}
+  with torch.no_grad():
+    theirs = hf(input_ids=torch.tensor(toks[1:], dtype=torch.long)).logits.numpy()
+  np.testing.assert_allclose(theirs + np.asarray(hf.config.score_bias), ours[1:], atol=1e-5)
+  cfg2, params2 = models.load_pretrained(out)
+  assert cfg2.score_labels == cfg.score_labels
+  np.testing.assert_array_equal(params2["score_kernel"], params["score_kernel"])
+  np.testing.assert_array_equal(params2["score_bias"], params["score_bias"])

@@ -140,3 +140,77 @@ def _hf_sequence_classification_reproduces_scores(path, cfg, params):
   # The ranking loss never moves the bias (transformers' head has none).
   assert float(params["score_bias"]) == 0.0 == hf.config.score_bias
   np.testing.assert_allclose(theirs, ours, atol=1e-4)
+
+
+def test_per_axis_pm_loss_is_each_heads_soft_ranking_loss_on_its_labels():
+  """A head per axis: the loss is the mean, over labelled (pair, axis) entries, of
+  -[p log σ(d) + (1-p) log σ(-d)] with d the axis's margin (hand computed)."""
+  import jax
+  import jax.numpy as jnp
+  from cai_jax.training import data, objectives
+  cfg = models.tiny(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1,
+                    num_heads=2, num_kv_heads=1, head_dim=8, score_labels=("harm", "help"))
+  params = models.add_score_head(cfg, models.init_params(cfg, jax.random.PRNGKey(0)),
+                                 jax.random.PRNGKey(1), init_std=1.0)
+  rng = np.random.default_rng(0)
+  pairs = [data.PairExample(rng.integers(3, 64, 5 + i), rng.integers(3, 64, 4 + i), 0.5,
+                            np.array([0.9, 0.3 + 0.1 * i], np.float32),
+                            np.array([1.0, float(i % 2)], np.float32)) for i in range(4)]
+  batch = data.pair_batch(pairs, 10, 0)
+  loss, m = objectives.pm_loss_fn(cfg)(params, batch, None)
+  ra = [np.asarray(models.reward(cfg, params, p.tokens_a[None], np.ones((1, len(p.tokens_a)), bool)))[0]
+        for p in pairs]
+  rb = [np.asarray(models.reward(cfg, params, p.tokens_b[None], np.ones((1, len(p.tokens_b)), bool)))[0]
+        for p in pairs]
+  terms, n = 0.0, 0.0
+  for i, p in enumerate(pairs):
+    for j in range(2):
+      d = float(ra[i][j] - rb[i][j])
+      ls = lambda x: -np.log1p(np.exp(-x))  # noqa: E731  (log σ)
+      terms += p.w_axes[j] * -(p.p_axes[j] * ls(d) + (1 - p.p_axes[j]) * ls(-d))
+      n += p.w_axes[j]
+  assert float(loss) == pytest.approx(terms / n, rel=1e-5)
+  assert float(m["labelled"]) == n == 6
+  # The second axis's accuracy counts only its labelled pairs (1 and 3).
+  want = np.mean([(ra[i][1] - rb[i][1] > 0) == (pairs[i].p_axes[1] > 0.5) for i in (1, 3)])
+  assert float(m["accuracy_help"]) == pytest.approx(want)
+
+
+def test_pm_stage_with_a_head_per_axis(tmp_path):
+  """pm.per_axis_heads: one head per constitution axis, trained on per-axis AI labels
+  (harm prefers the refusal, helpfulness the compliance) and, on the helpfulness
+  axis, on human comparisons; each head learns its own axis and the export keeps
+  the axis names."""
+  from cai_jax import constitution
+  wd = str(tmp_path)
+  path = _write_label(os.path.join(wd, "label"))
+  names = constitution.load("harmlessness").axis_names
+  rows = [json.loads(x) for x in open(path)]
+  for r in rows:
+    p = r["p_a"]  # refusal-is-A probability under harm
+    r["axes"] = {n: {"p_a": p if n != "helpfulness" else 1.0 - p, "principle_ids": []}
+                 for n in names}
+  with open(path, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  c = _config()
+  c.constitution = "harmlessness"
+  c.pm.per_axis_heads = True
+  c.pm.human_data = (_write_human(str(tmp_path / "helpful.jsonl")),)
+  c.pm.human_fraction = 0.25
+  c.pm.num_epochs = 8
+  c.pm.max_steps = 24
+  s = preference.run(c, wd)
+  assert s["axes"] == names
+  ev = s["eval"]
+  for n in ("harm", "ethics", "helpfulness"):
+    assert ev[f"ai_accuracy_{n}"] == 1.0, ev
+  assert ev["human_num_labels"] == ev["human_num_pairs"] == 6  # one axis each
+  cfg, params = models.load_pretrained(os.path.join(wd, "pm", "final"))
+  assert cfg.score_labels == tuple(names) and params["score_kernel"].shape[-1] == 3
+
+  c2 = _config()
+  c2.constitution = "harmlessness"
+  c2.pm.per_axis_heads = True
+  _write_label(os.path.join(wd, "plain", "label"))  # labels without axes
+  with pytest.raises(InputError, match="label with --config.label.per_axis=True"):
+    preference.run(c2, os.path.join(wd, "plain"))

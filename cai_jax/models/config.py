@@ -55,6 +55,9 @@ class ModelConfig:
   # uses it. The sampler's per-layer KV cache needs unrolled layers
   # (`models.unstack_layers`).
   scan_layers: bool = False
+  # Names of a score head's outputs when it has several (a preference model with
+  # one head per constitution axis: scores BxLxA); () is one scalar score.
+  score_labels: tuple = ()
 
   def __post_init__(self):
     if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -163,6 +166,11 @@ class ModelConfig:
         kw["max_position_embeddings"] = min(kw["max_position_embeddings"], sw)
     if hf.get("attention_bias") and mt in ("llama", "mistral"):
       raise ModelConfigError(f"{source}: attention_bias=True is not supported for {mt}")
+    labels = hf.get("id2label") or {}
+    if len(labels) > 1 and any(a in str(x) for x in hf.get("architectures") or ()
+                               for a in ("ForSequenceClassification",)):
+      kw["score_labels"] = tuple(str(labels.get(str(i), labels.get(i, i)))
+                                 for i in range(len(labels)))
     kw.update(overrides)
     return cls(**kw)
 

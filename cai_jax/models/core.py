@@ -61,8 +61,9 @@ def add_score_head(cfg: ModelConfig, params, rng=None, init_std: float = 0.0):
   rng = jax.random.PRNGKey(0) if rng is None else rng
   p = dict(params)
   dt = cfg.jnp_param_dtype
-  p["score_kernel"] = (init_std * jax.random.normal(rng, (cfg.hidden_size,))).astype(dt)
-  p["score_bias"] = jnp.zeros((), dt)
+  A = (len(cfg.score_labels),) if cfg.score_labels else ()  # one score per label
+  p["score_kernel"] = (init_std * jax.random.normal(rng, (cfg.hidden_size,) + A)).astype(dt)
+  p["score_bias"] = jnp.zeros(A, dt)
   return p
 
 
@@ -104,7 +105,8 @@ def logits(cfg: ModelConfig, params, tokens_BxL, mask_BxL=None):
 
 @functools.partial(jax.jit, static_argnums=0)
 def scores(cfg: ModelConfig, params, tokens_BxL, mask_BxL=None):
-  """Scalar head at every token, BxL float32 (value model)."""
+  """Scalar head at every token, BxL float32 (value model); BxLxA for a head with
+  cfg.score_labels."""
   if mask_BxL is None:
     mask_BxL = jnp.ones(tokens_BxL.shape, bool)
   out = forward(cfg, params, tokens_BxL, positions_from_mask(mask_BxL), mask_BxL,
@@ -126,10 +128,11 @@ def last_token_index(mask_BxL):
 
 @functools.partial(jax.jit, static_argnums=0)
 def reward(cfg: ModelConfig, params, tokens_BxL, mask_BxL):
-  """Preference-model score: scalar head at the last non-pad token, B float32."""
+  """Preference-model score: scalar head at the last non-pad token, B float32 (BxA
+  for a head with cfg.score_labels)."""
   s = scores(cfg, params, tokens_BxL, mask_BxL)
-  i = last_token_index(mask_BxL)
-  return jnp.take_along_axis(s, jnp.maximum(i, 0)[:, None], axis=1)[:, 0]
+  i = jnp.maximum(last_token_index(mask_BxL), 0)
+  return s[jnp.arange(s.shape[0]), i]
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None):

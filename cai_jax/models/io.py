@@ -177,8 +177,11 @@ def params_from_hf_tensors(cfg: ModelConfig, t: dict, source: str):
   if not cfg.tie_embeddings:
     params["lm_head"] = cast(get("lm_head.weight", (V, D)).T)
   if "score.weight" in t:
-    params["score_kernel"] = cast(get("score.weight", (1, D))[0])
-    params["score_bias"] = cast(t.get("score.bias", np.zeros((1,), np.float32)).reshape(()))
+    A = len(cfg.score_labels) or 1  # one output per score label (axis), else one
+    w = get("score.weight", (A, D))
+    b = np.asarray(t.get("score.bias", np.zeros((A,), np.float32)), np.float32)
+    params["score_kernel"] = cast(w.T if cfg.score_labels else w[0])
+    params["score_bias"] = cast(b if cfg.score_labels else b.reshape(()))
   return params
 
 
@@ -212,8 +215,9 @@ def params_to_hf_tensors(cfg: ModelConfig, params, dtype=None) -> dict[str, np.n
   if not cfg.tie_embeddings:
     t["lm_head.weight"] = c(np.asarray(params["lm_head"]).T)
   if "score_kernel" in params:
-    t["score.weight"] = c(np.asarray(params["score_kernel"])[None, :])
-    t["score.bias"] = c(np.asarray(params["score_bias"]).reshape(1))
+    w = np.asarray(params["score_kernel"])
+    t["score.weight"] = c(w.T if w.ndim == 2 else w[None, :])
+    t["score.bias"] = c(np.asarray(params["score_bias"]).reshape(-1))
   return t
 
 
@@ -266,8 +270,11 @@ def save_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer=None, dtyp
   hf = cfg.to_hf_dict()
   if "score_kernel" in params:
     hf["architectures"] = [SEQUENCE_CLASSIFICATION[cfg.model_type]]
-    hf["id2label"], hf["label2id"] = {"0": "score"}, {"score": 0}
-    hf["score_bias"] = float(np.asarray(params["score_bias"]).reshape(()))
+    labels = list(cfg.score_labels) or ["score"]  # one label per output (axis)
+    hf["id2label"] = {str(i): n for i, n in enumerate(labels)}
+    hf["label2id"] = {n: i for i, n in enumerate(labels)}
+    bias = np.asarray(params["score_bias"], np.float32)
+    hf["score_bias"] = bias.tolist() if cfg.score_labels else float(bias.reshape(()))
     if score_pad_id is not None:
       hf["pad_token_id"] = int(score_pad_id)
   if dtype is not None:

@@ -461,9 +461,12 @@ class Transformer(nn.Module):
                    nn.initializers.normal(0.02), pd)
       out["logits"] = dense(h, w.astype(cd), preferred_element_type=jnp.float32)
     if "score" in self.heads:
-      ws = _param(self, "score_kernel", (D,), ("embed",), nn.initializers.normal(0.02), pd)
-      bs = _param(self, "score_bias", (), (), nn.initializers.zeros, pd)
-      out["scores"] = (jnp.einsum("btd,d->bt", h.astype(jnp.float32), ws.astype(jnp.float32))
-                       + bs.astype(jnp.float32))
+      # One scalar (BxL), or one per label of cfg.score_labels (BxLxA).
+      A = (len(cfg.score_labels),) if cfg.score_labels else ()
+      ws = _param(self, "score_kernel", (D,) + A, ("embed",) + (None,) * len(A),
+                  nn.initializers.normal(0.02), pd)
+      bs = _param(self, "score_bias", A, (None,) * len(A), nn.initializers.zeros, pd)
+      out["scores"] = (jnp.einsum("btd,d...->bt...", h.astype(jnp.float32),
+                                  ws.astype(jnp.float32)) + bs.astype(jnp.float32))
     out["hidden"] = h
     return out

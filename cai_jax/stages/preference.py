@@ -22,12 +22,13 @@ import jax
 import ml_collections
 import numpy as np
 
+from cai_jax import constitution as constitution_lib
 from cai_jax import models, sharding as shd, utils
 from cai_jax.runtime import StageContext, parse_list, runners, stage_settings
 from cai_jax.training import checkpoint, data, flops as flops_lib, objectives, optim
 from cai_jax.training import state as state_lib
-from cai_jax.training.preferences import (encode_pairs, evaluate_pairs, read_comparisons,
-                                          read_human_pairs, train_and_eval)
+from cai_jax.training.preferences import (axis_labels, encode_pairs, evaluate_pairs,
+                                          read_comparisons, read_human_pairs, train_and_eval)
 from cai_jax.utils import InputError
 
 STAGE = "pm"
@@ -57,6 +58,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.max_steps = -1            # cap on fine-tuning steps; -1 = num_epochs worth
   c.train_top_layers = -1     # -1 trains everything; k trains top k blocks + final norm + head
   c.score_init_std = 0.0      # scalar head init (0 = start from r = bias for every input)
+  # one score head per axis of the constitution, each trained on its axis's AI labels
+  # (label.per_axis) and, for human_axis, on the human comparisons
+  c.per_axis_heads = False
+  c.human_axis = "helpfulness"  # the axis the human (helpfulness) comparisons train
   c.calibration_bins = 10     # bins for the expected calibration error
   c.eval_every = 0            # steps between evals; 0 = only at the end
   c.log_every = 10            # steps between progress-bar updates (metrics: every step)
@@ -70,7 +75,11 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def settings(config, workdir: str) -> dict:
-  return stage_settings(config, workdir, STAGE, USES, VOLATILE)
+  extra = None
+  if config.pm.get("per_axis_heads", False):  # the heads are the constitution's axes
+    const = constitution_lib.load(config.get("constitution", "harmlessness"))
+    extra = {"per_axis_constitution_sha": const.axes_fingerprint()}
+  return stage_settings(config, workdir, STAGE, USES, VOLATILE, extra)
 
 
 def check_config(config) -> None:
@@ -133,21 +142,30 @@ def run(config, workdir: str) -> dict:
   B = int(pc.batch_size)
   if L < 2:
     raise InputError(f"config.pm.max_len={L}: must be >= 2")
-  ai, human = read_comparisons(pc, STAGE, ctx.stage_dir("label") + "/preferences.jsonl",
-                               "the PM")
+  label_file = ctx.stage_dir("label") + "/preferences.jsonl"
+  ai, human = read_comparisons(pc, STAGE, label_file, "the PM")
+  pretrain = read_human_pairs(pc.pretrain_data) if int(pc.pretrain_steps) > 0 else []
+  axes = ()
+  if pc.per_axis_heads:
+    const = constitution_lib.load(config.get("constitution", "harmlessness"))
+    axes = tuple(const.axis_names)
+    if not axes:
+      raise InputError(f"config.pm.per_axis_heads: constitution {const.name!r} has no axes; "
+                       "give one with axes (constitutions/README.md) or per_axis_heads=False")
+    axis_labels(ai, human + pretrain, axes, str(pc.human_axis), pc.preferences or label_file)
   init_path = ctx.role_spec("policy", pc.init_from)
   cfg, params, tok = ctx.load(init_path, field="pm.init_from")
+  cfg = cfg.replace(score_labels=axes)  # a head per axis, or the scalar head
   params = models.add_score_head(cfg, models.drop_heads(params, ()), jax.random.PRNGKey(seed),
                                  init_std=float(pc.score_init_std))
   enc = ctx.encoder(tok)
-  pretrain = read_human_pairs(pc.pretrain_data) if int(pc.pretrain_steps) > 0 else []
   ctx.begin(settings(config, workdir))
 
   train, eval_sets = train_and_eval(encode_pairs(enc, ai, L, seed),
                                     encode_pairs(enc, human, L, seed), pc, seed)
 
   summary = {"num_ai_pairs": len(ai), "num_human_pairs": len(human), "num_train_pairs": len(train),
-             "init_from": init_path, "human_data": bool(human)}
+             "init_from": init_path, "human_data": bool(human), "axes": list(axes)}
   ft_dir = ctx.path("checkpoints")
   ft_started = False
   if utils.isdir(ft_dir):

@@ -28,6 +28,10 @@ class PairExample:
   tokens_a: np.ndarray   # int32 prompt + response A (truncated on the left)
   tokens_b: np.ndarray
   p_a: float             # probability that A is the better response
+  # Per-axis labels (a PM with a head per axis): P(A better) on each axis, and 1 where
+  # the axis is labelled (human helpfulness pairs label one axis), else None.
+  p_axes: Optional[np.ndarray] = None
+  w_axes: Optional[np.ndarray] = None
 
 
 def sft_example(encoder, prompt, response: str, max_len: int) -> SFTExample:
@@ -110,8 +114,12 @@ def pair_batch(pairs: Sequence[PairExample], max_len: int, pad_id: int) -> dict:
     ma[i, :len(pr.tokens_a)] = True
     tb[i, :len(pr.tokens_b)] = pr.tokens_b
     mb[i, :len(pr.tokens_b)] = True
-  return {"tokens_a_BxL": ta, "mask_a_BxL": ma, "tokens_b_BxL": tb, "mask_b_BxL": mb,
-          "p_B": np.asarray([p.p_a for p in pairs], np.float32)}
+  out = {"tokens_a_BxL": ta, "mask_a_BxL": ma, "tokens_b_BxL": tb, "mask_b_BxL": mb,
+         "p_B": np.asarray([p.p_a for p in pairs], np.float32)}
+  if pairs and pairs[0].p_axes is not None:
+    out["p_BxA"] = np.stack([p.p_axes for p in pairs]).astype(np.float32)
+    out["w_BxA"] = np.stack([p.w_axes for p in pairs]).astype(np.float32)
+  return out
 
 
 @dataclasses.dataclass

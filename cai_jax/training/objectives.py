@@ -157,27 +157,44 @@ def sft_loss_fn(cfg, logits_chunk: int = 0):
 
 
 def pair_rewards(cfg, params, batch):
-  """(r_a, r_b): scalar head at the last real token of A and of B."""
+  """(r_a, r_b): the score head at the last real token of A and of B (B each, or BxA
+  for a head per axis)."""
   tokens = jnp.concatenate([batch["tokens_a_BxL"], batch["tokens_b_BxL"]], axis=0)
   mask = jnp.concatenate([batch["mask_a_BxL"], batch["mask_b_BxL"]], axis=0)
   out = models.forward(cfg, params, tokens, models.positions_from_mask(mask), mask,
                        heads=("score",))
   idx = jnp.maximum(models.last_token_index(mask), 0)
-  r = jnp.take_along_axis(out["scores"], idx[:, None], axis=1)[:, 0]
+  r = out["scores"][jnp.arange(idx.shape[0]), idx]  # B, or BxA with score labels
   B = batch["tokens_a_BxL"].shape[0]
   return r[:B], r[B:]
 
 
 def pm_loss_fn(cfg):
+  """The soft ranking loss of a PM; with a head per axis (cfg.score_labels) each
+  head's loss on its axis's labels, averaged over the labelled (pair, axis) entries
+  (batch["w_BxA"]), with each axis's accuracy and margin."""
+
   def loss_fn(params, batch, rng):
     del rng
     # The score bias cancels in r_a - r_b, so its true gradient is 0; its computed one
     # is round-off, which Adam would scale up to a drift of the absolute scores.
     params = dict(params, score_bias=jax.lax.stop_gradient(params["score_bias"]))
     ra, rb = pair_rewards(cfg, params, batch)
-    loss = jnp.mean(losses.ranking_loss(ra, rb, batch["p_B"]))
-    return loss, losses.pairwise_metrics(ra, rb, batch["p_B"])
-  return loss_fn
+    if not cfg.score_labels:
+      loss = jnp.mean(losses.ranking_loss(ra, rb, batch["p_B"]))
+      return loss, losses.pairwise_metrics(ra, rb, batch["p_B"])
+    w, p = batch["w_BxA"], batch["p_BxA"]
+    n = jnp.sum(w)
+    loss = jnp.sum(w * losses.ranking_loss(ra, rb, p)) / jnp.maximum(n, 1.0)
+    metrics = {"labelled": n}
+    for j, name in enumerate(cfg.score_labels):
+      m = losses.pairwise_metrics(ra[:, j], rb[:, j], jnp.where(w[:, j] > 0, p[:, j], 0.5))
+      metrics.update({f"{k}_{name}": v for k, v in m.items()})
+    return loss, metrics
+  if not cfg.score_labels:
+    return loss_fn
+  # A mean over labelled entries: micro-batches weigh by their count.
+  return accumulate.weighted(loss_fn, lambda b: jnp.sum(b["w_BxA"]), ("labelled",))
 
 
 def pair_sequence_logprobs(cfg, params, batch):

@@ -6,6 +6,7 @@ comparisons (an evaluation judge trained on human comparisons only).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 
@@ -38,8 +39,35 @@ def read_ai_preferences(path: str) -> list[dict]:
                        "regenerate with the label stage") from None
     if not 0.0 <= p <= 1.0 or not isinstance(item["prompt"], list):
       raise InputError(f"{where}: p_a must lie in [0, 1] and prompt be a message list")
+    if "axes" in r:  # label.per_axis: each axis's label
+      try:
+        item["axes"] = {str(k): float(v["p_a"]) for k, v in r["axes"].items()}
+      except (AttributeError, KeyError, TypeError, ValueError):
+        raise InputError(f"{where}: axes must map each axis to its label fields (p_a); "
+                         "regenerate with the label stage") from None
     out.append(item)
   return out
+
+
+def axis_labels(ai: list, human: list, names, human_axis: str, path: str) -> None:
+  """Per-axis targets for a PM with a head per axis (in place): an AI pair labels
+  every axis (its record's `axes`); a human pair labels `human_axis` only (the
+  paper's human comparisons are helpfulness comparisons)."""
+  names = list(names)
+  for it in ai:
+    got = it.get("axes")
+    if got is None or sorted(got) != sorted(names):
+      raise InputError(f"{path}: a label has axes {sorted(got) if got else 'none'}, the PM's "
+                       f"heads are {names}; label with --config.label.per_axis=True under the "
+                       "same constitution")
+    it["p_axes"] = np.asarray([got[n] for n in names], np.float32)
+    it["w_axes"] = np.ones(len(names), np.float32)
+  if human and human_axis not in names:
+    raise InputError(f"config.pm.human_axis={human_axis!r} is not an axis of the constitution "
+                     f"({', '.join(names)}); name the axis the human comparisons train")
+  for it in human:
+    it["p_axes"] = np.where(np.asarray(names) == human_axis, it["p"], 0.5).astype(np.float32)
+    it["w_axes"] = (np.asarray(names) == human_axis).astype(np.float32)
 
 
 def read_human_pairs(paths, limit: int = -1) -> list[dict]:
@@ -89,9 +117,14 @@ def encode_pairs(enc, items: list[dict], L: int, seed: int, make=data.pair_examp
   out = []
   for it in items:
     a, b, p = it["a"], it["b"], it["p"]
+    p_axes = it.get("p_axes")
     if it["source"] == "human" and rng.random() < 0.5:
       a, b, p = b, a, 1.0 - p
-    out.append(make(enc, it["prompt"], a, b, p, L))
+      p_axes = None if p_axes is None else 1.0 - p_axes
+    ex = make(enc, it["prompt"], a, b, p, L)
+    if p_axes is not None:  # per-axis targets (`axis_labels`)
+      ex = dataclasses.replace(ex, p_axes=p_axes, w_axes=it["w_axes"])
+    out.append(ex)
   return out
 
 
@@ -173,13 +206,29 @@ def dpo_logprobs(cfg, params, pairs, L, pad, B, mesh, rules) -> np.ndarray:
 
 
 def evaluate_pairs(cfg, params, pairs, L, pad, B, mesh, rules, bins) -> dict:
+  """Accuracy, soft ranking loss and calibration of r_a - r_b against the labels;
+  with a head per axis, over every labelled (pair, axis) entry, and per axis
+  (`<metric>_<axis>`)."""
   d = pair_margins(cfg, params, pairs, L, pad, B, mesh, rules)
-  p = np.array([x.p_a for x in pairs], np.float64)
+  if d.ndim == 1:
+    return _pair_metrics(d, np.array([x.p_a for x in pairs], np.float64), bins)
+  p = np.stack([x.p_axes for x in pairs]).astype(np.float64)
+  w = np.stack([x.w_axes for x in pairs]) > 0
+  out = _pair_metrics(d[w], p[w], bins)
+  for j, name in enumerate(cfg.score_labels):
+    if w[:, j].any():
+      m = _pair_metrics(d[w[:, j], j], p[w[:, j], j], bins)
+      out.update({f"{k}_{name}": v for k, v in m.items() if k != "calibration_bins"})
+  out.update(num_labels=out["num_pairs"], num_pairs=len(pairs))
+  return out
+
+
+def _pair_metrics(d: np.ndarray, p: np.ndarray, bins: int) -> dict:
   prob = 1.0 / (1.0 + np.exp(-d.astype(np.float64)))
   decided = p != 0.5
   acc = float(((d > 0) == (p > 0.5))[decided].mean()) if decided.any() else float("nan")
   loss = float(np.mean(np.asarray(losses.ranking_loss(jnp.asarray(d), jnp.zeros_like(d),
                                                        jnp.asarray(p, jnp.float32)))))
   cal = calibration(prob, p, bins)
-  return {"accuracy": acc, "loss": loss, "ece": cal["ece"], "num_pairs": len(pairs),
+  return {"accuracy": acc, "loss": loss, "ece": cal["ece"], "num_pairs": len(d),
           "calibration_bins": cal["bins"]}
