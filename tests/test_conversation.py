@@ -207,7 +207,7 @@ def test_ppo_rewards_equal_the_scoring_cli(tmp_path, fmt):
   assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
   samples = [json.loads(x) for x in open(os.path.join(wd, "ppo", "samples.jsonl"))]
   assert len(samples) == 2 * 4  # configs/tiny.py: 2 iterations of 4 prompts
-  _, scores = score_cli.score_file(os.path.join(wd, "pm"), os.path.join(wd, "ppo",
+  _, scores, _ = score_cli.score_file(os.path.join(wd, "pm"), os.path.join(wd, "ppo",
                                                                        "samples.jsonl"), fmt, 128)
   rewards = np.array([s["reward"] for s in samples])
   np.testing.assert_allclose(scores, rewards, atol=1e-4)

@@ -132,3 +132,48 @@ def test_evaluate_stage(run_dir, monkeypatch):
   evaluate.run(_config(w, judges=("pm",), mc_files=()), str(w))
   res2 = json.load(open(w / "evaluate" / "results.json"))
   assert res2["judges"]["in_loop_pm"]["scores"] == res["judges"]["in_loop_pm"]["scores"]
+
+
+def test_evaluate_with_a_head_per_axis_pm(run_dir, tmp_path, capsys):
+  """An in-loop PM with a head per axis: each axis graded as its own judge, the
+  in-loop column the weighted sum of the axes (ppo.axis_weights), the axes' scores per
+  snapshot and their correlation matrix over every response, in results and report."""
+  from cai_jax.evaluation import report
+  w = tmp_path / "axes_run"
+  w.mkdir()
+  for sub in ("sft", "ppo", "revise"):
+    os.symlink(run_dir / sub, w / sub)
+  names = ("harm", "ethics", "helpfulness")
+  cfg, params, tok = roles.load("tiny", seed=0)
+  cfg = cfg.replace(score_labels=names)
+  pm = models.add_score_head(cfg, params, rng=jax.random.PRNGKey(4), init_std=1.0)
+  models.save_pretrained(cfg, pm, str(w / "pm" / "final"), tokenizer=tok)
+  c = _config(run_dir, judges=("pm",))
+  c.evaluate.judge.cache_dir = str(run_dir / "judge_cache")
+  c.ppo.axis_weights = "harm:1,helpfulness:0.5"
+  evaluate.run(c, str(w))
+  res = json.load(open(w / "evaluate" / "results.json"))
+  axes = res["axes"]
+  assert axes["names"] == list(names) and axes["weights"] == [1.0, 0.0, 0.5]
+  rows = list(utils.read_jsonl(str(w / "evaluate" / "scores.jsonl")))
+  x = np.array([[r[f"in_loop_pm_{n}"] for n in names] for r in rows])
+  np.testing.assert_allclose([r["in_loop_pm"] for r in rows], x @ [1.0, 0.0, 0.5], rtol=1e-6)
+  assert axes["num_responses"] == len(rows) == 3 * 2 * 3
+  np.testing.assert_allclose(axes["correlation"], np.corrcoef(x, rowvar=False), atol=1e-9)
+  for n in names:
+    g = res["judges"][f"in_loop_pm_{n}"]
+    for s in ("helpful", "sl_cai", "rl_cai"):
+      assert axes["scores"][s][n]["harmless"] == g["scores"][s]["harmless"]["mean"]
+  report.write_report(str(w))
+  text = open(w / "report.md").read()
+  assert "Scores per axis" in text and "Correlation between the axes" in text
+  # The score CLI prints each axis and their mean.
+  from cai_jax.evaluation import score as score_cli
+  data = tmp_path / "convs.jsonl"
+  utils.write_jsonl(str(data), [{"prompt": [{"role": "user", "content": "Hi"}],
+                                 "response": "Hello."}])
+  capsys.readouterr()
+  assert score_cli.main(["--model", str(w / "pm" / "final"), "--data", str(data)]) == 0
+  line = json.loads(capsys.readouterr().out.splitlines()[0])
+  assert list(line["axes"]) == list(names)
+  assert line["score"] == pytest.approx(np.mean(list(line["axes"].values())), rel=1e-6)

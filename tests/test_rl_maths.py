@@ -216,3 +216,39 @@ def test_group_advantages_from_scores_kl_in_reward_or_loss():
       kl_in_loss=True)
   np.testing.assert_allclose(adv, [[1.0, 1.0], [-1.0, 0.0], [0, 0], [0, 0]], atol=1e-6)
   assert float(diag["kl_penalty"]) == 0.0
+
+
+def test_axis_weights_standardise_each_axis_by_its_running_statistics():
+  """Two batches of 3 axes: each axis standardised by its own running mean and
+  (population) std over everything seen, batch included, then weighted (by hand)."""
+  from cai_jax.utils import InputError
+  comb = control.AxisWeights(["harm", "ethics", "help"], [0.5, 0.0, 2.0])
+  b1 = np.array([[1.0, 10.0, -100.0], [3.0, 30.0, 100.0]])
+  b2 = np.array([[5.0, 0.0, 0.0], [7.0, 0.0, 300.0], [9.0, 0.0, 100.0]])
+  out1 = comb(b1)
+  # after b1: harm mean 2, std 1; help mean 0, std 100
+  np.testing.assert_allclose(out1, [0.5 * -1 + 2 * -1, 0.5 * 1 + 2 * 1], rtol=1e-6)
+  out2 = comb(b2)
+  seen = np.concatenate([b1, b2])
+  mu, sd = seen.mean(0), seen.std(0)
+  want = 0.5 * (b2[:, 0] - mu[0]) / sd[0] + 2.0 * (b2[:, 2] - mu[2]) / sd[2]
+  np.testing.assert_allclose(out2, want, rtol=1e-6)
+  # An axis's scale does not matter: multiplying its scores by 1000 gives the same reward.
+  again = control.AxisWeights(["harm", "ethics", "help"], [0.5, 0.0, 2.0])
+  again(b1 * [1, 1, 1000])
+  np.testing.assert_allclose(again(b2 * [1, 1, 1000]), out2, rtol=1e-6)
+  restored = control.AxisWeights(["harm", "ethics", "help"], [0.5, 0.0, 2.0])
+  restored.load_state_dict(json_round_trip(comb.state_dict()))
+  np.testing.assert_allclose(restored(b2), comb(b2), rtol=1e-12)
+
+  assert control.parse_axis_weights("", ["a", "b"]) == [0.5, 0.5]
+  assert control.parse_axis_weights("b:2", ["a", "b"]) == [0.0, 2.0]
+  with pytest.raises(InputError, match=r"\['c'\] are not axes"):
+    control.parse_axis_weights("c:1", ["a", "b"])
+  with pytest.raises(InputError, match="axis:weight pairs"):
+    control.parse_axis_weights("a=1", ["a", "b"])
+
+
+def json_round_trip(d):
+  import json
+  return json.loads(json.dumps(d))

@@ -90,11 +90,18 @@ class Judge:
   fmt: str
   max_len: int
   info: dict
+  # A PM with a head per axis: grade one axis (`column`), or the weighted sum of the
+  # axes' raw scores (`weights`; equal weights when None).
+  column: Optional[int] = None
+  weights: Optional[tuple] = None
 
   def scores(self, prompts, responses) -> np.ndarray:
     enc = ConversationEncoder(self.tokenizer, self.fmt)
-    return sampling.pm_scores(self.cfg, self.params, enc, prompts, responses,
-                              max_len=self.max_len)
+    s = sampling.pm_scores(self.cfg, self.params, enc, prompts, responses,
+                           max_len=self.max_len)
+    if s.ndim == 2 and self.column is not None:
+      return s[:, self.column]
+    return sampling.combine_axes(s, self.weights)
 
 
 def _heldout(cfg, params, tok, fmt, pairs, max_len) -> dict:

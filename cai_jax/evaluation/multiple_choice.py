@@ -293,8 +293,11 @@ def _progress(total: int, desc: str, enabled: bool):
 def evaluate(cfg, params, tokenizer, items: Sequence[Item], *, formulation: str = "mc",
              few_shot: int = 0, debias: bool = False, fmt: str = "raw", seed: int = 0,
              max_tokens: int = 4096, progress: bool = True,
-             indices: Optional[Sequence[int]] = None) -> dict:
+             indices: Optional[Sequence[int]] = None, axis_weights=None) -> dict:
   """Accuracy, chance, ECE and per-item option probabilities.
+
+  axis_weights: a PM with a head per axis (pm formulation) scores with the axes'
+  weighted sum (`sampling.combine_axes`; None: equal weights).
 
   indices: evaluate only these items (few-shot examples are still drawn from
   all items, so a subset scores exactly as it would inside the full run).
@@ -356,7 +359,9 @@ def evaluate(cfg, params, tokenizer, items: Sequence[Item], *, formulation: str 
       owner += [i] * len(it.responses if it.responses is not None else it.options)
     update, close = _progress(len(rows), "pm scores", progress)
     try:
-      r = sampling.scalar_scores(cfg, params, rows, pad_id=pad, progress=update)
+      # A PM with a head per axis answers with the axes' weighted sum.
+      r = sampling.combine_axes(sampling.scalar_scores(cfg, params, rows, pad_id=pad,
+                                                       progress=update), axis_weights)
     finally:
       close()
     owner = np.array(owner)

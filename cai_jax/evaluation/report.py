@@ -298,6 +298,20 @@ class _Report:
                        "prompts"], rows))
       self._elo_table(title, g.get("elo", {}), f"elo_{name}.png",
                       "bootstrap over prompts (prompts resampled whole)")
+    axes = res.get("axes")
+    if axes:
+      names = axes["names"]
+      self.add("### Scores per axis (in-loop PM, a head per axis)\n")
+      self.add("Each axis's mean score per snapshot on red-team (harmless) and helpfulness "
+               "(helpful) prompts; the in-loop PM column above weighs the axes' raw scores "
+               f"by {', '.join(f'{n} {w:g}' for n, w in zip(names, axes['weights']))}.\n")
+      self.add(_table(["snapshot"] + [f"{n} ({k})" for n in names for k in ("harmless", "helpful")],
+                      [[SNAPSHOT_TITLES.get(sn, sn)] + [v[n].get(k) for n in names
+                                                        for k in ("harmless", "helpful")]
+                       for sn, v in axes["scores"].items()]))
+      self.add(f"Correlation between the axes over {axes['num_responses']} responses "
+               "(Pearson):\n")
+      self.add(_table(["axis"] + names, [[n] + row for n, row in zip(names, axes["correlation"])]))
     fb = res.get("elo", {}).get("feedback")
     if fb:
       self.add("### Elo by the feedback model (in-loop)\n")

@@ -44,7 +44,9 @@ def read_conversations(path: str, response_field: str = "response") -> list[tupl
 
 
 def score_file(model: str, data: str, fmt: str = "chat", max_len: int = 512,
-               response_field: str = "response", dtype=None) -> tuple[list, np.ndarray]:
+               response_field: str = "response", dtype=None) -> tuple[list, np.ndarray, tuple]:
+  """(items, scores, axis names): n scores, or n x A for a PM with a head per axis
+  (whose names are the third value, else ())."""
   items = read_conversations(data, response_field)
   cfg, params, tok = roles.load(model, dtype=dtype, heads=("lm", "score"), field="--model")
   if "score_kernel" not in params:
@@ -53,7 +55,7 @@ def score_file(model: str, data: str, fmt: str = "chat", max_len: int = 512,
   enc = ConversationEncoder(tok, fmt)
   scores = sampling.pm_scores(cfg, params, enc, [p for _, p, _ in items],
                               [r for _, _, r in items], max_len=max_len)
-  return items, scores
+  return items, scores, tuple(cfg.score_labels)
 
 
 def main(argv=None) -> int:
@@ -69,13 +71,19 @@ def main(argv=None) -> int:
   try:
     if args.max_len < 2:
       raise InputError(f"--max_len={args.max_len}: must be >= 2")
-    items, scores = score_file(args.model, args.data, args.format, args.max_len,
-                               args.response_field, args.dtype)
+    items, scores, axes = score_file(args.model, args.data, args.format, args.max_len,
+                                     args.response_field, args.dtype)
   except InputError as e:
     print(f"score: error: {e}", file=sys.stderr)
     return 2
-  for (ident, _, _), s in zip(items, scores):
-    print(json.dumps({"id": ident, "score": float(s)}))
+  per_axis = scores
+  if axes:  # a head per axis: each axis, and their mean as the score
+    scores = sampling.combine_axes(scores)
+  for k, ((ident, _, _), s) in enumerate(zip(items, scores)):
+    row = {"id": ident, "score": float(s)}
+    if axes:
+      row["axes"] = {n: float(v) for n, v in zip(axes, per_axis[k])}
+    print(json.dumps(row))
   print(json.dumps({"n": len(items), "mean": float(np.mean(scores)) if len(scores) else None,
                     "std": float(np.std(scores)) if len(scores) else None,
                     "model": args.model, "format": args.format, "max_len": args.max_len}))

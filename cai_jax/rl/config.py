@@ -30,6 +30,9 @@ def ppo_section() -> ml_collections.ConfigDict:
   c.temperature = 1.0           # sampling temperature (1.0: sample from the policy itself)
   c.missing_eos_penalty = 1.0   # subtracted from the PM score when no EOS within the limit
   c.normalize_rewards = False   # divide scores by a running std and subtract its running mean
+  # a PM with a head per axis: the reward is sum_a w_a (s_a - mean_a) / std_a over running
+  # per-axis statistics; "harm:1,helpfulness:0.5" (unnamed axes 0), "" = every axis 1/A
+  c.axis_weights = ""
   c.gamma = 1.0                 # ppo: discount over response tokens
   c.lam = 0.95                  # ppo: GAE lambda
   c.whiten_advantages = True    # ppo: zero-mean, unit-variance advantages over real tokens

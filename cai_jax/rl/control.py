@@ -10,6 +10,8 @@ import math
 
 import numpy as np
 
+from cai_jax.utils import InputError
+
 
 class FixedKLController:
   """β never changes."""
@@ -106,3 +108,52 @@ class RunningMeanStd:
     self.count = int(d["count"])
     self.mean = float(d["mean"])
     self.m2 = float(d["m2"])
+
+
+class AxisWeights:
+  """The RL reward of a PM with a head per axis: sum_a w_a (s_a - mean_a) / std_a,
+  each axis standardised by its own running statistics (which include the batch),
+  so that no axis dominates by the scale its head happened to learn."""
+
+  def __init__(self, names, weights, eps: float = 1e-8):
+    self.names = list(names)
+    self.weights = np.asarray(weights, np.float64)
+    self.stats = [RunningMeanStd(eps) for _ in self.names]
+
+  def __call__(self, scores_BxA) -> np.ndarray:
+    s = np.asarray(scores_BxA, np.float64)
+    out = np.zeros(s.shape[0], np.float64)
+    for j, st in enumerate(self.stats):
+      st.update(s[:, j])
+      out += self.weights[j] * st.normalize(s[:, j]).astype(np.float64)
+    return out.astype(np.float32)
+
+  def state_dict(self) -> dict:
+    return {n: st.state_dict() for n, st in zip(self.names, self.stats)}
+
+  def load_state_dict(self, d: dict) -> None:
+    for n, st in zip(self.names, self.stats):
+      st.load_state_dict(d[n])
+
+
+def parse_axis_weights(text: str, names, field: str = "ppo.axis_weights") -> list:
+  """"harm:1,helpfulness:0.5" -> one weight per name (unnamed axes 0); "" gives
+  every axis 1/A."""
+  names = list(names)
+  if not str(text).strip():
+    return [1.0 / len(names)] * len(names)
+  got = {}
+  for part in str(text).split(","):
+    name, sep, w = part.partition(":")
+    try:
+      if not sep:
+        raise ValueError
+      got[name.strip()] = float(w)
+    except ValueError:
+      raise InputError(f"config.{field}={text!r}: write axis:weight pairs, e.g. "
+                       f"{names[0]}:1,{names[-1]}:0.5") from None
+  bad = sorted(set(got) - set(names))
+  if bad:
+    raise InputError(f"config.{field}: {bad} are not axes of the preference model "
+                     f"({', '.join(names)})")
+  return [got.get(n, 0.0) for n in names]

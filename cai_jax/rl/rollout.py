@@ -84,6 +84,29 @@ class PMReward:
                               max_len=self.max_len)
 
 
+class AxisWeightedReward:
+  """The reward of a PM with a head per axis: its axes' scores combined by
+  `control.AxisWeights` (per-axis running standardisation, configured weights).
+  `last_metrics` holds each axis's mean raw score of the last batch."""
+
+  def __init__(self, pm_reward: PMReward, combine):
+    self.pm, self.combine = pm_reward, combine
+    self.params = pm_reward.params
+    self.last_metrics: dict = {}
+
+  def __call__(self, batch):
+    s = np.asarray(self.pm(batch), np.float64)
+    self.last_metrics = {f"score_{n}": float(s[:, j].mean())
+                         for j, n in enumerate(self.combine.names)}
+    return self.combine(s)
+
+  def state_dict(self) -> dict:
+    return self.combine.state_dict()
+
+  def load_state_dict(self, d: dict) -> None:
+    self.combine.load_state_dict(d)
+
+
 class AIReward:
   """The feedback model's judgement as the reward, with no PM (direct RLAIF).
 
@@ -287,6 +310,7 @@ class Rollout:
         "finished_fraction": float(finished_np.mean()),
         "sampler_logprob_gap": float(sampler_gap),
         **{k: float(v) for k, v in diag.items()},
+        **getattr(self.reward_fn, "last_metrics", {}),
     }
     timings["forward"] = clock() - t0
     timings["generated_tokens"] = int(lengths_np.sum())

@@ -229,13 +229,17 @@ class PPOTrainer:
     return models.unstack_layers(self._value_cfg_unrolled if value else self.sample_cfg, params)
 
   def controller_state(self) -> dict:
+    reward = self.rollout.reward_fn
     return {"kl": self.kl_ctl.state_dict(),
-            "normalizer": None if self.normalizer is None else self.normalizer.state_dict()}
+            "normalizer": None if self.normalizer is None else self.normalizer.state_dict(),
+            "reward": reward.state_dict() if hasattr(reward, "state_dict") else None}
 
   def load_controller_state(self, d: dict) -> None:
     self.kl_ctl.load_state_dict(d["kl"])
     if self.normalizer is not None and d.get("normalizer") is not None:
       self.normalizer.load_state_dict(d["normalizer"])
+    if d.get("reward") is not None:  # a reward's running statistics (per-axis PM)
+      self.rollout.reward_fn.load_state_dict(d["reward"])
 
   def iteration(self, state, prompt_tokens_BxP, prompt_mask_BxP, rng, prompts=None):
     """One rollout and one K-epoch update. Returns (state, metrics, transition).

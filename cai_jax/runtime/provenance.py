@@ -77,7 +77,7 @@ def flatten(d: dict, prefix: str = "") -> dict:
 LATER_FIELDS = {
     "ppo.algorithm": "ppo", "ppo.reward": "pm", "ppo.group_size": 4, "ppo.group_std": True,
     "ppo.kl_in": "reward", "frozen_dtype": "", "label.per_axis": False,
-    "pm.per_axis_heads": False, "pm.human_axis": "helpfulness",
+    "pm.per_axis_heads": False, "pm.human_axis": "helpfulness", "ppo.axis_weights": "",
     **{f"{s}.lora.{k}": v for s in ("sft", "ppo") for k, v in (
         ("rank", 0), ("alpha", 16.0), ("targets", ["q", "k", "v", "o", "gate", "up", "down"]))},
 }

@@ -5,10 +5,10 @@
   lps = sampling.score(cfg, params, tokenizer, prompts, continuations)
   lps = sampling.score_tokens(cfg, params, prompt_ids, cont_ids)
 """
-from cai_jax.sampling.api import (Completion, choose_buckets, completion_text, encode_prompt,
-                                  eos_ids_of, generate, left_pad,
-                                  generation_mesh, group_by_shape, pm_scores, scalar_scores,
-                                  score, score_tokens)
+from cai_jax.sampling.api import (Completion, choose_buckets, combine_axes, completion_text,
+                                  encode_prompt, eos_ids_of, generate, generation_mesh,
+                                  group_by_shape, left_pad, pm_scores, scalar_scores, score,
+                                  score_tokens)
 from cai_jax.sampling.sampler import (TRACE_COUNTS, PromptTooLongError, SampleOutput,
                                       bucket_length, compile_count, sample, shared_prefix_len)
 from cai_jax.sampling.stops import StopMatcher, from_strings, from_token_seqs, trim_at_stop

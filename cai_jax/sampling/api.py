@@ -322,9 +322,11 @@ def scalar_scores(cfg, params, transcript_ids: Sequence[Sequence[int]], *,
                        max_tokens: int = 8192, pad_id: int = 0,
                        progress=None) -> np.ndarray:
   """Scalar-head output at the last token of each id list: a PM's score of each
-  conversation encoded by `text.conversation` (whose last token is where it is read)."""
+  conversation encoded by `text.conversation` (whose last token is where it is read);
+  n x A for a PM with a head per axis (cfg.score_labels)."""
   keys = [bucket_length(len(t)) for t in transcript_ids]
-  out = np.zeros(len(transcript_ids), np.float64)
+  out = np.zeros((len(transcript_ids),) + ((len(cfg.score_labels),) if cfg.score_labels else ()),
+                 np.float64)
   for idx in group_by_shape(keys, max_tokens, lambda k: k):
     L = keys[idx[0]]
     toks = np.full((len(idx), L), pad_id, np.int32)
@@ -338,6 +340,16 @@ def scalar_scores(cfg, params, transcript_ids: Sequence[Sequence[int]], *,
     if progress is not None:
       progress(len(idx))
   return out
+
+
+def combine_axes(scores, weights=None) -> np.ndarray:
+  """One score per row from a PM with a head per axis (n x A): the weighted sum of
+  the axes (equal weights 1/A by default); one-dimensional scores are returned as they are."""
+  s = np.asarray(scores)
+  if s.ndim == 1:
+    return s
+  w = np.full(s.shape[1], 1.0 / s.shape[1]) if weights is None else np.asarray(weights, s.dtype)
+  return s @ w
 
 
 def pm_scores(cfg, params, encoder, prompts: Sequence, responses: Sequence[str], *,

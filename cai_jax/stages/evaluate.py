@@ -17,6 +17,7 @@ WORKDIR/evaluate/results.json, which the report renders.
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 
@@ -204,10 +205,37 @@ def _pm_section(config, workdir, models, snaps, prompts, responses, results):
   if "score_kernel" not in pm[1]:
     raise InputError(f"evaluate.pm: {pm_path} has no scalar head (score.weight); "
                      "point it at the PM stage's export (WORKDIR/pm)")
+  names = list(pm[0].score_labels)
+  weights = None
+  if names:  # a head per axis: the column is the axes' weighted sum, as PPO weighed them
+    from cai_jax.rl import control
+    weights = tuple(control.parse_axis_weights(
+        config.ppo.get("axis_weights", "") if "ppo" in config else "", names))
   j = judge_lib.Judge(pm[0], pm[1], pm[2], config.prompt_format, _pm_len(config),
-                      {"kind": "in-loop", "path": pm_path, "key": pm_path})
+                      {"kind": "in-loop", "path": pm_path, "key": pm_path}, weights=weights)
   _grade("in_loop_pm", j, config, workdir, prompts, responses, results)
   results["_pm"] = pm_path
+  if names:
+    for a, name in enumerate(names):
+      _grade(f"in_loop_pm_{name}", dataclasses.replace(j, column=a), config, workdir, prompts,
+             responses, results)
+    results["axes"] = axis_summary(names, weights, results)
+
+
+def axis_summary(names, weights, results) -> dict:
+  """Each axis's mean score per snapshot (harmless: red-team prompts, helpful:
+  helpfulness prompts) and the Pearson correlations between the axes over every
+  evaluated response."""
+  keys = [f"in_loop_pm_{n}" for n in names]
+  rows = [[v[k] for k in keys] for v in results["_rows"].values() if all(k in v for k in keys)]
+  x = np.asarray(rows, np.float64).reshape(-1, len(names))
+  corr = np.corrcoef(x, rowvar=False) if len(x) > 1 else np.full((len(names),) * 2, np.nan)
+  scores = {snap: {n: {kind: v[kind]["mean"] for kind in v}
+                   for n, v in ((n, results["judges"][k]["scores"][snap])
+                                for n, k in zip(names, keys))}
+            for snap in results["judges"][keys[0]]["scores"]}
+  return {"names": list(names), "weights": list(weights), "num_responses": len(x),
+          "correlation": np.atleast_2d(corr).tolist(), "scores": scores}
 
 
 def _feedback_section(config, models, snaps, prompts, responses, results):
@@ -273,7 +301,8 @@ def _mc_section(config, models, results):
     if results.get("_pm") and ec.mc_pm:
       cfg, params, tok = models.get(results["_pm"])
       r = multiple_choice.evaluate(cfg, params, tok, items, formulation="pm",
-                                   fmt=config.prompt_format, seed=config.seed)
+                                   fmt=config.prompt_format, seed=config.seed,
+                                   axis_weights=results.get("axes", {}).get("weights"))
       forms["PM"] = {k: r[k] for k in ("accuracy", "n", "chance", "ece")}
     out[name] = forms
   if out:

@@ -33,7 +33,7 @@ from cai_jax import feedback, interrupts, models, sampling as sampling_lib, shar
 from cai_jax.models import lora
 from cai_jax.data import prompts as prompts_lib
 from cai_jax.rl import config as rl_config
-from cai_jax.rl import prompt_mix, rollout as rollout_lib, trainer as trainer_lib
+from cai_jax.rl import control, prompt_mix, rollout as rollout_lib, trainer as trainer_lib
 from cai_jax.runtime import StageContext, stage_settings
 from cai_jax.sampling import bucket_length, eos_ids_of, from_strings
 from cai_jax.text import stop_strings
@@ -159,6 +159,10 @@ def run(config, workdir: str, reward_fn=None) -> dict:
     pm_params = models.drop_heads(pm_params, ("score",))
   if not critic:
     vcfg, vparams = None, None
+  elif pc.value_init == "pm" and pm_cfg.score_labels:
+    # A PM with a head per axis: its trunk, with a fresh scalar head for the value.
+    vcfg = pm_cfg.replace(score_labels=())
+    vparams = models.add_score_head(vcfg, models.drop_heads(pm_params, ()))
   elif pc.value_init == "pm":
     vcfg, vparams = pm_cfg, pm_params
   elif pc.value_init == "policy":
@@ -177,6 +181,10 @@ def run(config, workdir: str, reward_fn=None) -> dict:
     rcfg, rparams = models.frozen_copy(pm_cfg, pm_params, ctx.frozen_dtype)
     pm_sharded = sharding.shard_params(rparams, rcfg, mesh, rules)
     reward_fn = rollout_lib.PMReward(rcfg, pm_sharded, enc, eos, stops, pm_len)
+    if pm_cfg.score_labels:  # a head per axis: their weighted, standardised sum
+      names = list(pm_cfg.score_labels)
+      reward_fn = rollout_lib.AxisWeightedReward(reward_fn, control.AxisWeights(
+          names, control.parse_axis_weights(pc.axis_weights, names)))
 
   # Prompts: a fixed padded length, so every iteration reuses one compilation.
   limit = min(int(pc.max_prompt_tokens), pcfg.max_position_embeddings - int(pc.max_new_tokens))
