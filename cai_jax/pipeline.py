@@ -103,6 +103,17 @@ def sweep_rl(add) -> None:
   add(**{"ppo.reward": "ai", "ppo.value_init": "policy", "reuse_stages": RL_SHARED})
 
 
+def sweep_axes(add) -> None:
+  """One scalar PM against a PM with a head per constitution axis, the RL reward
+  weighing the axes two ways, all on the same per-axis labels (the scalar PM trains
+  on their mean): the later points link the first point's revise, sft and label.
+  Config modules expose it as `sweep_axes`."""
+  add(**{"label.per_axis": True})
+  for weights in ("", "harm:2,ethics:1,helpfulness:1"):
+    add(**{"label.per_axis": True, "pm.per_axis_heads": True, "ppo.axis_weights": weights,
+           "reuse_stages": ("revise", "sft", "label")})
+
+
 def validate(config) -> list[str]:
   """Checks what can be checked before any stage runs; returns the stage list."""
   stages = parse_stages(config.stages)

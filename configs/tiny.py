@@ -82,3 +82,9 @@ def sweep_rl(add):
   """PPO, GRPO, RLOO, soft DPO and the direct AI reward from the same SL-CAI model,
   labels and PM, compared by the held-out judge (`pipeline.sweep_rl`)."""
   pipeline.sweep_rl(add)
+
+
+def sweep_axes(add):
+  """A scalar PM against a head per constitution axis with two reward weightings,
+  on the same per-axis labels (`pipeline.sweep_axes`)."""
+  pipeline.sweep_axes(add)

@@ -15,9 +15,9 @@ from cai_jax import constitution, models, utils
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(workdir, *flags):
+def _run(workdir, *flags, stages="label,pm,ppo"):
   cmd = [sys.executable, "-m", "cai_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
-         "--config.stages=label,pm,ppo", *flags]
+         f"--config.stages={stages}", *flags]
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
   r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -28,12 +28,14 @@ def test_tiny_pipeline_per_axis_and_unchanged_without(tmp_path):
   plain = tmp_path / "plain.json"
   const = constitution.load("harmlessness")
   dataclasses.replace(const, axes=()).save(str(plain))
-  _run(tmp_path / "with_axes")
-  _run(tmp_path / "without_axes", f"--config.constitution={plain}")
-  for f in ("label/preferences.jsonl", "ppo/metrics.jsonl"):
+  # PPO reads the PM, not the constitution: equal PMs give equal RL runs.
+  _run(tmp_path / "with_axes", stages="label,pm")
+  _run(tmp_path / "without_axes", f"--config.constitution={plain}", stages="label,pm")
+  for f in ("label/preferences.jsonl", "pm/metrics.jsonl"):
     a = [json.loads(x) for x in open(tmp_path / "with_axes" / f)]
     b = [json.loads(x) for x in open(tmp_path / "without_axes" / f)]
-    strip = lambda rs: [{k: v for k, v in r.items() if not k.startswith(("time/", "tokens_per"))}  # noqa: E731
+    strip = lambda rs: [{k: v for k, v in r.items()  # noqa: E731
+                         if not k.startswith(("time", "tokens_per", "mfu", "steps_per"))}
                         for r in rs]
     assert strip(a) == strip(b), f
   _, pa = models.load_pretrained(str(tmp_path / "with_axes" / "pm" / "final"))
@@ -50,3 +52,27 @@ def test_tiny_pipeline_per_axis_and_unchanged_without(tmp_path):
   assert cfg.score_labels == tuple(names) and params["score_kernel"].shape[-1] == len(names)
   rows = list(utils.read_jsonl(str(w / "ppo" / "metrics.jsonl")))
   assert rows and all(f"score_{n}" in r for r in rows for n in names)
+
+
+@pytest.mark.parametrize("module", ["tiny", "demo"])
+def test_axes_sweep_points_are_valid_configs(module):
+  """--sweep=axes: a scalar PM and two per-axis weightings on shared per-axis labels;
+  every point is a config that validates (fields exist, weights name real axes)."""
+  import importlib.util
+  from cai_jax import pipeline
+  from cai_jax.rl import control
+  from cai_jax.runtime import checks
+  from cai_jax.tools.config_file import override
+  spec = importlib.util.spec_from_file_location("m", os.path.join(ROOT, "configs", f"{module}.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  points = []
+  mod.sweep_axes(lambda **kw: points.append(kw))
+  assert [p.get("pm.per_axis_heads", False) for p in points] == [False, True, True]
+  assert all(p["label.per_axis"] for p in points)
+  names = constitution.load("harmlessness").axis_names
+  for p in points:
+    c = override(mod.get_config(), p)
+    checks.check(c, pipeline.parse_stages(c.stages))  # fields and values (not the mesh)
+    control.parse_axis_weights(c.ppo.axis_weights, names)
+  assert points[1]["reuse_stages"] == points[2]["reuse_stages"] == ("revise", "sft", "label")
