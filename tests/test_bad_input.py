@@ -194,7 +194,7 @@ CASES = {
                              "no_such_constitution"),
     "choice_principles_number": (_const(lambda c: c.update(choice_principles=5)),
                                  "choice_principles"),
-    "choice_principles_absent": (_const(lambda c: c.pop("choice_principles")),
+    "choice_principles_absent": (_const(lambda c: (c.pop("choice_principles"), c.pop("axes"))),
                                  "no choice_principles"),
     "principles_empty": (_const(lambda c: c.update(principles=[])), "principles"),
     # prompt sets
