@@ -78,7 +78,8 @@ def settings(config, workdir: str) -> dict:
   const = constitution_lib.load(config.get("constitution", "harmlessness"))
   extra = {"constitution_sha": const.fingerprint()}
   if config.label.get("per_axis", False):
-    extra["per_axis_constitution_sha"] = const.axes_fingerprint()
+    # Named to sort after the config fields: a refused resume names the field first.
+    extra["sha_of_constitution_axes"] = const.axes_fingerprint()
   return stage_settings(config, workdir, STAGE, USES, VOLATILE, extra)
 
 

@@ -78,7 +78,8 @@ def settings(config, workdir: str) -> dict:
   extra = None
   if config.pm.get("per_axis_heads", False):  # the heads are the constitution's axes
     const = constitution_lib.load(config.get("constitution", "harmlessness"))
-    extra = {"per_axis_constitution_sha": const.axes_fingerprint()}
+    # Named to sort after the config fields: a refused resume names the field first.
+    extra = {"sha_of_constitution_axes": const.axes_fingerprint()}
   return stage_settings(config, workdir, STAGE, USES, VOLATILE, extra)
 
 
