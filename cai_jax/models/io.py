@@ -185,10 +185,15 @@ def params_from_hf_tensors(cfg: ModelConfig, t: dict, source: str):
   return params
 
 
+def _export_dtype(cfg: ModelConfig, dtype=None):
+  """The numpy dtype tensors are written in: `dtype`, else the params' own."""
+  dtype = np.dtype(dtype or cfg.param_dtype)
+  return ml_dtypes.bfloat16 if dtype == np.dtype(ml_dtypes.bfloat16) else dtype
+
+
 def params_to_hf_tensors(cfg: ModelConfig, params, dtype=None) -> dict[str, np.ndarray]:
   D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-  dtype = np.dtype(dtype or cfg.param_dtype)
-  dtype = ml_dtypes.bfloat16 if dtype == np.dtype(ml_dtypes.bfloat16) else dtype
+  dtype = _export_dtype(cfg, dtype)
 
   def c(a):
     return np.ascontiguousarray(np.asarray(a, dtype=np.float32).astype(dtype))
@@ -309,8 +314,7 @@ def save_peft_adapter(cfg: ModelConfig, params, out_dir: str, base_model: str,
   from cai_jax.models import lora
   params = jax.device_get(params)
   ad = params.get(lora.KEY, {})
-  dtype = np.dtype(dtype or cfg.param_dtype)
-  dtype = ml_dtypes.bfloat16 if dtype == np.dtype(ml_dtypes.bfloat16) else dtype
+  dtype = _export_dtype(cfg, dtype)
   targets, t, rank = set(), {}, 0
   for i in range(cfg.num_layers):
     for name, (block, kernel, _) in lora.TARGETS.items():

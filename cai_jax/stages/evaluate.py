@@ -230,10 +230,9 @@ def axis_summary(names, weights, results) -> dict:
   rows = [[v[k] for k in keys] for v in results["_rows"].values() if all(k in v for k in keys)]
   x = np.asarray(rows, np.float64).reshape(-1, len(names))
   corr = np.corrcoef(x, rowvar=False) if len(x) > 1 else np.full((len(names),) * 2, np.nan)
-  scores = {snap: {n: {kind: v[kind]["mean"] for kind in v}
-                   for n, v in ((n, results["judges"][k]["scores"][snap])
-                                for n, k in zip(names, keys))}
-            for snap in results["judges"][keys[0]]["scores"]}
+  per_axis = {n: results["judges"][k]["scores"] for n, k in zip(names, keys)}
+  scores = {snap: {n: {kind: v["mean"] for kind, v in per_axis[n][snap].items()} for n in names}
+            for snap in per_axis[names[0]]}
   return {"names": list(names), "weights": list(weights), "num_responses": len(x),
           "correlation": np.atleast_2d(corr).tolist(), "scores": scores}
 
