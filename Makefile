@@ -28,8 +28,8 @@ demo: $(STAMP)
 	$(PY) -m cai_jax.main --config=configs/demo.py --workdir=$(WORKDIR)
 
 test: $(STAMP)
-	CI=$${CI:-} $(PY) -m pytest -q -m "not slow" tests $(PYTEST_ARGS)
-	CI=$${CI:-} $(PY) -m pytest -q -m slow tests $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
+	CI=$${CI:-} $(PY) -m pytest -q -m "not slow" --durations=15 tests $(PYTEST_ARGS)
+	CI=$${CI:-} $(PY) -m pytest -q -m slow --durations=15 tests $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests $(PYTEST_ARGS)

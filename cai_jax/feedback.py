@@ -355,3 +355,27 @@ def make_labeller(fmt: str, lc, cfg, params, tokenizer, const, mesh=None, batch_
                      "axes (an \"axes\" object, constitutions/README.md), or per_axis=False")
   return AxisLabeller({name: Labeller(cfg, params, tokenizer, prompter, const.for_axis(name), lc,
                                       mesh, batch_size) for name in const.axis_names})
+
+
+def sample_and_label(cfg, params, tokenizer, fmt: str, labeller, prompts: Sequence[dict], lc,
+                     key, batch_size: int, mesh=None) -> list:
+  """The label stage's comparisons for `prompts` ({id, messages}): the policy (cfg,
+  params) answers each prompt twice at the label section's temperature and budget,
+  and `labeller` judges each pair. Every draw comes from `key`, so a chunk of the
+  label stage or a refresh of online RLAIF gives the same records when rerun.
+
+  Returns {id, prompt, response_a, response_b, <the labeller's fields>} per prompt."""
+  import jax
+  from cai_jax import sampling
+  k_resp, k_label, k_rng = jax.random.split(key, 3)
+  msgs = [it["messages"] for it in prompts]
+  comps = sampling.generate(cfg, params, tokenizer, [m for m in msgs for _ in range(2)],
+                            fmt=fmt, max_new_tokens=int(lc.max_new_tokens),
+                            temperature=float(lc.temperature), top_p=float(lc.top_p),
+                            seed=sampling.key_seed(k_resp), batch_size=batch_size, mesh=mesh,
+                            progress=False, truncate_long_prompts=True, desc="responses")
+  pairs = [{"id": it["id"], "prompt": it["messages"],
+            "response_a": comps[2 * j].text.strip(),
+            "response_b": comps[2 * j + 1].text.strip()} for j, it in enumerate(prompts)]
+  labels = labeller(pairs, np.random.default_rng(sampling.key_seed(k_rng)), sampling.key_seed(k_label))
+  return [dict(p, **lab) for p, lab in zip(pairs, labels)]

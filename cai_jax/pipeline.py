@@ -114,6 +114,16 @@ def sweep_axes(add) -> None:
            "reuse_stages": ("revise", "sft", "label")})
 
 
+def sweep_online(add) -> None:
+  """The PM trained once (the paper) against refreshed on the current policy's
+  labelled samples every K RL iterations (`ppo.online`), from one SL-CAI model,
+  one set of AI labels and one starting PM: the later points link the first
+  point's revise, sft, label and pm. Config modules expose it as `sweep_online`."""
+  add(**{"ppo.online.refresh_every": 0})
+  for k in (2, 1):
+    add(**{"ppo.online.refresh_every": k, "reuse_stages": RL_SHARED})
+
+
 def validate(config) -> list[str]:
   """Checks what can be checked before any stage runs; returns the stage list."""
   stages = parse_stages(config.stages)
@@ -155,7 +165,9 @@ def validate(config) -> list[str]:
 def _check_inputs(config, stages) -> None:
   """The constitution and prompt sets the configured stages will read, loaded now, so
   that a gap is found before the first stage rather than in a later one."""
-  ai_reward = "ppo" in stages and str(config.ppo.reward) == "ai"
+  # ppo.reward=ai and online refreshes label with the constitution's choice principles.
+  ai_reward = "ppo" in stages and (str(config.ppo.reward) == "ai"
+                                   or int(config.ppo.online.refresh_every) > 0)
   if {"revise", "label", "evaluate"} & set(stages) or ai_reward:
     from cai_jax import constitution
     const = constitution.load(config.constitution)

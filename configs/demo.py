@@ -68,6 +68,12 @@ def get_config(arg=None):
   c.ppo.policy_optim.learning_rate = 2e-6  # small steps: 4 iterations only
   c.ppo.checkpoint_every = 2     # checkpoint every other iteration (a save costs ~10 s here)
   c.ppo.log_samples_every = 2    # sample responses in the log / report
+  # Online RLAIF (--sweep=online, off by default): each refresh labels 8 fresh pairs from
+  # the current policy and trains the PM 4 steps at the PM stage's rate.
+  c.ppo.online.prompts_per_refresh = 8
+  c.ppo.online.pm_steps = 4
+  c.ppo.online.pm_batch_size = 4
+  c.ppo.online.pm_optim.learning_rate = 1e-4
 
   c.dpo.max_len = 160            # as the PM: prompt + a 48-token response
   c.dpo.batch_size = 4           # pairs per step
@@ -142,6 +148,12 @@ def sweep_rl(add):
   """PPO, GRPO, RLOO, soft DPO and the direct AI reward from the same SL-CAI model,
   labels and PM, compared by the held-out judge (`pipeline.sweep_rl`)."""
   pipeline.sweep_rl(add)
+
+
+def sweep_online(add):
+  """The PM trained once against refreshed every 2 and every iteration on the
+  current policy's labelled samples (`pipeline.sweep_online`)."""
+  pipeline.sweep_online(add)
 
 
 def sweep_axes(add):

@@ -51,6 +51,9 @@ def get_config(arg=None):
   c.ppo.checkpoint_every = 1     # a checkpoint every iteration (exercises resume)
   c.ppo.log_samples_every = 1    # log samples every iteration
   c.ppo.tensorboard = False
+  c.ppo.online.prompts_per_refresh = 4  # online RLAIF (--sweep=online): 4 fresh pairs,
+  c.ppo.online.pm_steps = 2             # two PM steps of 2 pairs per refresh
+  c.ppo.online.pm_batch_size = 2
 
   c.dpo.max_len = 128            # tokens per prompt + response row
   c.dpo.batch_size = 2           # pairs per step
@@ -82,6 +85,12 @@ def sweep_rl(add):
   """PPO, GRPO, RLOO, soft DPO and the direct AI reward from the same SL-CAI model,
   labels and PM, compared by the held-out judge (`pipeline.sweep_rl`)."""
   pipeline.sweep_rl(add)
+
+
+def sweep_online(add):
+  """The PM trained once against refreshed every 2 and every iteration on the
+  current policy's labelled samples (`pipeline.sweep_online`)."""
+  pipeline.sweep_online(add)
 
 
 def sweep_axes(add):

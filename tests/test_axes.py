@@ -43,8 +43,9 @@ def test_tiny_pipeline_per_axis_and_unchanged_without(tmp_path):
   np.testing.assert_array_equal(pa["score_kernel"], pb["score_kernel"])
 
   w = tmp_path / "per_axis"
+  # With online refresh: each refresh labels per axis and trains every head.
   _run(w, "--config.label.per_axis=True", "--config.pm.per_axis_heads=True",
-       "--config.ppo.axis_weights=harm:1,helpfulness:0.5")
+       "--config.ppo.axis_weights=harm:1,helpfulness:0.5", "--config.ppo.online.refresh_every=1")
   names = const.axis_names
   recs = list(utils.read_jsonl(str(w / "label" / "preferences.jsonl")))
   assert recs and all(list(r["axes"]) == names for r in recs)
@@ -52,6 +53,13 @@ def test_tiny_pipeline_per_axis_and_unchanged_without(tmp_path):
   assert cfg.score_labels == tuple(names) and params["score_kernel"].shape[-1] == len(names)
   rows = list(utils.read_jsonl(str(w / "ppo" / "metrics.jsonl")))
   assert rows and all(f"score_{n}" in r for r in rows for n in names)
+  # Two iterations: one refresh, after the first; its labels carry every axis.
+  assert [r.get("online/refresh") for r in rows] == [1, None]
+  assert all(f"online/before_loss_{n}" in rows[0] for n in names)
+  fresh = list(utils.read_jsonl(str(w / "ppo" / "online_labels.jsonl")))
+  assert len(fresh) == 4 and all(list(r["axes"]) == names for r in fresh)
+  pm_cfg, _ = models.load_pretrained(str(w / "ppo" / "pm_final"))
+  assert pm_cfg.score_labels == tuple(names)
 
 
 @pytest.mark.parametrize("module", ["tiny", "demo"])

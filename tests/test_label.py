@@ -136,7 +136,7 @@ def test_soft_label_is_softmax_of_option_logprobs_real_tiny_model(tmp_path, tok)
     key = jax.random.fold_in(jax.random.PRNGKey(5), 0)
     _, k_label, k_rng = jax.random.split(key, 3)
     got = lab([{"prompt": r["prompt"], "response_a": r["response_a"],
-                "response_b": r["response_b"]}], np.random.default_rng(label._seed(k_rng)), 0)
+                "response_b": r["response_b"]}], np.random.default_rng(sampling.key_seed(k_rng)), 0)
   finally:
     feedback.Prompter.label = orig
   assert got[0]["principle_ids"] == r["principle_ids"]

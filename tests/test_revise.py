@@ -11,6 +11,7 @@ import ml_collections
 import pytest
 
 from cai_jax import constitution as C
+from cai_jax import sampling
 from cai_jax.data import prompts as prompts_lib
 from cai_jax.stages import revise
 from cai_jax.utils import InputError, read_jsonl
@@ -51,7 +52,7 @@ class FakeSampler:
     FakeSampler.calls.append(list(prompts))
     if FakeSampler.fail_after is not None and len(FakeSampler.calls) > FakeSampler.fail_after:
       raise KeyboardInterrupt("simulated crash")
-    seed = revise._seed(key)
+    seed = sampling.key_seed(key)
     return [f"ans-{hashlib.sha1(f'{i}|{p}|{seed}'.encode()).hexdigest()[:10]}"
             for i, p in enumerate(prompts)]
 

@@ -255,8 +255,29 @@ class _Report:
           self.add("KL panels: `kl` is the k1 estimate (mean log-ratio of policy to reference "
                    "over the response), which can dip below 0 on a batch; `kl_k3` is the "
                    "non-negative k3 estimate. Both in nats per sequence.\n")
+      if stage == "ppo" and info.get("online"):
+        self.online()
       keys = list(nums.items())[:4]
       self.summary.append(f"{title}: " + (", ".join(f"{k}={_fmt(v)}" for k, v in keys) or "done") + ".")
+
+  def online(self):
+    """Online RLAIF: the PM on each refresh's fresh labels, before and after training."""
+    recs = [r for r in _records(utils.join(self.workdir, "ppo", "metrics.jsonl"))
+            if "online/refresh" in r]
+    if not recs:
+      return
+    self.add("### PM refreshes (online RLAIF)\n")
+    self.add("Each refresh labels fresh pairs sampled from the current policy. *Before* is "
+             "the PM's agreement with those labels as RL had left it (how far the policy "
+             "had drifted from what the PM knew); *after* is once trained on them. Accuracy "
+             "counts pairs whose label is not 0.5; a feedback model at chance gives labels "
+             "near 0.5, which no PM can agree with beyond chance.\n")
+    self.add(_table(["refresh", "after iteration", "new labels", "mean confidence",
+                     "accuracy before", "loss before", "accuracy after", "loss after"],
+                    [[r["online/refresh"], r.get("iteration"), r.get("online/new_labels"),
+                      r.get("online/mean_confidence"), r.get("online/before_accuracy"),
+                      r.get("online/before_loss"), r.get("online/after_accuracy"),
+                      r.get("online/after_loss")] for r in recs]))
 
   def _curves(self, stage: str) -> dict:
     path = utils.join(self.workdir, stage, "metrics.jsonl")
@@ -602,6 +623,17 @@ def write_sweep_summary(workdir: str, runs: list) -> str:
                      "resident (GiB)"],
                     [[r[0], r[7], r[8], r[9], "n/a" if r[10] is None else r[10], r[12], r[11]]
                      for r in rows]), ""]
+  online = [(run[0], _load_json(utils.join(run[1], "ppo", "DONE"), {}).get("online"))
+            for run in runs]
+  if any(o for _, o in online):
+    text += ["Online RLAIF: the PM's accuracy on each refresh's fresh labels before and "
+             "after training on them (the refresh's section of each point's report has "
+             "the losses).", "",
+             _table(["point", "refreshes", "accuracy before", "accuracy after"],
+                    [[name, (o or {}).get("refreshes", 0),
+                      ", ".join(_fmt(x) for x in (o or {}).get("accuracy_before", [])) or "-",
+                      ", ".join(_fmt(x) for x in (o or {}).get("accuracy_after", [])) or "-"]
+                     for name, o in online]), ""]
   text += [f"- [{r[0]}]({plots.rel(utils.join(run[1], 'report.md'), workdir)})"
            for r, run in zip(rows, runs)]
   if series:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import ml_collections
 
 from cai_jax.models import lora
+from cai_jax.rl import online
 from cai_jax.training import optim
 
 
@@ -60,6 +61,9 @@ def ppo_section() -> ml_collections.ConfigDict:
   c.init_from = ""              # policy / reference: "" = WORKDIR/sft (when sft runs or ran),
                                 # else config.model (any form of cai_jax.roles)
   c.pm = ""                     # preference model (reward "pm"): "" = WORKDIR/pm
+  c.online = online.default_config()  # online iterated RLAIF: online.refresh_every K > 0
+                                # refreshes the PM on the current policy's labelled samples
+                                # every K iterations (cai_jax/rl/online.py)
   c.value_init = "pm"           # ppo: value model starts from "pm" or "policy" (new zero score head)
   c.checkpoint_every = 10       # iterations between checkpoints (and at the end)
   c.keep_checkpoints = 2        # checkpoints kept

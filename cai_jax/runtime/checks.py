@@ -98,7 +98,13 @@ RULES = {
             "policy_optim": OPTIM, "value_optim": OPTIM, "train_top_layers": ALL_OR_POSITIVE,
             "value_init": one_of("pm", "policy"), "checkpoint_every": POSITIVE,
             "keep_checkpoints": POSITIVE, "pm_max_len": NONNEG, "log_samples_every": NONNEG,
-            "num_logged_samples": NONNEG},
+            "num_logged_samples": NONNEG,
+            "online": {"refresh_every": NONNEG, "prompts_per_refresh": POSITIVE,
+                       "pm_steps": POSITIVE, "pm_batch_size": POSITIVE,
+                       "replay_ratio": NONNEG_FLOAT,
+                       "human_fraction": Rule(lambda v: _num(v) and (v == -1 or 0 <= v <= 1),
+                                              "-1 (config.pm's) or in [0, 1]"),
+                       "pm_optim": OPTIM}},
     "dpo": {**TRAIN, "human_fraction": FRACTION, "max_human_pairs": ALL_OR_POSITIVE,
             "loss": one_of("soft", "dpo", "ipo"), "beta": POS_FLOAT,
             "max_eval_pairs": ALL_OR_POSITIVE},
@@ -146,6 +152,11 @@ def check_section(name: str, section) -> None:
     if section.batch_size % section.group_size:
       raise InputError(f"config.ppo.batch_size={section.batch_size} is not a multiple of "
                        f"config.ppo.group_size={section.group_size}; make it a multiple")
+  if name == "ppo" and int(section.get("online", {}).get("refresh_every", 0)) > 0 and \
+      section.reward != "pm":
+    raise InputError(f"config.ppo.online.refresh_every={section.online.refresh_every}: "
+                     f"refreshes train a preference model, which ppo.reward={section.reward!r} "
+                     "has none of; use ppo.reward=pm or refresh_every=0")
   if name == "generate_prompts" and section.min_chars > section.max_chars:
     raise InputError(f"config.generate_prompts.min_chars={section.min_chars} exceeds max_chars="
                      f"{section.max_chars}; lower min_chars or raise max_chars")
@@ -179,9 +190,13 @@ def check_mesh(config, sections: dict) -> None:
     raise InputError(f"config.mesh.ici={ici!r}: {e}; give (data, fsdp, tensor) with one -1 "
                      "to fill the devices, e.g. (-1, 1, 1)") from None
   d = shd.batch_divisor(mesh, shd.rules_from_config(config))
-  for stage in ("sft", "pm"):
-    if stage in sections and int(sections[stage].batch_size) % d:
-      raise InputError(f"config.{stage}.batch_size={sections[stage].batch_size}: must be a "
+  batches = {f"{s}.batch_size": sections[s].batch_size for s in ("sft", "pm") if s in sections}
+  online = sections["ppo"].get("online", None) if "ppo" in sections else None
+  if online is not None and int(online.refresh_every) > 0:
+    batches["ppo.online.pm_batch_size"] = online.pm_batch_size
+  for field, size in batches.items():
+    if int(size) % d:
+      raise InputError(f"config.{field}={size}: must be a "
                        f"multiple of the data-parallel size {d} of mesh {dict(mesh.shape)}")
   from cai_jax.training.accumulate import valid_counts
   for stage in ("sft", "pm", "dpo", "ppo"):

@@ -78,6 +78,7 @@ LATER_FIELDS = {
     "ppo.algorithm": "ppo", "ppo.reward": "pm", "ppo.group_size": 4, "ppo.group_std": True,
     "ppo.kl_in": "reward", "frozen_dtype": "", "label.per_axis": False,
     "pm.per_axis_heads": False, "pm.human_axis": "helpfulness", "ppo.axis_weights": "",
+    "ppo.online.refresh_every": 0,
     **{f"{s}.lora.{k}": v for s in ("sft", "ppo") for k, v in (
         ("rank", 0), ("alpha", 16.0), ("targets", ["q", "k", "v", "o", "gate", "up", "down"]))},
 }
@@ -110,6 +111,9 @@ def check(stage_dir: str, stage: str, settings: dict) -> None:
   diffs = differences(old, settings)
   if not diffs:
     return
+  # Fields whose value changed first: a switch that brings in a section's other
+  # fields (<unset> before) is the change to name.
+  diffs.sort(key=lambda d: d[1] == "<unset>" or d[2] == "<unset>")
   shown = "; ".join(f"{k}: {_short(a)} -> {_short(b)}" for k, a, b in diffs[:4])
   more = f" (and {len(diffs) - 4} more)" if len(diffs) > 4 else ""
   state = "finished" if utils.is_done(stage_dir) else "started"

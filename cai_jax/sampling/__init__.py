@@ -10,5 +10,5 @@ from cai_jax.sampling.api import (Completion, choose_buckets, combine_axes, comp
                                   group_by_shape, left_pad, pm_scores, scalar_scores, score,
                                   score_tokens)
 from cai_jax.sampling.sampler import (TRACE_COUNTS, PromptTooLongError, SampleOutput,
-                                      bucket_length, compile_count, sample, shared_prefix_len)
+                                      bucket_length, compile_count, key_seed, sample, shared_prefix_len)
 from cai_jax.sampling.stops import StopMatcher, from_strings, from_token_seqs, trim_at_stop

@@ -119,6 +119,11 @@ def _first_true_or_last(cond_WxB, nonzero_WxB):
   return jnp.where(first < W, first, jnp.maximum(last_nz, 0))
 
 
+def key_seed(key) -> int:
+  """An int seed drawn from a PRNG key (the sampler's `seed`, a numpy Generator's)."""
+  return int(jax.random.randint(key, (), 0, 2**31 - 1))
+
+
 def row_keys(rng, ids_B):
   """Each row's own key: fold_in(rng, its id). A row's samples then depend on
   its id and the seed only, not on the batch, slot or shard it ran in."""

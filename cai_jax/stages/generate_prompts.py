@@ -212,7 +212,7 @@ def run(config, workdir: str) -> dict:
     comps = sampling.generate(cfg, params, tok, prompts, fmt="chat",
                               max_new_tokens=int(gc.max_new_tokens),
                               temperature=float(gc.temperature), top_p=float(gc.top_p),
-                              stop=stop, seed=int(jax.random.randint(key, (), 0, 2**31 - 1)),
+                              stop=stop, seed=sampling.key_seed(key),
                               batch_size=int(gc.batch_size), mesh=mesh, progress=False,
                               truncate_long_prompts=True)
     return [{"text": c.text} for c in comps]

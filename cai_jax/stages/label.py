@@ -83,10 +83,6 @@ def settings(config, workdir: str) -> dict:
   return stage_settings(config, workdir, STAGE, USES, VOLATILE, extra)
 
 
-def _seed(key) -> int:
-  return int(jax.random.randint(key, (), 0, 2**31 - 1))
-
-
 def run(config, workdir: str) -> dict:
   """Runs (or resumes) the label stage into WORKDIR/label; returns summary numbers."""
   ctx = StageContext(config, workdir, STAGE, default_config())
@@ -117,20 +113,9 @@ def run(config, workdir: str) -> dict:
   chunks = runners.chunk_list("preferences", red, lc.chunk_size)
 
   def make(chunk):
-    items = chunk.items
     shortened, first = labeller.prompter.shortened, len(labeller.first_position)
-    k_resp, k_label, k_rng = jax.random.split(jax.random.fold_in(root, chunk.index), 3)
-    msgs = [it["messages"] for it in items]
-    comps = sampling.generate(pcfg, pparams, ptok, [m for m in msgs for _ in range(2)], fmt=ctx.fmt,
-                              max_new_tokens=int(lc.max_new_tokens),
-                              temperature=float(lc.temperature), top_p=float(lc.top_p),
-                              seed=_seed(k_resp), batch_size=batch_size, mesh=mesh,
-                              progress=False, truncate_long_prompts=True, desc="responses")
-    pairs = [{"id": it["id"], "prompt": it["messages"],
-              "response_a": comps[2 * j].text.strip(),
-              "response_b": comps[2 * j + 1].text.strip()} for j, it in enumerate(items)]
-    labels = labeller(pairs, np.random.default_rng(_seed(k_rng)), _seed(k_label))
-    recs = [dict(p, **lab) for p, lab in zip(pairs, labels)]
+    recs = feedback.sample_and_label(pcfg, pparams, ptok, ctx.fmt, labeller, chunk.items, lc,
+                                     jax.random.fold_in(root, chunk.index), batch_size, mesh)
     return recs, {"shortened": labeller.prompter.shortened - shortened,
                   "first_position": labeller.first_position[first:]}
 

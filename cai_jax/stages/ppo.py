@@ -33,11 +33,12 @@ from cai_jax import feedback, interrupts, models, sampling as sampling_lib, shar
 from cai_jax.models import lora
 from cai_jax.data import prompts as prompts_lib
 from cai_jax.rl import config as rl_config
-from cai_jax.rl import control, prompt_mix, rollout as rollout_lib, trainer as trainer_lib
+from cai_jax.rl import control, online as online_lib, prompt_mix, rollout as rollout_lib
+from cai_jax.rl import trainer as trainer_lib
 from cai_jax.runtime import StageContext, stage_settings
 from cai_jax.sampling import bucket_length, eos_ids_of, from_strings
 from cai_jax.text import stop_strings
-from cai_jax.training import fit as fit_lib, state as state_lib
+from cai_jax.training import fit as fit_lib, preferences, state as state_lib
 from cai_jax.utils import InputError
 
 STAGE = "ppo"
@@ -56,14 +57,47 @@ LABEL_UNUSED = ("policy", "max_new_tokens", "temperature", "top_p", "split", "ba
                 "score_tokens", "chunk_size", "write_tfds", "progress", "per_axis")
 
 
+# Fields of config.label that do not change an online refresh's labels (the pairs are
+# the current policy's; the labeller is per axis exactly when the PM is).
+ONLINE_LABEL_UNUSED = ("policy", "split", "batch_size", "score_tokens", "chunk_size",
+                       "write_tfds", "progress", "per_axis")
+
+
 def settings(config, workdir: str) -> dict:
-  extra = None
-  if "ppo" in config and str(config.ppo.get("reward", "pm")) == "ai":
-    # The reward is the feedback model's answer to the label stage's question.
+  extra = {}
+  pc = config.get("ppo", ml_collections.ConfigDict())
+  if str(pc.get("reward", "pm")) == "ai" or online_lib.enabled(pc):
     const = constitution_lib.load(config.get("constitution", "harmlessness"))
-    extra = {"ai_reward": stage_settings(config, workdir, "label", ("feedback_model",),
-                                         LABEL_UNUSED, {"constitution_sha": const.fingerprint()})}
-  return stage_settings(config, workdir, STAGE, USES, VOLATILE, extra)
+    sha = {"constitution_sha": const.fingerprint()}
+  if str(pc.get("reward", "pm")) == "ai":
+    # The reward is the feedback model's answer to the label stage's question.
+    extra["ai_reward"] = stage_settings(config, workdir, "label", ("feedback_model",),
+                                        LABEL_UNUSED, sha)
+  if online_lib.enabled(pc):
+    # Refreshes label as the label stage does and mix in the PM stage's human data
+    # (named to sort after the config fields: a refused resume names the field first).
+    extra["refresh_labels"] = stage_settings(config, workdir, "label", ("feedback_model",),
+                                            ONLINE_LABEL_UNUSED, sha)
+    pm = config.get("pm", ml_collections.ConfigDict())
+    extra["refresh_data"] = {k: preferences_settings(pm, k) for k in PM_DEFAULTS
+                            if k != "calibration_bins"}
+  return stage_settings(config, workdir, STAGE, USES, volatile(config), extra or None)
+
+
+def volatile(config) -> tuple:
+  """The section's fields that change none of the stage's results under `config`."""
+  return VOLATILE + online_lib.unused_fields(config.get("ppo", ml_collections.ConfigDict()))
+
+
+# What a refresh reads from config.pm (the replay labels and the human comparisons),
+# with the PM stage's defaults for a config without that section.
+PM_DEFAULTS = {"preferences": "", "human_data": (), "max_human_pairs": -1,
+               "human_fraction": 0.5, "human_axis": "helpfulness", "calibration_bins": 10}
+
+
+def preferences_settings(pm, field: str):
+  value = pm.get(field, PM_DEFAULTS[field])
+  return list(value) if isinstance(value, (tuple, list)) else value
 
 
 def baselines(ctx, cfg, params, tok, prompts: list) -> dict:
@@ -177,10 +211,19 @@ def run(config, workdir: str, reward_fn=None) -> dict:
     if vparams is not None:
       vparams = lora.add(vparams, int(lc.rank), float(lc.alpha), tuple(lc.targets),
                          jax.random.PRNGKey(ctx.seed + 5))
+  online = online_lib.enabled(pc)
+  if online and (reward_fn is not None or ai_reward):
+    raise InputError("config.ppo.online.refresh_every needs the preference-model reward "
+                     "(ppo.reward=pm): there is no PM to refresh; set refresh_every=0")
+  refresher = None
   if reward_fn is None and not ai_reward:
-    rcfg, rparams = models.frozen_copy(pm_cfg, pm_params, ctx.frozen_dtype)
-    pm_sharded = sharding.shard_params(rparams, rcfg, mesh, rules)
-    reward_fn = rollout_lib.PMReward(rcfg, pm_sharded, enc, eos, stops, pm_len)
+    if online:  # the reward reads the PM as the refreshes train it (float32)
+      refresher = _online_pm(ctx, config, pm_cfg, pm_params, enc, mesh, rules, pm_len)
+      reward_fn = rollout_lib.PMReward(pm_cfg, refresher.params, enc, eos, stops, pm_len)
+    else:
+      rcfg, rparams = models.frozen_copy(pm_cfg, pm_params, ctx.frozen_dtype)
+      pm_sharded = sharding.shard_params(rparams, rcfg, mesh, rules)
+      reward_fn = rollout_lib.PMReward(rcfg, pm_sharded, enc, eos, stops, pm_len)
     if pm_cfg.score_labels:  # a head per axis: their weighted, standardised sum
       names = list(pm_cfg.score_labels)
       reward_fn = rollout_lib.AxisWeightedReward(reward_fn, control.AxisWeights(
@@ -230,6 +273,8 @@ def run(config, workdir: str, reward_fn=None) -> dict:
   resident = {"train_state": state_lib.tree_bytes(state),
               "reference": state_lib.tree_bytes(trainer.rollout.ref_params),
               "reward_model": state_lib.tree_bytes(reward_model)}
+  if online:  # the refreshed PM's optimizer moments (its params are the reward's)
+    resident["online_pm_optimizer"] = state_lib.tree_bytes(refresher.state.opt_state)
   rng = jax.random.PRNGKey(ctx.seed)
 
   mngr = ctx.checkpoint_manager(keep=int(pc.keep_checkpoints), async_save=False)
@@ -238,7 +283,14 @@ def run(config, workdir: str, reward_fn=None) -> dict:
   start = 0
   latest = mngr.latest_step()
   if latest is not None:
-    state, data = mngr.restore(latest, target=state)
+    if online:
+      saved, data = mngr.restore(latest, target=dict(state, online_pm=refresher.state))
+      refresher.state = saved.pop("online_pm")
+      refresher.load_state_dict(data["online"])
+      online_lib.point_reward(reward_fn, refresher.params)
+      state = saved
+    else:
+      state, data = mngr.restore(latest, target=state)
     trainer.load_controller_state(data["controller"])
     mix.load_state_dict(data["prompts"])
     rng = jax.numpy.asarray(np.asarray(data["rng"], np.uint32))
@@ -259,8 +311,12 @@ def run(config, workdir: str, reward_fn=None) -> dict:
         reward_fn.step = it
       state, m, tr = trainer.iteration(state, toks, mask, key,
                                        prompts=[p["messages"] for p in batch])
-      metrics.write(it, m)
       texts = _sample_texts(reward_fn, tok, tr, eos, stops)
+      if online and refresher.due(it, total):
+        m.update(refresher.refresh(it, pcfg, lora.merge(trainer.unrolled(state["policy"])),
+                                   tok))
+        online_lib.point_reward(reward_fn, refresher.params)
+      metrics.write(it, m)
       _log_samples(samples, metrics, batch, tr, texts, it, pc)
       bar.set_postfix(reward=f"{m['reward']:.3f}", kl=f"{m['kl']:.2f}", beta=f"{m['beta']:.3g}")
       bar.update(1)
@@ -269,9 +325,11 @@ def run(config, workdir: str, reward_fn=None) -> dict:
       if it % int(pc.checkpoint_every) == 0 or it == total or signum is not None:
         metrics.flush()
         samples.flush()
-        mngr.save(it, state, {"iteration": it, "controller": trainer.controller_state(),
-                              "prompts": mix.state_dict(),
-                              "rng": np.asarray(jax.device_get(rng)).tolist()}, force=True)
+        extra = {"online": refresher.state_dict()} if online else {}
+        mngr.save(it, dict(state, online_pm=refresher.state) if online else state,
+                  {"iteration": it, "controller": trainer.controller_state(),
+                   "prompts": mix.state_dict(), **extra,
+                   "rng": np.asarray(jax.device_get(rng)).tolist()}, force=True)
       if signum is not None and it < total:
         raise interrupts.Interrupted(signum, f"ppo at iteration {it}")
   finally:
@@ -286,6 +344,8 @@ def run(config, workdir: str, reward_fn=None) -> dict:
     ctx.export_adapter(pcfg, policy, policy_spec)
   if critic:
     ctx.export(vcfg, lora.merge(trainer.unrolled(state["value"], value=True)), tok, "value_final")
+  if online:  # the PM as the last refresh left it, loadable wherever a PM is
+    ctx.export(pm_cfg, refresher.params, tok, "pm_final")
   rows = list(utils.read_jsonl(ctx.path("metrics.jsonl"))) if utils.exists(
       ctx.path("metrics.jsonl")) else []
   if ctx.is_main:
@@ -308,7 +368,53 @@ def run(config, workdir: str, reward_fn=None) -> dict:
                      for k in ("time/generate", "time/reward", "time/forward", "time/train",
                                "time/iteration") if rows and all(k in r for r in rows)},
   }
+  if online:
+    refreshes = [r for r in rows if "online/refresh" in r]
+    summary["online"] = {
+        "refreshes": len(refreshes),
+        "labels": sum(int(r["online/new_labels"]) for r in refreshes),
+        # The PM's accuracy on each refresh's fresh labels, before and after training on them.
+        "accuracy_before": [r.get("online/before_accuracy") for r in refreshes],
+        "accuracy_after": [r.get("online/after_accuracy") for r in refreshes]}
   return ctx.finish(summary)
+
+
+def _online_pm(ctx, config, pm_cfg, pm_params, enc, mesh, rules, pm_len):
+  """The refreshed PM (`rl.online.OnlinePM`): its feedback model, its prompts, the
+  label stage's comparisons to replay and the PM stage's human comparisons."""
+  pc = ctx.section
+  if "label" not in config:
+    raise InputError("config.ppo.online: refreshes label as the label stage does; the config "
+                     "needs a label section (configs/demo.py has one)")
+  pm = ml_collections.ConfigDict(dict(PM_DEFAULTS, **{
+      k: config.pm[k] for k in PM_DEFAULTS if "pm" in config and k in config.pm}))
+  fcfg, fparams, ftok = ctx.load(ctx.role_spec("feedback"), field="feedback_model",
+                                 seed_offset=2)
+  fcfg, fparams = models.frozen_copy(fcfg, fparams, ctx.frozen_dtype)
+  const = constitution_lib.load(config.get("constitution", "harmlessness"))
+  batch = int(config.label.batch_size)
+  labeller = feedback.make_labeller(ctx.fmt, config.label, fcfg, fparams, ftok, const, mesh,
+                                    batch, per_axis=bool(pm_cfg.score_labels))
+  label_file = ctx.stage_dir("label") + "/preferences.jsonl"
+  source = pm.preferences or label_file
+  ai = preferences.read_ai_preferences(source) \
+      if source != "none" and utils.exists(source) else []
+  human = preferences.read_human_pairs(pm.human_data, int(pm.max_human_pairs))
+  if pm_cfg.score_labels:
+    preferences.axis_labels(ai, human, pm_cfg.score_labels, str(pm.human_axis), source)
+  oc = pc.online
+  fraction = float(oc.human_fraction) if float(oc.human_fraction) >= 0 else float(
+      pm.human_fraction)
+  prompts = encode_prompts(config, enc, "red_team")
+  return online_lib.OnlinePM(
+      oc, pm_cfg=pm_cfg, pm_params=pm_params, encoder=enc, labeller=labeller,
+      label_section=config.label, prompts=prompts,
+      replay=preferences.encode_pairs(enc, ai, pm_len, ctx.seed),
+      human=preferences.encode_pairs(enc, human, pm_len, ctx.seed), human_fraction=fraction,
+      human_axis=str(pm.human_axis), max_len=pm_len, fmt=ctx.fmt, sample_batch_size=batch,
+      mesh=mesh, rules=rules, seed=ctx.seed, num_iterations=int(pc.num_iterations),
+      labels_path=ctx.path("online_labels.jsonl"), is_main=ctx.is_main,
+      calibration_bins=int(pm.calibration_bins))
 
 
 def _sample_texts(reward_fn, tok, tr, eos, stops) -> list:

@@ -120,10 +120,6 @@ def _clean(s: str) -> str:
   return _LEADING_LABEL.sub("", s.strip(), count=1).strip()
 
 
-def _seed(key) -> int:
-  return int(jax.random.randint(key, (), 0, 2**31 - 1))
-
-
 class _Sampler:
   """sampling.generate with the run's settings and empty-answer retries."""
 
@@ -142,7 +138,7 @@ class _Sampler:
           self.cfg, self.params, self.tok, [prompts[i] for i in todo], fmt=self.fmt,
           max_new_tokens=max_new_tokens, temperature=float(self.rc.temperature),
           top_p=float(self.rc.top_p), stop=self.stops_step if step else None,
-          seed=_seed(jax.random.fold_in(key, attempt)), batch_size=self.batch_size,
+          seed=sampling.key_seed(jax.random.fold_in(key, attempt)), batch_size=self.batch_size,
           mesh=self.mesh, progress=False, truncate_long_prompts=True)
       for i, c in zip(todo, comps):
         out[i] = _clean(c.text)

@@ -27,26 +27,28 @@ def _paths(value) -> list[str]:
 
 def read_ai_preferences(path: str) -> list[dict]:
   """{prompt (messages), a, b, p} from the label stage's preferences.jsonl."""
-  out = []
-  for i, r in enumerate(utils.read_jsonl(path), 1):
-    where = f"{path}:{i}"
+  return [ai_pair(r, f"{path}:{i}") for i, r in enumerate(utils.read_jsonl(path), 1)]
+
+
+def ai_pair(r: dict, where: str) -> dict:
+  """One label record ({prompt, response_a, response_b, p_a[, axes]}) as a training
+  pair; `where` names it in the error."""
+  try:
+    p = float(r["p_a"])
+    item = {"prompt": r["prompt"], "a": str(r["response_a"]), "b": str(r["response_b"]),
+            "p": p, "source": "ai"}
+  except (KeyError, TypeError, ValueError):
+    raise InputError(f"{where}: expected prompt, response_a, response_b and p_a (a number); "
+                     "regenerate with the label stage") from None
+  if not 0.0 <= p <= 1.0 or not isinstance(item["prompt"], list):
+    raise InputError(f"{where}: p_a must lie in [0, 1] and prompt be a message list")
+  if "axes" in r:  # label.per_axis: each axis's label
     try:
-      p = float(r["p_a"])
-      item = {"prompt": r["prompt"], "a": str(r["response_a"]), "b": str(r["response_b"]),
-              "p": p, "source": "ai"}
-    except (KeyError, TypeError, ValueError):
-      raise InputError(f"{where}: expected prompt, response_a, response_b and p_a (a number); "
+      item["axes"] = {str(k): float(v["p_a"]) for k, v in r["axes"].items()}
+    except (AttributeError, KeyError, TypeError, ValueError):
+      raise InputError(f"{where}: axes must map each axis to its label fields (p_a); "
                        "regenerate with the label stage") from None
-    if not 0.0 <= p <= 1.0 or not isinstance(item["prompt"], list):
-      raise InputError(f"{where}: p_a must lie in [0, 1] and prompt be a message list")
-    if "axes" in r:  # label.per_axis: each axis's label
-      try:
-        item["axes"] = {str(k): float(v["p_a"]) for k, v in r["axes"].items()}
-      except (AttributeError, KeyError, TypeError, ValueError):
-        raise InputError(f"{where}: axes must map each axis to its label fields (p_a); "
-                         "regenerate with the label stage") from None
-    out.append(item)
-  return out
+  return item
 
 
 def axis_labels(ai: list, human: list, names, human_axis: str, path: str) -> None:
