@@ -8,14 +8,18 @@ model starts from the PM (or the policy). `ppo.algorithm=grpo|rloo` samples
 model is loaded, trained or exported. `ppo.reward=ai` replaces the PM with the
 feedback model's own judgement (`rl.rollout.AIReward`: the label stage's
 question, comparing each sample with the starting policy's greedy response,
-computed once into baselines.jsonl). Everything shares one mesh.
+computed once into baselines.jsonl). `ppo.online.refresh_every` K > 0 refreshes
+the PM every K iterations on the current policy's freshly labelled samples
+(`rl.online`: online iterated RLAIF). Everything shares one mesh.
 
 Writes WORKDIR/ppo/: metrics.jsonl (one line per iteration), samples.jsonl
 (every sample of every iteration with the PM score it was rewarded with), tb/
 (TensorBoard), curves.png, checkpoints/ (the whole state: policy, value, their
-optimizers, β, reward normaliser, RNG and prompt position; a killed run
-resumes exactly), final/ (policy, HF format) and, for PPO, value_final/ (value
-model), then DONE.
+optimizers, β, reward normaliser, RNG and prompt position, and with online
+refreshes the PM, its optimizer, its prompt position and refresh count; a killed
+run resumes exactly), final/ (policy, HF format), for PPO value_final/ (value
+model), with online refreshes online_labels.jsonl (every refresh's labels) and
+pm_final/ (the last refreshed PM), then DONE.
 
   python -m cai_jax.main --config=configs/tiny.py --workdir=/tmp/cai \\
       --config.stages=ppo
