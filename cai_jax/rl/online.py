@@ -135,7 +135,7 @@ class OnlinePM:
   def _score(self, pairs: list) -> dict:
     ev = preferences.evaluate_pairs(self.cfg, self.state.params, pairs, self.L, self.pad, self.B,
                                     self.mesh, self.rules, self.bins)
-    return {k: float(v) for k, v in ev.items() if np.ndim(v) == 0 and not isinstance(v, list)}
+    return {k: float(v) for k, v in ev.items() if np.ndim(v) == 0}
 
   def _train_step(self, example: dict):
     if self._step is None:
