@@ -89,15 +89,21 @@ def test_budget_per_prompt(tiny):
 def test_admission_groups():
   """Refills take the largest group size the waiting prompts fill; a call
   whose prompts all fit prefills them in one group, idle slots making up the
-  size."""
+  size; a group whose width pads short prompts to a long one's is split."""
   sizes = engine.group_sizes(8)
   assert sizes == [1, 4, 8]
-  assert engine.admit_size(sizes, 5, 8) == 8     # one prefill, 3 idle slots
-  assert engine.admit_size(sizes, 1, 8) == 1
-  assert engine.admit_size(sizes, 3, 5) == 4     # 3 prompts, one idle slot
-  assert engine.admit_size(sizes, 5, 6) == 4     # 8 does not fit: 4, then 1
-  assert engine.admit_size(sizes, 20, 8) == 8
-  assert engine.admit_size(sizes, 20, 3) == 1
+  even = lambda n: [100] * n  # noqa: E731  (width 128: 78% filled)
+  assert engine.admit_size(sizes, even(5), 8) == 8     # one prefill, 3 idle slots
+  assert engine.admit_size(sizes, even(1), 8) == 1
+  assert engine.admit_size(sizes, even(3), 5) == 4     # 3 prompts, one idle slot
+  assert engine.admit_size(sizes, even(5), 6) == 4     # 8 does not fit: 4, then 1
+  assert engine.admit_size(sizes, even(20), 8) == 8
+  assert engine.admit_size(sizes, even(20), 3) == 1
+  # Longest first: 700 sets the width to 1024, where the others need 512.
+  assert engine.admit_size(sizes, [700] + [300] * 7, 8) == 1
+  assert engine.admit_size(sizes, [300] * 7 + [700], 8) == 4  # 300s, then 300 + 700 alone
+  assert engine.admit_size(sizes, [300] * 8, 8) == 8
+  assert engine.prefill_width(300) == 512 and engine.prefill_width(5) == 128
 
 
 def test_attention_window():
@@ -116,6 +122,7 @@ def test_attention_windows_keep_the_static_tokens(tiny, monkeypatch, kw):
   rows lengthen) and the tokens stay the static sampler's."""
   cfg, params = tiny
   monkeypatch.setattr(engine, "MIN_WINDOW", 8)
+  monkeypatch.setattr(engine, "MIN_PREFILL_WIDTH", 8)
   used = []
   window_for = engine.window_for
   monkeypatch.setattr(engine, "window_for", lambda line, need: used.append(
@@ -147,8 +154,9 @@ def test_compilations_are_bounded_by_the_grids_not_the_prompt_count(tiny):
     assert len(out.lengths_B) == len(prompts) and (out.lengths_B >= 1).all()
   new = {k: sampler_lib.TRACE_COUNTS[k] - before.get(k, 0) for k in ("engine_admit",
                                                                      "engine_decode")}
-  widths = {sampler_lib.bucket_length(n) for n in range(1, 60)}
-  assert 1 <= new["engine_admit"] <= len(engine.group_sizes(8)) * len(widths), new
+  widths = {engine.prefill_width(n) for n in range(1, 60)}
+  # Each group shape compiles unpacked, and packed at one token count.
+  assert 1 <= new["engine_admit"] <= 2 * len(engine.group_sizes(8)) * len(widths), new
   assert new["engine_decode"] <= 2, new  # 8 slots (MIN_SLOTS: no halving), per line length
   # The larger call added at most what the grids allow beyond the smaller one.
   before2 = dict(sampler_lib.TRACE_COUNTS)

@@ -174,11 +174,16 @@ class RMSNorm(nn.Module):
     return rms_norm(cfg, x, scale)
 
 
-def cached_attention(cfg: ModelConfig, q, k, v, allowed_BxTxS, cache, cache_index):
+def cached_attention(cfg: ModelConfig, q, k, v, allowed_BxTxS, cache, cache_index,
+                     packed_q=None):
   """Attention of T new queries per row (q BxTxNxH, k and v BxTxKxH, after
   RoPE) over the cache (keys BxKxHxS, values BxKxSxH) after writing the T new
   keys/values at `cache_index`; returns (the heads' outputs BxTx(N*H) before
   the o-projection, the new cache).
+
+  packed_q (a packed prefill, or None): (the real queries QxNxH, pack_index
+  BxT, each row slot's index among them); a shared prefix is then attended
+  by the real queries only, not by every padded row slot.
 
   The cache is kv-head-major, so no step transposes it (with a BxSxKxH cache
   XLA transposed the whole cache, and o_kernel, at every decode step). Keys
@@ -224,7 +229,7 @@ def cached_attention(cfg: ModelConfig, q, k, v, allowed_BxTxS, cache, cache_inde
     p = jax.nn.softmax(s, axis=-1).astype(cd)
     o = _attend_values(p, values, one_query, cd)
   else:
-    o = _with_shared_prefix(q, s, values, pk, pv, one_query, cd)
+    o = _with_shared_prefix(q, s, values, pk, pv, one_query, cd, packed_q)
   # One merged (n, h) contraction: einsum orders the two contracting dims
   # (h, n), which made XLA transpose o_kernel at every decode step.
   return o.transpose(0, 3, 1, 2, 4).reshape(B, T, N * H), dict(cache, k=k_all, v=v_all)
@@ -239,7 +244,7 @@ def _attend_values(p, values, one_query, cd):
   return jnp.einsum("bkgts,bksh->bkgth", p, values.astype(cd))
 
 
-def _with_shared_prefix(q, s, values, pk, pv, one_query, cd):
+def _with_shared_prefix(q, s, values, pk, pv, one_query, cd, packed_q=None):
   """Softmax attention over a prefix shared by every row (keys KxHxL, values
   KxLxH; before all row slots, always visible) and the rows' own slots
   (scores s, BxKxGxTxS), without concatenating the two.
@@ -253,6 +258,8 @@ def _with_shared_prefix(q, s, values, pk, pv, one_query, cd):
   tensors (benchmarks/README.md)."""
   B, K, G, T, H = q.shape
   f32 = jnp.float32
+  if packed_q is not None:
+    return _with_packed_prefix(s, values, pk, pv, cd, *packed_q)
 
   def to_rows(x):  # KxMxC -> BxKxGxTxC
     return x.reshape(K, B, G, T, x.shape[-1]).transpose(1, 0, 2, 3, 4)
@@ -272,6 +279,37 @@ def _with_shared_prefix(q, s, values, pk, pv, one_query, cd):
     o_rows = jnp.einsum("bkgts,bksh->bkgth", e_rows.astype(cd), values.astype(cd),
                         preferred_element_type=f32)
   return ((o_rows + o_pre) / total).astype(cd)
+
+
+def _with_packed_prefix(s, values, pk, pv, cd, q_QxNxH, pack_index_BxT):
+  """`_with_shared_prefix` for a packed prefill: the prefix part (scores,
+  their max and sum, the value product) runs on the Q real queries, and only
+  those three small results are gathered into the BxT row slots, where they
+  are merged with the rows' own slots by rescaling to the common max."""
+  B, K, G, T, _ = s.shape
+  Q, H = q_QxNxH.shape[0], q_QxNxH.shape[-1]
+  f32 = jnp.float32
+  q_KxMxH = q_QxNxH.reshape(Q, K, G, H).transpose(1, 0, 2, 3).reshape(K, Q * G, H)
+  sp = jnp.einsum("kmh,khl->kml", q_KxMxH, pk.astype(cd), preferred_element_type=f32)
+  sp = sp * (1.0 / np.sqrt(H))
+  m_pre = sp.max(-1, keepdims=True)
+  e_pre = jnp.exp(sp - m_pre)
+  sum_pre = e_pre.sum(-1, keepdims=True)
+  o_pre = jnp.einsum("kml,klh->kmh", e_pre.astype(cd), pv.astype(cd),
+                     preferred_element_type=f32)
+
+  def to_rows(x):  # KxQGxC -> BxKxGxTxC
+    x = x.reshape(K, Q, G, x.shape[-1])[:, pack_index_BxT]
+    return x.transpose(1, 0, 3, 2, 4)
+
+  m_pre, sum_pre, o_pre = to_rows(m_pre), to_rows(sum_pre), to_rows(o_pre)
+  top = jnp.maximum(s.max(-1, keepdims=True), m_pre)
+  e_rows = jnp.exp(s - top)
+  scale = jnp.exp(m_pre - top)
+  total = e_rows.sum(-1, keepdims=True) + sum_pre * scale
+  o_rows = jnp.einsum("bkgts,bksh->bkgth", e_rows.astype(cd), values.astype(cd),
+                      preferred_element_type=f32)
+  return ((o_rows + o_pre * scale) / total).astype(cd)
 
 class Attention(nn.Module):
   cfg: ModelConfig
@@ -317,8 +355,10 @@ class Attention(nn.Module):
       # on those T tokens only; attention gathers them into their BxP row
       # slots and the result is gathered back.
       pack_index_BxP, slot_index_T = pack
+      q_packed = (q[0], pack_index_BxP)
       q, k, v = (a[0][pack_index_BxP] for a in (q, k, v))
-      o, new_cache = cached_attention(cfg, q, k, v, allowed_BxTxS, cache, cache_index)
+      o, new_cache = cached_attention(cfg, q, k, v, allowed_BxTxS, cache, cache_index,
+                                      q_packed)
       o = o.reshape(-1, N * H)[slot_index_T][None]
       return out_proj(o), new_cache
     if cache is not None:

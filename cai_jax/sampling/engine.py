@@ -16,9 +16,9 @@ of a call, or of a PPO batch, do not pay for the slots of rows that stopped.
 Compiled shapes stay bounded whatever the number of prompts: one decode block
 per (slots, line length, attention window, shared prefix length), with at
 most three windows per line (`window_for`), and one prefill per (group
-size, prompt width, shared prefix length), with group sizes from
-`group_sizes` and widths on `sampler.bucket_length`'s grid: a bounded number
-of programs for any number of prompts, which a stage's calls reuse.
+size, prompt width, shared prefix length, packed or not), with group sizes
+from `group_sizes` and widths from `prefill_width`: a bounded number of
+programs for any number of prompts, which a stage's calls reuse.
 
 Row r draws token i from `sampler.step_keys(keys[r], i)`, and the static
 sampler gives row b of its batch the key `row_keys(rng, b)`: with keys =
@@ -55,6 +55,11 @@ BLOCK = 8
 # one more decode program to compile, for little decode work left (a stage's
 # small calls paid more in compiling 4-slot programs than they saved).
 MIN_SLOTS = 8
+# Least share of a prefill group's slots that its prompts would take at their
+# own widths; a group below it is split into smaller ones (`admit_size`).
+MIN_FILL = 3 / 4
+# Narrowest prefill group width (`prefill_width`).
+MIN_PREFILL_WIDTH = 128
 # Smallest attention window of a decode block (see `window_for`): below it a
 # line is cheap to read whole, and each window is one more decode program.
 MIN_WINDOW = 512
@@ -88,20 +93,27 @@ def _rows_only(cache):
   return [{"k": c["k"], "v": c["v"]} for c in cache]
 
 
-def _admit_impl(params, state, prefix, slots_R, tokens_RxP, lens_R, keys_R, budget_R,
+def _admit_impl(params, state, prefix, slots_R, tokens_RxP, lens_R, pack, keys_R, budget_R,
                 temperature, top_p, eos_E, stop_next_SxV, pad_id, *, cfg, greedy, top_k,
                 use_top_p, unit_temp, mesh):
   """Prefills R prompts (right-padded, lens_R real tokens) into slots_R and
-  samples their first tokens."""
+  samples their first tokens. pack (or None): `sampler.pack_prompts` of the
+  prompts' mask; the projections and MLP then run on their real tokens only."""
   S.TRACE_COUNTS["engine_admit"] += 1
   R, P = tokens_RxP.shape
   Lp = 0 if prefix is None else prefix[0]["prefix_k"].shape[-1]
   mask_RxP = jnp.arange(P)[None, :] < lens_R[:, None]
   positions = Lp + jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (R, P))
   cache = _with_prefix(models.init_cache(cfg, R, P), prefix)
-  out = models.forward(cfg, params, tokens_RxP, positions, mask_RxP, cache=cache,
-                       cache_index=0, heads=())
-  h_RxD = out["hidden"][jnp.arange(R), lens_R - 1]
+  tokens = tokens_RxP
+  if pack is not None:
+    tokens, positions = (a.reshape(1, -1)[:, pack[1]] for a in (tokens_RxP, positions))
+  out = models.forward(cfg, params, tokens, positions, mask_RxP, cache=cache,
+                       cache_index=0, heads=(), pack=pack)
+  if pack is None:
+    h_RxD = out["hidden"][jnp.arange(R), lens_R - 1]
+  else:
+    h_RxD = out["hidden"][0][pack[0][jnp.arange(R), lens_R - 1]]
   head_VxD = models.lm_head_weight(cfg, params).T.astype(cfg.jnp_dtype)
   tok, lp = S._pick(S._logits_VxB(cfg, head_VxD, h_RxD), S.step_keys(keys_R, 0), temperature,
                     top_p, greedy=greedy, top_k=top_k, use_top_p=use_top_p,
@@ -242,20 +254,39 @@ def window_for(line: int, need: int) -> int:
   return w
 
 
-def admit_size(sizes: Sequence[int], waiting: int, free: int) -> int:
-  """The prefill group for `waiting` prompts and `free` slots: the largest
-  group size that they fill, or, when every waiting prompt fits, the
-  smallest size that holds them all (the rest idle slots), so a call of a
-  few prompts prefills once, not as 4 + 1."""
-  fit = [g for g in sizes if waiting <= g <= free]
-  return min(fit) if fit else max(g for g in sizes if g <= min(waiting, free))
+def prefill_width(n: int) -> int:
+  """A prefill group's width for a longest prompt of n tokens: a power of two,
+  at least MIN_PREFILL_WIDTH. Coarser than `sampler.bucket_length`'s grid: a
+  stage's prompts then take few widths, and each width is one prefill
+  program per group size (compiling one costs the prefill of more tokens
+  than the coarser grid pads; benchmarks/README.md)."""
+  return max(MIN_PREFILL_WIDTH, 1 << (max(int(n), 1) - 1).bit_length())
+
+
+def admit_size(sizes: Sequence[int], waiting: Sequence[int], free: int) -> int:
+  """The prefill group for the waiting prompts (their token counts, in
+  admission order) and `free` slots: the largest group size that they fill,
+  or, when every waiting prompt fits, the smallest size that holds them all
+  (the rest idle slots), so a call of a few prompts prefills once, not as
+  4 + 1; then smaller sizes while the group's rows at its width would hold
+  more than 1/MIN_FILL times the slots of its prompts at their own widths
+  (a long prompt does not pad many short ones: attention runs on the padded
+  rows)."""
+  fit = [g for g in sizes if len(waiting) <= g <= free]
+  g = min(fit) if fit else max(g for g in sizes if g <= min(len(waiting), free))
+  while g > sizes[0]:
+    rows = waiting[:g]
+    if MIN_FILL * len(rows) * prefill_width(max(rows)) <= sum(map(prefill_width, rows)):
+      break
+    g = max(s for s in sizes if s < g)
+  return g
 
 
 def generate_tokens(cfg, params, prompts: Sequence[Sequence[int]], keys, *,
                     max_new_tokens, slots: int = 16, temperature: float = 1.0, top_k: int = 0,
                     top_p: float = 1.0, greedy: bool = False, eos_ids: Sequence[int] = (2,),
                     stop_seqs=(), pad_id: Optional[int] = None, mesh=None,
-                    block: int = BLOCK, share_prefix: bool = True,
+                    block: int = BLOCK, share_prefix: bool = True, pack_prefill: bool = True,
                     on_done: Optional[Callable[[int], None]] = None,
                     between_blocks: Optional[Callable[[], None]] = None) -> S.SampleOutput:
   """Samples a continuation of every prompt (token lists) with `slots` rows
@@ -307,7 +338,7 @@ def generate_tokens(cfg, params, prompts: Sequence[Sequence[int]], keys, *,
   # Each line holds a prompt (on the prefill grid) and its budget, rounded up
   # to a power of two: a stage's calls, whose longest prompts differ, then
   # share a few decode programs (a longer line costs attention only).
-  line = 1 << (S.bucket_length(longest) + N - 1).bit_length()
+  line = 1 << (prefill_width(longest) + N - 1).bit_length()
   state = _empty_state(cfg, slots, line, N, keys.shape[1:], keys.dtype, mesh)
 
   def decoder(slots):
@@ -337,22 +368,29 @@ def generate_tokens(cfg, params, prompts: Sequence[Sequence[int]], keys, *,
   idx = np.zeros((slots,), np.int64)  # each slot's next write index, as the device has it
   while waiting or any(o >= 0 for o in owner):
     while waiting and free:
-      r = admit_size(sizes, len(waiting), len(free))
+      r = admit_size(sizes, [len(rest[i]) for i in waiting], len(free))
       group = [waiting.popleft() for _ in range(min(r, len(waiting)))]
       # Rows past the group's prompts fill the group size with idle slots:
       # one prompt token, no budget, never live, still free for a refill.
       idle = r - len(group)
       take = free[:r]
       free = free[len(group):]
-      P = S.bucket_length(max(len(rest[i]) for i in group))
+      P = prefill_width(max(len(rest[i]) for i in group))
       tok = np.full((r, P), pad_id, np.int32)
       for j, i in enumerate(group):
         tok[j, :len(rest[i])] = rest[i]
         owner[take[j]] = i
         idx[take[j]] = len(rest[i])
       rows = np.asarray(group + group[:1] * idle)
+      lens = np.asarray([len(rest[i]) for i in group] + [1] * idle, np.int32)
+      # Packed only when that drops half the group's slots (idle rows of a
+      # call of few prompts), at one token count per group shape: each
+      # packed count is one more program to compile.
+      pack = S.pack_prompts(np.arange(P)[None, :] < lens[:, None], steps=2) \
+          if pack_prefill and mesh is None else None
       state = _admit_jit(params, state, prefix, jnp.asarray(take, jnp.int32), jnp.asarray(tok),
-                         jnp.asarray([len(rest[i]) for i in group] + [1] * idle, jnp.int32),
+                         jnp.asarray(lens),
+                         None if pack is None else tuple(jnp.asarray(a) for a in pack),
                          keys[rows], jnp.asarray(np.r_[budgets[group], np.zeros(idle, np.int32)]),
                          **common, **static)
     need = max(int(idx[s]) for s in range(slots) if owner[s] >= 0) + block
