@@ -251,13 +251,8 @@ def run(config, workdir: str, reward_fn=None) -> dict:
   ctx.begin(settings(config, workdir))
   if ai_reward:
     base = baselines(ctx, pcfg, lora.base(pparams), tok, red + helpful)
-    fcfg, fparams, ftok = ctx.load(ctx.role_spec("feedback"), field="feedback_model",
-                                   seed_offset=2)
-    fcfg, fparams = models.frozen_copy(fcfg, fparams, ctx.frozen_dtype)
-    const = constitution_lib.load(config.get("constitution", "harmlessness"))
-    labeller = feedback.make_labeller(ctx.fmt, config.label, fcfg, fparams, ftok, const,
-                                      mesh=mesh)
-    reward_fn = rollout_lib.AIReward(labeller, tok, eos, stops, base, ctx.seed)
+    reward_fn = rollout_lib.AIReward(_feedback_labeller(ctx, config, mesh), tok, eos, stops,
+                                     base, ctx.seed)
 
   matcher = from_strings(tok, stops, pcfg.vocab_size)
   # The update trains the scanned layout where fitting a slice needs it; a resumed
@@ -383,6 +378,18 @@ def run(config, workdir: str, reward_fn=None) -> dict:
   return ctx.finish(summary)
 
 
+def _feedback_labeller(ctx, config, mesh, *args, **kwargs):
+  """The feedback model, frozen, as a labeller under the run's constitution:
+  the direct AI reward's and an online refresh's (`feedback.make_labeller`'s
+  further arguments)."""
+  fcfg, fparams, ftok = ctx.load(ctx.role_spec("feedback"), field="feedback_model",
+                                 seed_offset=2)
+  fcfg, fparams = models.frozen_copy(fcfg, fparams, ctx.frozen_dtype)
+  const = constitution_lib.load(config.get("constitution", "harmlessness"))
+  return feedback.make_labeller(ctx.fmt, config.label, fcfg, fparams, ftok, const, mesh,
+                                *args, **kwargs)
+
+
 def _online_pm(ctx, config, pm_cfg, pm_params, enc, mesh, rules, pm_len):
   """The refreshed PM (`rl.online.OnlinePM`): its feedback model, its prompts, the
   label stage's comparisons to replay and the PM stage's human comparisons."""
@@ -392,13 +399,8 @@ def _online_pm(ctx, config, pm_cfg, pm_params, enc, mesh, rules, pm_len):
                      "needs a label section (configs/demo.py has one)")
   pm = ml_collections.ConfigDict(dict(PM_DEFAULTS, **{
       k: config.pm[k] for k in PM_DEFAULTS if "pm" in config and k in config.pm}))
-  fcfg, fparams, ftok = ctx.load(ctx.role_spec("feedback"), field="feedback_model",
-                                 seed_offset=2)
-  fcfg, fparams = models.frozen_copy(fcfg, fparams, ctx.frozen_dtype)
-  const = constitution_lib.load(config.get("constitution", "harmlessness"))
   batch = int(config.label.batch_size)
-  labeller = feedback.make_labeller(ctx.fmt, config.label, fcfg, fparams, ftok, const, mesh,
-                                    batch, per_axis=bool(pm_cfg.score_labels))
+  labeller = _feedback_labeller(ctx, config, mesh, batch, per_axis=bool(pm_cfg.score_labels))
   label_file = ctx.stage_dir("label") + "/preferences.jsonl"
   source = pm.preferences or label_file
   ai = preferences.read_ai_preferences(source) \
