@@ -228,8 +228,10 @@ def cached_attention(cfg: ModelConfig, q, k, v, allowed_BxTxS, cache, cache_inde
   if pk is None:
     p = jax.nn.softmax(s, axis=-1).astype(cd)
     o = _attend_values(p, values, one_query, cd)
+  elif packed_q is None:
+    o = _with_shared_prefix(q, s, values, pk, pv, one_query, cd)
   else:
-    o = _with_shared_prefix(q, s, values, pk, pv, one_query, cd, packed_q)
+    o = _with_packed_prefix(s, values, pk, pv, cd, *packed_q)
   # One merged (n, h) contraction: einsum orders the two contracting dims
   # (h, n), which made XLA transpose o_kernel at every decode step.
   return o.transpose(0, 3, 1, 2, 4).reshape(B, T, N * H), dict(cache, k=k_all, v=v_all)
@@ -244,7 +246,7 @@ def _attend_values(p, values, one_query, cd):
   return jnp.einsum("bkgts,bksh->bkgth", p, values.astype(cd))
 
 
-def _with_shared_prefix(q, s, values, pk, pv, one_query, cd, packed_q=None):
+def _with_shared_prefix(q, s, values, pk, pv, one_query, cd):
   """Softmax attention over a prefix shared by every row (keys KxHxL, values
   KxLxH; before all row slots, always visible) and the rows' own slots
   (scores s, BxKxGxTxS), without concatenating the two.
@@ -258,8 +260,6 @@ def _with_shared_prefix(q, s, values, pk, pv, one_query, cd, packed_q=None):
   tensors (benchmarks/README.md)."""
   B, K, G, T, H = q.shape
   f32 = jnp.float32
-  if packed_q is not None:
-    return _with_packed_prefix(s, values, pk, pv, cd, *packed_q)
 
   def to_rows(x):  # KxMxC -> BxKxGxTxC
     return x.reshape(K, B, G, T, x.shape[-1]).transpose(1, 0, 2, 3, 4)
@@ -310,6 +310,7 @@ def _with_packed_prefix(s, values, pk, pv, cd, q_QxNxH, pack_index_BxT):
   o_rows = jnp.einsum("bkgts,bksh->bkgth", e_rows.astype(cd), values.astype(cd),
                       preferred_element_type=f32)
   return ((o_rows + o_pre * scale) / total).astype(cd)
+
 
 class Attention(nn.Module):
   cfg: ModelConfig
