@@ -213,9 +213,14 @@ def cached_attention(cfg: ModelConfig, q, k, v, allowed_BxTxS, cache, cache_inde
   # With a static write index (a prefill), slots after the new tokens are
   # never visible to them: attend over the slots up to the last one only.
   keys, values = k_all, v_all
-  if isinstance(cache_index, int) and cache_index + T < k_all.shape[3]:
-    keys, values = k_all[..., :cache_index + T], v_all[:, :, :cache_index + T]
+  if isinstance(cache_index, int) and cache_index + T < allowed_BxTxS.shape[-1]:
     allowed_BxTxS = allowed_BxTxS[..., :cache_index + T]
+  # A mask shorter than the lines (a decode block's attention window) reads
+  # their first slots only. The slice is fused into the score and output
+  # reductions, so no step copies the window out of the cache.
+  S_att = allowed_BxTxS.shape[-1]
+  if S_att < k_all.shape[3]:
+    keys, values = k_all[..., :S_att], v_all[:, :, :S_att]
   one_query = T == 1
   if one_query:
     s = (q[:, :, :, :, :, None].astype(jnp.float32)
@@ -246,70 +251,69 @@ def _attend_values(p, values, one_query, cd):
   return jnp.einsum("bkgts,bksh->bkgth", p, values.astype(cd))
 
 
-def _with_shared_prefix(q, s, values, pk, pv, one_query, cd):
-  """Softmax attention over a prefix shared by every row (keys KxHxL, values
-  KxLxH; before all row slots, always visible) and the rows' own slots
-  (scores s, BxKxGxTxS), without concatenating the two.
-
-  The prefix's scores are one matmul per KV head with every row's queries
-  stacked (KxMxH by KxHxL, M = B*G*T), not a batched dot over rows against an
-  unbatched operand, and they are never transposed: only the per-query max,
-  sum and output (trailing dims 1 and H) change layout. The outputs are
-  normalised after the value products, so the probabilities are never
-  materialised; on CPU this attention is bound by its passes over the score
-  tensors (benchmarks/README.md)."""
-  B, K, G, T, H = q.shape
+def _prefix_part(q_KxMxH, pk, pv, cd):
+  """Attention of M stacked queries per KV head over a prefix shared by every
+  row (keys KxHxL, values KxLxH): the per-query score max, the sum of the
+  exponentials below it and their (unnormalised) value product, KxMx1,
+  KxMx1, KxMxH. One matmul per KV head with every query stacked, not a
+  batched dot over rows against an unbatched operand; the probabilities are
+  never materialised (on CPU this attention is bound by its passes over the
+  score tensors, benchmarks/README.md)."""
   f32 = jnp.float32
-
-  def to_rows(x):  # KxMxC -> BxKxGxTxC
-    return x.reshape(K, B, G, T, x.shape[-1]).transpose(1, 0, 2, 3, 4)
-
-  q_KxMxH = q.transpose(1, 0, 2, 3, 4).reshape(K, B * G * T, H)
   sp = jnp.einsum("kmh,khl->kml", q_KxMxH, pk.astype(cd), preferred_element_type=f32)
-  sp = sp * (1.0 / np.sqrt(H))
-  top = jnp.maximum(s.max(-1, keepdims=True), to_rows(sp.max(-1, keepdims=True)))
+  sp = sp * (1.0 / np.sqrt(q_KxMxH.shape[-1]))
+  m_pre = sp.max(-1, keepdims=True)
+  e_pre = jnp.exp(sp - m_pre)
+  o_pre = jnp.einsum("kml,klh->kmh", e_pre.astype(cd), pv.astype(cd), preferred_element_type=f32)
+  return m_pre, e_pre.sum(-1, keepdims=True), o_pre
+
+
+def _merge_prefix(s, values, m_pre, sum_pre, o_pre, one_query, cd):
+  """Softmax attention over the rows' own slots (scores s, BxKxGxTxS) and a
+  shared prefix (`_prefix_part`'s results in row layout, BxKxGxTx1/H), without
+  concatenating the two: both are rescaled to the common max and normalised
+  after the value products."""
+  f32 = jnp.float32
+  top = jnp.maximum(s.max(-1, keepdims=True), m_pre)
   e_rows = jnp.exp(s - top)
-  e_pre = jnp.exp(sp - top.transpose(1, 0, 2, 3, 4).reshape(K, B * G * T, 1))
-  total = e_rows.sum(-1, keepdims=True) + to_rows(e_pre.sum(-1, keepdims=True))
-  o_pre = to_rows(jnp.einsum("kml,klh->kmh", e_pre.astype(cd), pv.astype(cd),
-                             preferred_element_type=f32))
+  scale = jnp.exp(m_pre - top)
+  total = e_rows.sum(-1, keepdims=True) + sum_pre * scale
   if one_query:
     o_rows = (e_rows[..., None] * values[:, :, None, None, :, :].astype(f32)).sum(-2)
   else:
     o_rows = jnp.einsum("bkgts,bksh->bkgth", e_rows.astype(cd), values.astype(cd),
                         preferred_element_type=f32)
-  return ((o_rows + o_pre) / total).astype(cd)
+  return ((o_rows + o_pre * scale) / total).astype(cd)
+
+
+def _with_shared_prefix(q, s, values, pk, pv, one_query, cd):
+  """Attention over a shared prefix (keys KxHxL, values KxLxH; before all row
+  slots, always visible) and the rows' own slots, every row slot's queries
+  (q BxKxGxTxH) attending the prefix. Only the prefix part's per-query
+  results (trailing dims 1 and H) change layout, never its scores."""
+  B, K, G, T, H = q.shape
+
+  def to_rows(x):  # KxMxC -> BxKxGxTxC
+    return x.reshape(K, B, G, T, x.shape[-1]).transpose(1, 0, 2, 3, 4)
+
+  parts = _prefix_part(q.transpose(1, 0, 2, 3, 4).reshape(K, B * G * T, H), pk, pv, cd)
+  return _merge_prefix(s, values, *map(to_rows, parts), one_query, cd)
 
 
 def _with_packed_prefix(s, values, pk, pv, cd, q_QxNxH, pack_index_BxT):
-  """`_with_shared_prefix` for a packed prefill: the prefix part (scores,
-  their max and sum, the value product) runs on the Q real queries, and only
-  those three small results are gathered into the BxT row slots, where they
-  are merged with the rows' own slots by rescaling to the common max."""
+  """`_with_shared_prefix` for a packed prefill: the prefix part runs on the Q
+  real queries, and only its small per-query results are gathered into the
+  BxT row slots."""
   B, K, G, T, _ = s.shape
   Q, H = q_QxNxH.shape[0], q_QxNxH.shape[-1]
-  f32 = jnp.float32
-  q_KxMxH = q_QxNxH.reshape(Q, K, G, H).transpose(1, 0, 2, 3).reshape(K, Q * G, H)
-  sp = jnp.einsum("kmh,khl->kml", q_KxMxH, pk.astype(cd), preferred_element_type=f32)
-  sp = sp * (1.0 / np.sqrt(H))
-  m_pre = sp.max(-1, keepdims=True)
-  e_pre = jnp.exp(sp - m_pre)
-  sum_pre = e_pre.sum(-1, keepdims=True)
-  o_pre = jnp.einsum("kml,klh->kmh", e_pre.astype(cd), pv.astype(cd),
-                     preferred_element_type=f32)
 
   def to_rows(x):  # KxQGxC -> BxKxGxTxC
     x = x.reshape(K, Q, G, x.shape[-1])[:, pack_index_BxT]
     return x.transpose(1, 0, 3, 2, 4)
 
-  m_pre, sum_pre, o_pre = to_rows(m_pre), to_rows(sum_pre), to_rows(o_pre)
-  top = jnp.maximum(s.max(-1, keepdims=True), m_pre)
-  e_rows = jnp.exp(s - top)
-  scale = jnp.exp(m_pre - top)
-  total = e_rows.sum(-1, keepdims=True) + sum_pre * scale
-  o_rows = jnp.einsum("bkgts,bksh->bkgth", e_rows.astype(cd), values.astype(cd),
-                      preferred_element_type=f32)
-  return ((o_rows + o_pre * scale) / total).astype(cd)
+  parts = _prefix_part(q_QxNxH.reshape(Q, K, G, H).transpose(1, 0, 2, 3).reshape(K, Q * G, H),
+                       pk, pv, cd)
+  return _merge_prefix(s, values, *map(to_rows, parts), False, cd)
 
 
 class Attention(nn.Module):

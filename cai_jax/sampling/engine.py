@@ -147,14 +147,11 @@ def _decode_impl(params, decode_w, state, prefix, steps, temperature, top_p, eos
   """Up to `steps` decode steps of every live slot (fewer once none is live),
   attending over the first `window` slots of each line: the host picks a
   window that holds every live row's writes in this block (`window_for`), so
-  a step reads the filled part of the lines, not the whole lines."""
+  a step reads the filled part of the lines, not the whole lines. The mask's
+  width is the window (`cached_attention` reads that many slots in place)."""
   S.TRACE_COUNTS["engine_decode"] += 1
   B, N = state["toks"].shape
-  full = state["cache"]
   C = window
-  windowed = C < full[0]["k"].shape[-1]
-  if windowed:
-    state = dict(state, cache=[{"k": c["k"][..., :C], "v": c["v"][:, :, :C]} for c in full])
   mask_BxC = jnp.ones((B, C), bool)  # a row sees its own line up to its write index
   head_VxD = models.lm_head_weight(cfg, params).T.astype(cfg.jnp_dtype)
   rows = jnp.arange(B)
@@ -192,12 +189,7 @@ def _decode_impl(params, decode_w, state, prefix, steps, temperature, top_p, eos
     new["live"] = live & ~stopped & (new["step"] < st["budget"])
     return i + 1, new
 
-  out = jax.lax.while_loop(cond, body, (jnp.int32(0), state))[1]
-  if windowed:
-    out["cache"] = S._cache_constraint(
-        cfg, [{"k": f["k"].at[..., :C].set(w["k"]), "v": f["v"].at[:, :, :C].set(w["v"])}
-              for f, w in zip(full, out["cache"])], mesh)
-  return out
+  return jax.lax.while_loop(cond, body, (jnp.int32(0), state))[1]
 
 
 def _compact_impl(state, keep_K, *, cfg, mesh):
