@@ -196,3 +196,29 @@ def test_scanned_train_state_updates_as_the_unrolled_one(tiny, algorithm):
   assert not np.allclose(p1["layers_1"]["mlp"]["up_kernel"], policy["layers_1"]["mlp"]["up_kernel"])
   if value is not None:
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), v0, v1)
+
+
+def test_rollout_samples_as_the_static_sampler(tiny):
+  """The default rollout sampler (the engine, one slot per row, halving its
+  slots as rows stop) returns the static sampler's tokens for the same rng, on
+  left-padded prompts of mixed lengths with rows that stop early."""
+  from cai_jax import sampling
+  cfg, policy, pm = tiny
+  rs = np.random.RandomState(0)
+  lens = rs.randint(1, 11, size=16)
+  tokens = np.zeros((16, 10), np.int32)
+  mask = np.arange(10)[None, :] >= 10 - lens[:, None]
+  tokens[mask] = rs.randint(3, V, size=int(lens.sum()))
+  hp = rollout.RolloutHParams(max_new_tokens=12, eos_ids=(5, 7))
+  ro = rollout.Rollout(cfg, cfg, policy, cfg, lambda b: jnp.zeros(16), hp)
+  rng = jax.random.PRNGKey(4)
+  got = ro.sample_fn(policy, jnp.asarray(tokens), jnp.asarray(mask), rng)
+  want = sampling.sample(cfg, policy, tokens, mask, rng, max_new_tokens=12, eos_ids=(5, 7))
+  np.testing.assert_array_equal(got.lengths_B, want.lengths_B)
+  assert 0 < want.lengths_B.min() and want.lengths_B.max() == 12  # stops early and at the limit
+  assert len(set(want.lengths_B.tolist())) > 3
+  np.testing.assert_array_equal(got.finished_B, want.finished_B)
+  live = np.arange(12)[None, :] < want.lengths_B[:, None]
+  np.testing.assert_array_equal(np.where(live, got.tokens_BxN, 0), np.where(live, want.tokens_BxN, 0))
+  np.testing.assert_allclose(np.where(live, got.logprobs_BxN, 0), np.where(live, want.logprobs_BxN, 0),
+                             atol=1e-5)

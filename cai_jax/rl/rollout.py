@@ -217,7 +217,7 @@ class Rollout:
   """Generates and scores one batch; holds the frozen reference and reward.
 
   `sample_fn(params, prompt_tokens_BxP, prompt_mask_BxP, rng) -> SampleOutput`
-  defaults to `sampling.sample` at the configured temperature; `reward_fn(batch)
+  defaults to the continuous-batching engine at the configured temperature; `reward_fn(batch)
   -> scores_B` reads `batch["tokens"/"mask"/"response_tokens"/"response_mask"]`.
   """
 
@@ -236,11 +236,19 @@ class Rollout:
     self.sample_fn = sample_fn or self._default_sample
 
   def _default_sample(self, params, prompt_tokens, prompt_mask, rng):
-    from cai_jax import sampling
-    return sampling.sample(self.sample_cfg, params, prompt_tokens, prompt_mask, rng,
-                           max_new_tokens=self.hp.max_new_tokens,
-                           temperature=self.hp.temperature, eos_ids=tuple(self.hp.eos_ids),
-                           stop_seqs=self.hp.stop_seqs, mesh=self.mesh)
+    """The batch decoded by the continuous-batching engine with one slot per
+    row: one policy version, all rows admitted at once (no refills), and the
+    rows still decoding move into half as many slots as others stop. Row b
+    gets the key `row_keys(rng, b)`, as `sampling.sample` gives it."""
+    from cai_jax import multihost
+    from cai_jax.sampling import engine
+    tokens = np.asarray(multihost.to_host(prompt_tokens))
+    mask = np.asarray(multihost.to_host(prompt_mask), bool)
+    return engine.generate_tokens(
+        self.sample_cfg, params, [t[m] for t, m in zip(tokens, mask)], rng,
+        slots=len(tokens), max_new_tokens=self.hp.max_new_tokens,
+        temperature=self.hp.temperature, eos_ids=tuple(self.hp.eos_ids),
+        stop_seqs=self.hp.stop_seqs, mesh=self.mesh)
 
   def __call__(self, policy_params, value_params, prompt_tokens_BxP, prompt_mask_BxP, rng,
                beta: float, clock=None, prompts=None, ref_params=None, sample_params=None):
