@@ -2,7 +2,7 @@
 revise stage's own workload.
 
   .venv/bin/python benchmarks/continuous.py [--prompts 48] [--slots 16]
-      [--new_tokens 256] [--fewshot 4] [--hf_batches 1]
+      [--new_tokens 256] [--fewshot 4] [--hf_batches N]
 
 The prompts are the revise stage's critique prompts, built as the stage builds
 them (`constitution.revision_messages` / `render_revision_prompt`, SmolLM2's
@@ -20,9 +20,10 @@ their natural lengths.
   the same keys; the script reports the share of rows whose tokens are
   identical (a row can part where the two programs' float rounding differs
   at a near-tie of the inverse CDF).
-- transformers: `generate` at the same batch size on the first `hf_batches`
-  batches (it is far slower; its rate is over those batches), with the same
-  stop strings and EOS.
+- transformers: `generate` at the same batch size on the static sampler's
+  batches, with the same stop strings and EOS: all of them by default, or
+  the first `hf_batches` (the shortest prompts: a rate over those favours
+  transformers, whose padded rows and cache grow with the longest prompt).
 
 Each sampler runs once, timed with its compilations (as a stage pays them),
 or, with --warmup, once to compile and then once timed. The figure is useful
@@ -82,7 +83,6 @@ def revise_prompts(tok, n: int, fewshot: int) -> list:
   if len(out) < n:
     raise SystemExit(f"{DATA}/samples: {len(out)} prompts, fewer than --prompts={n}")
   return out[:n]
-  return out
 
 
 def main():
@@ -91,7 +91,8 @@ def main():
   ap.add_argument("--slots", type=int, default=16)
   ap.add_argument("--new_tokens", type=int, default=256)
   ap.add_argument("--fewshot", type=int, default=4)
-  ap.add_argument("--hf_batches", type=int, default=1)
+  ap.add_argument("--hf_batches", type=int, default=-1,
+                  help="transformers batches to run, shortest first (-1: all, 0: none)")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--warmup", action="store_true", help="time a second run, after compiling")
   args = ap.parse_args()
@@ -163,14 +164,15 @@ def main():
   result["engine_vs_static"] = round(result["engine_tokens_per_s"] / result["static_tokens_per_s"],
                                      3)
 
-  if args.hf_batches > 0:
+  hf_batches = batches if args.hf_batches < 0 else batches[:args.hf_batches]
+  if hf_batches:
     import torch
     import transformers
     torch.set_num_threads(2)
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
     hf_useful, hf_time = 0, 0.0
-    for bi, rows in enumerate(batches[:args.hf_batches]):
+    for bi, rows in enumerate(hf_batches):
       L = max(len(ids[j]) for j in rows)
       t = np.full((len(rows), L), pad, np.int64)
       m = np.zeros((len(rows), L), np.int64)
@@ -191,7 +193,8 @@ def main():
         stop_at = [k for k, x in enumerate(row) if x in eos or x == pad]
         hf_useful += (stop_at[0] + 1) if stop_at else len(row)
       log(f"transformers batch {bi}: {hf_time:.1f}s so far, {hf_useful} tokens")
-    result["hf_batches"] = args.hf_batches
+    result["hf_batches"] = len(hf_batches)
+    result["hf_prompts"] = int(sum(len(r) for r in hf_batches))
     result["hf_useful_tokens"] = hf_useful
     result["hf_s"] = round(hf_time, 2)
     result["hf_tokens_per_s"] = round(hf_useful / hf_time, 1)
