@@ -246,16 +246,17 @@ def window_for(line: int, need: int) -> int:
   return w
 
 
-def prefill_width(n: int) -> int:
+def prefill_width(n: int, floor: int = MIN_PREFILL_WIDTH) -> int:
   """A prefill group's width for a longest prompt of n tokens: a power of two,
-  at least MIN_PREFILL_WIDTH. Coarser than `sampler.bucket_length`'s grid: a
-  stage's prompts then take few widths, and each width is one prefill
-  program per group size (compiling one costs the prefill of more tokens
+  at least `floor` (MIN_PREFILL_WIDTH, or less for a call of short
+  prompts). Coarser than `sampler.bucket_length`'s grid: a stage's prompts
+  then take few widths, and each width is one prefill program per group size (compiling one costs the prefill of more tokens
   than the coarser grid pads; benchmarks/README.md)."""
-  return max(MIN_PREFILL_WIDTH, 1 << (max(int(n), 1) - 1).bit_length())
+  return max(floor, 1 << (max(int(n), 1) - 1).bit_length())
 
 
-def admit_size(sizes: Sequence[int], waiting: Sequence[int], free: int) -> int:
+def admit_size(sizes: Sequence[int], waiting: Sequence[int], free: int,
+               floor: int = MIN_PREFILL_WIDTH) -> int:
   """The prefill group for the waiting prompts (their token counts, in
   admission order) and `free` slots: the largest group size that they fill,
   or, when every waiting prompt fits, the smallest size that holds them all
@@ -268,7 +269,8 @@ def admit_size(sizes: Sequence[int], waiting: Sequence[int], free: int) -> int:
   g = min(fit) if fit else max(g for g in sizes if g <= min(len(waiting), free))
   while g > sizes[0]:
     rows = waiting[:g]
-    if MIN_FILL * len(rows) * prefill_width(max(rows)) <= sum(map(prefill_width, rows)):
+    width = lambda n: prefill_width(n, floor)  # noqa: E731
+    if MIN_FILL * len(rows) * width(max(rows)) <= sum(map(width, rows)):
       break
     g = max(s for s in sizes if s < g)
   return g
@@ -330,7 +332,10 @@ def generate_tokens(cfg, params, prompts: Sequence[Sequence[int]], keys, *,
   # Each line holds a prompt (on the prefill grid) and its budget, rounded up
   # to a power of two: a stage's calls, whose longest prompts differ, then
   # share a few decode programs (a longer line costs attention only).
-  line = 1 << (prefill_width(longest) + N - 1).bit_length()
+  # A call whose prompts are all short (a tiny model's, a PPO batch of short
+  # prompts) is not padded up to MIN_PREFILL_WIDTH.
+  floor = min(MIN_PREFILL_WIDTH, prefill_width(longest, 1))
+  line = 1 << (prefill_width(longest, floor) + N - 1).bit_length()
   state = _empty_state(cfg, slots, line, N, keys.shape[1:], keys.dtype, mesh)
 
   def decoder(slots):
@@ -360,14 +365,14 @@ def generate_tokens(cfg, params, prompts: Sequence[Sequence[int]], keys, *,
   idx = np.zeros((slots,), np.int64)  # each slot's next write index, as the device has it
   while waiting or any(o >= 0 for o in owner):
     while waiting and free:
-      r = admit_size(sizes, [len(rest[i]) for i in waiting], len(free))
+      r = admit_size(sizes, [len(rest[i]) for i in waiting], len(free), floor)
       group = [waiting.popleft() for _ in range(min(r, len(waiting)))]
       # Rows past the group's prompts fill the group size with idle slots:
       # one prompt token, no budget, never live, still free for a refill.
       idle = r - len(group)
       take = free[:r]
       free = free[len(group):]
-      P = prefill_width(max(len(rest[i]) for i in group))
+      P = prefill_width(max(len(rest[i]) for i in group), floor)
       tok = np.full((r, P), pad_id, np.int32)
       for j, i in enumerate(group):
         tok[j, :len(rest[i])] = rest[i]
