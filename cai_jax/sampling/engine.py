@@ -250,8 +250,9 @@ def prefill_width(n: int, floor: int = MIN_PREFILL_WIDTH) -> int:
   """A prefill group's width for a longest prompt of n tokens: a power of two,
   at least `floor` (MIN_PREFILL_WIDTH, or less for a call of short
   prompts). Coarser than `sampler.bucket_length`'s grid: a stage's prompts
-  then take few widths, and each width is one prefill program per group size (compiling one costs the prefill of more tokens
-  than the coarser grid pads; benchmarks/README.md)."""
+  then take few widths, and each width is one prefill program per group
+  size (compiling one costs the prefill of more tokens than the coarser grid
+  pads; benchmarks/README.md)."""
   return max(floor, 1 << (max(int(n), 1) - 1).bit_length())
 
 
@@ -268,9 +269,8 @@ def admit_size(sizes: Sequence[int], waiting: Sequence[int], free: int,
   fit = [g for g in sizes if len(waiting) <= g <= free]
   g = min(fit) if fit else max(g for g in sizes if g <= min(len(waiting), free))
   while g > sizes[0]:
-    rows = waiting[:g]
-    width = lambda n: prefill_width(n, floor)  # noqa: E731
-    if MIN_FILL * len(rows) * width(max(rows)) <= sum(map(width, rows)):
+    widths = [prefill_width(n, floor) for n in waiting[:g]]
+    if MIN_FILL * len(widths) * max(widths) <= sum(widths):
       break
     g = max(s for s in sizes if s < g)
   return g
