@@ -37,6 +37,7 @@ setuptools.setup(
         "cuda12": [f"jax[cuda12]{JAX}"],  # NVIDIA GPUs
         "test": [
             "pytest>=8,<10",
+            "pytest-xdist>=3.6,<4",
             "torch==2.13.0",
             "accelerate>=1.0,<2",
             "peft>=0.21,<0.22",
