@@ -114,7 +114,8 @@ def main():
       f"shared header {engine.common_prefix_len(ids)} tokens")
 
   def run_engine():
-    return engine.generate_tokens(cfg, params, ids, keys, slots=B, **kw)
+    out = engine.generate_tokens(cfg, params, ids, keys, slots=B, **kw)
+    return out.tokens_BxN, out.lengths_B
 
   order = np.argsort([len(x) for x in ids], kind="stable")
   batches = [order[i:i + B] for i in range(0, len(order), B)]
@@ -137,14 +138,17 @@ def main():
             "prompt_tokens_mean": round(float(np.mean([len(x) for x in ids])), 1),
             "shared_prefix": engine.common_prefix_len(ids)}
 
-  def tokens_and_lengths(out):
-    return (out.tokens_BxN, out.lengths_B) if hasattr(out, "lengths_B") else out
+  def share_same(a, b):
+    """The share of rows whose lengths and tokens are equal in runs a and b."""
+    (ta, la), (tb, lb) = a, b
+    return round(float(np.mean([la[i] == lb[i] and (ta[i, :n] == tb[i, :n]).all()
+                                for i, n in enumerate(la)])), 3)
 
   times = {}
   for name, fn in (("engine", run_engine), ("static", run_static)):
     if args.warmup:
       t0 = time.perf_counter()
-      first = tokens_and_lengths(fn())
+      first = fn()
       t_first = time.perf_counter() - t0
       log(f"{name}: compile + first run {t_first:.1f}s")
       result[f"{name}_first_s"] = round(t_first, 2)
@@ -153,24 +157,20 @@ def main():
     out = fn()
     times[name] = time.perf_counter() - t0
     if args.warmup:  # the same prompts and keys: equal wherever float rounding agrees
-      toks, lens = tokens_and_lengths(out)
-      result[f"{name}_rows_as_first_run"] = round(float(np.mean(
-          [lens[i] == first[1][i] and (toks[i, :n] == first[0][i, :n]).all()
-           for i, n in enumerate(lens)])), 3)
+      result[f"{name}_rows_as_first_run"] = share_same(out, first)
     log(f"{name}: timed run {times[name]:.1f}s")
     result[f"{name}_compiled_in_run"] = not args.warmup
     if name == "engine":
       eng = out
     else:
-      st_toks, st_len = out
-  useful = int(eng.lengths_B.sum())
-  same = np.mean([eng.lengths_B[i] == st_len[i] and (eng.tokens_BxN[i, :n] == st_toks[i, :n]).all()
-                  for i, n in enumerate(eng.lengths_B)])
+      st = out
+  eng_len, st_len = eng[1], st[1]
+  useful = int(eng_len.sum())
   result["useful_tokens"] = useful
-  result["rows_at_budget"] = int((eng.lengths_B == N).sum())
+  result["rows_at_budget"] = int((eng_len == N).sum())
   result["mean_row_tokens"] = round(useful / len(ids), 1)
   result["static_useful_tokens"] = int(st_len.sum())
-  result["rows_identical_to_static"] = round(float(same), 3)
+  result["rows_identical_to_static"] = share_same(eng, st)
   for name in times:
     result[f"{name}_s"] = round(times[name], 2)
     result[f"{name}_tokens_per_s"] = round(useful / times[name], 1)
